@@ -1,0 +1,163 @@
+"""Stage 1 encoding: run the guide once over every unique text, store embeddings and a FAISS index.
+
+Texts are encoded in fixed chunks (one Parquet row group each) by `SentenceTransformer.encode`,
+which sorts each chunk by length before batching. Every finished chunk is saved as its own part
+file, so a killed run resumes at the first missing chunk; the parts are then joined into
+`embeddings.parquet`. The chunk boundaries never change, so a resumed run writes the same bytes.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+from pipeline import GistError
+from pipeline.artifacts import atomic_path
+
+EMBEDDINGS = "embeddings.parquet"
+INDEX = "index.faiss"
+ROWS_PER_GROUP = 4096
+FLAT_INDEX_MAX = 200_000  # above this many texts, "auto" builds an HNSW index instead of a flat one
+
+
+def resolve_device(device: str) -> str:
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise GistError(f"--device {device}: CUDA is not available on this machine")
+    return device
+
+
+def load_model(path: str, device: str = "auto", trust_remote_code: bool = False):
+    """Load a sentence-transformers model from a local directory, with a clear error if it is not one."""
+    from sentence_transformers import SentenceTransformer
+
+    model_dir = Path(path)
+    if not model_dir.is_dir():
+        raise GistError(f"{path}: no such model directory")
+    if not (model_dir / "modules.json").is_file() and not (model_dir / "config.json").is_file():
+        raise GistError(f"{path}: not a sentence-transformers model (no modules.json or config.json)")
+    try:
+        return SentenceTransformer(str(model_dir), device=resolve_device(device), trust_remote_code=trust_remote_code)
+    except (OSError, ValueError, KeyError) as e:
+        raise GistError(f"{path}: cannot load model ({str(e).splitlines()[0]})") from None
+
+
+def model_identity(path: str) -> dict:
+    """Name and content hash of a model directory (sha256 over its weight files), for the manifest."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for weights in sorted(Path(path).rglob("*.safetensors")) + sorted(Path(path).rglob("*.bin")):
+        digest.update(weights.relative_to(path).as_posix().encode())
+        digest.update(weights.read_bytes())
+    return {"path": str(Path(path).resolve()), "name": Path(path).resolve().name, "weights_sha256": digest.hexdigest()}
+
+
+def _progress() -> Progress:
+    return Progress(
+        TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(), transient=False
+    )
+
+
+def embeddings_schema(dim: int) -> pa.Schema:
+    return pa.schema([("text_id", pa.int64()), ("embedding", pa.list_(pa.float32(), dim))])
+
+
+def encode_to_parquet(
+    model, texts: list[str], out_dir: Path, batch_size: int, run_key: dict, rows_per_group: int = ROWS_PER_GROUP
+) -> dict:
+    """Encode `texts` (normalized) into `out_dir/embeddings.parquet`, resuming finished chunks.
+
+    `run_key` (guide identity, dataset fingerprint, encoding options) is stored beside the parts;
+    parts left by a run with another key are discarded rather than mixed in.
+    Returns timings and counts for the manifest.
+    """
+    parts_dir = out_dir / ".embeddings.parts"
+    key_file = parts_dir / "run_key.json"
+    run_key = {**run_key, "rows_per_group": rows_per_group, "batch_size": batch_size}
+    if parts_dir.exists() and (not key_file.exists() or json.loads(key_file.read_text()) != run_key):
+        shutil.rmtree(parts_dir)
+    parts_dir.mkdir(exist_ok=True)
+    if not key_file.exists():
+        with atomic_path(key_file) as tmp:
+            tmp.write_text(json.dumps(run_key, sort_keys=True))
+
+    dim = model.get_sentence_embedding_dimension()
+    schema = embeddings_schema(dim)
+    n_chunks = (len(texts) + rows_per_group - 1) // rows_per_group
+    reused = encoded = 0
+    encode_seconds = 0.0
+    with _progress() as progress:
+        task = progress.add_task("guide: encoding texts", total=len(texts))
+        for chunk in range(n_chunks):
+            start, stop = chunk * rows_per_group, min(len(texts), (chunk + 1) * rows_per_group)
+            part = parts_dir / f"part-{chunk:06d}.parquet"
+            if part.exists():
+                reused += stop - start
+                progress.advance(task, stop - start)
+                continue
+            t0 = time.perf_counter()
+            vectors = model.encode(
+                texts[start:stop], batch_size=batch_size, normalize_embeddings=True, convert_to_numpy=True,
+                show_progress_bar=False,
+            ).astype(np.float32, copy=False)
+            encode_seconds += time.perf_counter() - t0
+            if not np.isfinite(vectors).all():
+                bad = np.flatnonzero(~np.isfinite(vectors).all(axis=1))[:5] + start
+                raise GistError(f"the guide produced NaN/inf embeddings for text ids {bad.tolist()}; check the model (fp16 overflow?)")
+            table = pa.table(
+                {"text_id": np.arange(start, stop, dtype=np.int64), "embedding": pa.FixedSizeListArray.from_arrays(vectors.reshape(-1), dim)},
+                schema=schema,
+            )
+            with atomic_path(part) as tmp:
+                pq.write_table(table, tmp)
+            encoded += stop - start
+            progress.advance(task, stop - start)
+
+    with atomic_path(out_dir / EMBEDDINGS) as tmp, pq.ParquetWriter(tmp, schema) as writer:
+        for chunk in range(n_chunks):
+            writer.write_table(pq.read_table(parts_dir / f"part-{chunk:06d}.parquet"), row_group_size=rows_per_group)
+    shutil.rmtree(parts_dir)
+    return {"dim": dim, "encoded_texts": encoded, "reused_texts": reused, "encode_seconds": round(encode_seconds, 3)}
+
+
+def read_embeddings(path: Path) -> np.ndarray:
+    """Read `embeddings.parquet` into a (num_texts, dim) float32 array ordered by text id."""
+    try:
+        table = pq.read_table(path)
+    except (pa.ArrowException, OSError) as e:
+        raise GistError(f"{path}: cannot read embeddings ({str(e).splitlines()[0]})") from None
+    ids = table.column("text_id").to_numpy()
+    if not np.array_equal(ids, np.arange(len(ids))):
+        raise GistError(f"{path}: text ids are not 0..n-1 in order; the file is not from gist")
+    emb = table.column("embedding").combine_chunks()
+    return emb.values.to_numpy().reshape(len(ids), emb.type.list_size)
+
+
+def build_index(embeddings: np.ndarray, out_path: Path, kind: str = "auto") -> str:
+    """Write a FAISS inner-product index over the (normalized) embeddings; flat or HNSW."""
+    import faiss
+
+    if kind == "auto":
+        kind = "flat" if len(embeddings) <= FLAT_INDEX_MAX else "hnsw"
+    dim = embeddings.shape[1]
+    if kind == "flat":
+        index = faiss.IndexFlatIP(dim)
+    elif kind == "hnsw":
+        index = faiss.IndexHNSWFlat(dim, 32, faiss.METRIC_INNER_PRODUCT)
+        faiss.omp_set_num_threads(1)  # multi-threaded HNSW insertion order is not deterministic
+    else:
+        raise GistError(f"--index {kind}: use auto, flat or hnsw")
+    index.add(np.ascontiguousarray(embeddings, dtype=np.float32))
+    with atomic_path(out_path) as tmp:
+        faiss.write_index(index, str(tmp))
+    return kind

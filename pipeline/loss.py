@@ -1,0 +1,107 @@
+"""GuidedMaskLoss: GISTEmbedLoss with the guide's verdicts read from `masks.parquet`.
+
+The step costs what a MultipleNegativesRankingLoss step costs: one student forward over the
+columns, a few (G x G) similarity matrices, a lookup of stored masks. No guide is loaded.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from sentence_transformers.base.losses.merged_forward import embed_columns
+from sentence_transformers.util import cos_sim
+from torch import Tensor, nn
+
+from pipeline import GistError
+from pipeline.masks import PlannedMasks
+
+
+class GuidedMaskLoss(nn.Module):
+    def __init__(self, model, masks: PlannedMasks | str | Path, temperature: float = 0.01) -> None:
+        """
+        In-batch contrastive loss with GISTEmbed false-negative filtering, where the guide's masks were
+        computed ahead of time by ``gist precompute-guide`` (or ``gist plan``) for a fixed batch plan.
+
+        For each anchor a_i the candidates are all positives p_j, and (as recorded in the masks) all
+        anchors a_j, all positives p_j again, and every negative of the batch. Candidates the guide
+        judged false negatives are set to -inf; the scores are divided by ``temperature`` and the
+        target is p_i. Equal to ``sentence_transformers.losses.GISTEmbedLoss`` run with the same guide
+        on the same batches, without the guide.
+
+        Args:
+            model: the SentenceTransformer being trained (the student).
+            masks: a ``PlannedMasks`` or the path of a ``masks.parquet``; margin strategy, margin and
+                contrast flags are those recorded in it.
+            temperature: divides the cosine similarities (inverse of MNRL's ``scale``). Default 0.01.
+
+        References:
+            - GISTEmbed, https://arxiv.org/abs/2402.16829
+
+        Requirements:
+            The dataset must have a ``label`` column holding each row's example id (the row of DATA),
+            and batches must come from the plan (``PlannedBatchSampler``); an unplanned batch raises.
+
+        Inputs:
+            +--------------------------------------------------+----------------+
+            | Texts                                            | Labels         |
+            +==================================================+================+
+            | (anchor, positive) or (anchor, positive, neg...) | example ids    |
+            +--------------------------------------------------+----------------+
+
+        Example:
+            ::
+
+                masks = PlannedMasks("runs/guide/masks.parquet")
+                loss = GuidedMaskLoss(student, masks)
+                trainer = SentenceTransformerTrainer(
+                    model=student, args=args, train_dataset=train_dataset, loss=loss
+                )  # args.batch_sampler = planned_batch_sampler(masks)
+                trainer.train()
+        """
+        super().__init__()
+        self.model = model
+        self.masks = masks if isinstance(masks, PlannedMasks) else PlannedMasks(masks)
+        self.temperature = temperature
+        self.contrast_anchors = self.masks.params.contrast_anchors
+        self.contrast_positives = self.masks.params.contrast_positives
+
+    def forward(self, sentence_features: Iterable[dict[str, Tensor]], labels: Tensor) -> Tensor:
+        anchor, positive, *negatives = embed_columns(self.model, list(sentence_features))
+        if len(negatives) != self.masks.num_negatives:
+            raise GistError(f"batch has {len(negatives)} negative column(s), the masks were planned with {self.masks.num_negatives}")
+        if labels is None:
+            raise GistError("GuidedMaskLoss needs the example ids as the 'label' column of the training dataset")
+        row = self.masks.row_of(labels.cpu().numpy())
+
+        def masked(block: str, sims: Tensor) -> Tensor:
+            return sims.masked_fill(self.masks.dense(row, block, *sims.shape, device=sims.device), -torch.inf)
+
+        scores = [masked("ap", cos_sim(anchor, positive))]
+        if self.contrast_anchors:
+            scores.append(masked("aa", cos_sim(anchor, anchor)))
+        if self.contrast_positives:
+            scores.append(masked("pp", cos_sim(positive, positive)))
+        if negatives:
+            scores.append(masked("an", cos_sim(anchor, torch.cat(negatives))))
+        scores = torch.cat(scores, dim=1) / self.temperature
+        return F.cross_entropy(scores, torch.arange(anchor.size(0), device=anchor.device))
+
+    def get_config_dict(self) -> dict[str, Any]:
+        return {"masks": str(self.masks.path), "temperature": self.temperature, **self.masks.meta["plan"]}
+
+    @property
+    def citation(self) -> str:
+        return """
+@misc{solatorio2024gistembed,
+    title={GISTEmbed: Guided In-sample Selection of Training Negatives for Text Embedding Fine-tuning},
+    author={Aivin V. Solatorio},
+    year={2024},
+    eprint={2402.16829},
+    archivePrefix={arXiv},
+    primaryClass={cs.LG}
+}
+"""
