@@ -2,6 +2,11 @@
 
 The step costs what a MultipleNegativesRankingLoss step costs: one student forward over the
 columns, a few (G x G) similarity matrices, a lookup of stored masks. No guide is loaded.
+
+Similarities use GISTEmbedLoss's own formulation (a broadcast `nn.CosineSimilarity`) rather than
+MNRL's normalize-and-matmul: with it the loss and gradients are bit-identical to GISTEmbedLoss,
+where the matmul kernel differs by float32 noise that temperature 0.01 amplifies to ~2e-5. It holds
+a (G, G, dim) tensor per block, as GISTEmbedLoss does; for large batches use the cached variant.
 """
 
 from __future__ import annotations
@@ -13,7 +18,6 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from sentence_transformers.base.losses.merged_forward import embed_columns
-from sentence_transformers.util import cos_sim
 from torch import Tensor, nn
 
 from pipeline import GistError
@@ -68,6 +72,11 @@ class GuidedMaskLoss(nn.Module):
         self.temperature = temperature
         self.contrast_anchors = self.masks.params.contrast_anchors
         self.contrast_positives = self.masks.params.contrast_positives
+        self.similarity_fct = nn.CosineSimilarity(dim=-1)
+
+    def sim_matrix(self, embed1: Tensor, embed2: Tensor) -> Tensor:
+        """(len1, len2) cosine similarities, computed exactly as GISTEmbedLoss computes them."""
+        return self.similarity_fct(embed1.unsqueeze(1), embed2.unsqueeze(0))
 
     def forward(self, sentence_features: Iterable[dict[str, Tensor]], labels: Tensor) -> Tensor:
         anchor, positive, *negatives = embed_columns(self.model, list(sentence_features))
@@ -80,13 +89,13 @@ class GuidedMaskLoss(nn.Module):
         def masked(block: str, sims: Tensor) -> Tensor:
             return sims.masked_fill(self.masks.dense(row, block, *sims.shape, device=sims.device), -torch.inf)
 
-        scores = [masked("ap", cos_sim(anchor, positive))]
+        scores = [masked("ap", self.sim_matrix(anchor, positive))]
         if self.contrast_anchors:
-            scores.append(masked("aa", cos_sim(anchor, anchor)))
+            scores.append(masked("aa", self.sim_matrix(anchor, anchor)))
         if self.contrast_positives:
-            scores.append(masked("pp", cos_sim(positive, positive)))
+            scores.append(masked("pp", self.sim_matrix(positive, positive)))
         if negatives:
-            scores.append(masked("an", cos_sim(anchor, torch.cat(negatives))))
+            scores.append(masked("an", self.sim_matrix(anchor, torch.cat(negatives))))
         scores = torch.cat(scores, dim=1) / self.temperature
         return F.cross_entropy(scores, torch.arange(anchor.size(0), device=anchor.device))
 

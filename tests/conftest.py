@@ -1,0 +1,73 @@
+"""Shared fixtures: paths to ../shared (tiny models, data), stage-1 runs built once per session."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = Path(os.environ.get("GIST_SHARED", ROOT.parent / "shared"))
+MODELS = SHARED / "models"
+STUDENT = MODELS / "tiny-student"
+GUIDE_SAMEVOCAB = MODELS / "tiny-guide-bert-samevocab"  # shares the student's tokenizer
+GUIDE_RETOKENIZE = MODELS / "tiny-guide-bert"  # other vocabulary: GISTEmbedLoss retokenizes
+GUIDE_STATIC = MODELS / "tiny-guide-static"  # meaningful similarities, stage 1 only
+SAMPLE = ROOT / "data" / "train.parquet"
+
+
+def gist(*args: str, check: bool = True) -> subprocess.CompletedProcess:
+    """Run the installed `gist` console script as a user would; returns the finished process."""
+    proc = subprocess.run([sys.executable, "-c", "import cli; cli.main()", *map(str, args)], capture_output=True, text=True, cwd=ROOT)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"gist {' '.join(map(str, args))} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+    return proc
+
+
+def small_data(path: Path, rows: int, negatives: bool = True) -> Path:
+    """The first `rows` rows of the embedded sample, with or without its negative column."""
+    table = pq.read_table(SAMPLE).slice(0, rows)
+    if not negatives:
+        table = table.drop(["negative"])
+    pq.write_table(table, path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def triplets(tmp_path_factory) -> Path:
+    return small_data(tmp_path_factory.mktemp("data") / "triplets.parquet", 512)
+
+
+@pytest.fixture(scope="session")
+def pairs(tmp_path_factory) -> Path:
+    return small_data(tmp_path_factory.mktemp("data") / "pairs.parquet", 512, negatives=False)
+
+
+@pytest.fixture(scope="session")
+def guide_run(tmp_path_factory, triplets) -> Path:
+    """Stage 1 over 512 triplets with the same-vocabulary guide, batch 16, 2 epochs, margin 0.05."""
+    out = tmp_path_factory.mktemp("runs") / "guide"
+    gist("precompute-guide", triplets, "--guide", GUIDE_SAMEVOCAB, "--out", out, "--batch-size", "16", "--epochs", "2", "--margin", "0.05")
+    return out
+
+
+@pytest.fixture(scope="session")
+def pairs_run(tmp_path_factory, pairs) -> Path:
+    out = tmp_path_factory.mktemp("runs") / "pairs"
+    gist("precompute-guide", pairs, "--guide", GUIDE_SAMEVOCAB, "--out", out, "--batch-size", "16", "--strategy", "by-task")
+    return out
+
+
+def load_student(dropout: bool = False):
+    """tiny-student; dropout off by default so two runs of the same step are comparable."""
+    from sentence_transformers import SentenceTransformer
+
+    config = {} if dropout else {"hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0}
+    return SentenceTransformer(str(STUDENT), device="cpu", config_kwargs=config)

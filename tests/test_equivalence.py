@@ -1,0 +1,95 @@
+"""The central test: GuidedMaskLoss with stored masks equals sentence-transformers' GISTEmbedLoss
+run online with the same guide on the same planned batches (loss and gradients, float32)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from sentence_transformers import SentenceTransformer
+from sentence_transformers.sentence_transformer.losses import GISTEmbedLoss
+
+from pipeline.data import load_training_data
+from pipeline.loss import GuidedMaskLoss
+from pipeline.masks import MASKS, PlannedMasks
+from pipeline.train import build_trainer, training_dataset
+from tests.conftest import GUIDE_SAMEVOCAB, gist, load_student
+
+# Loss and gradients agree to 1e-5 (a gradient tensor: relative to its largest entry when that exceeds 1). The rest is float32 noise of the
+# similarity kernel: we use MNRL's normalize+matmul, GISTEmbedLoss a broadcast nn.CosineSimilarity.
+TOL = 1e-5
+
+
+def batch_inputs(model, dataset, example_ids):
+    """Features and labels of one planned batch, tokenized as the trainer's collator does."""
+    rows = dataset[list(map(int, example_ids))]
+    columns = [c for c in dataset.column_names if c != "label"]
+    return [model.preprocess(rows[c]) for c in columns], torch.tensor(rows["label"])
+
+
+def loss_and_grads(model, loss_fn, dataset, example_ids):
+    model.zero_grad()
+    features, labels = batch_inputs(model, dataset, example_ids)
+    loss = loss_fn(features, labels)
+    loss.backward()
+    return loss.item(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.fixture(scope="module")
+def guide():
+    return SentenceTransformer(str(GUIDE_SAMEVOCAB), device="cpu")
+
+
+PLANS = [
+    dict(margin_strategy="absolute", margin=0.05, contrast_anchors=True, contrast_positives=True),
+    dict(margin_strategy="relative", margin=0.05, contrast_anchors=True, contrast_positives=True),
+    dict(margin_strategy="absolute", margin=0.1, contrast_anchors=False, contrast_positives=True),
+    dict(margin_strategy="relative", margin=0.02, contrast_anchors=True, contrast_positives=False),
+    dict(margin_strategy="absolute", margin=0.0, contrast_anchors=False, contrast_positives=False),
+]
+
+
+@pytest.mark.parametrize("negatives", [True, False], ids=["triplets", "pairs"])
+@pytest.mark.parametrize("options", PLANS, ids=lambda o: f"{o['margin_strategy']}-{o['margin']}-aa{int(o['contrast_anchors'])}-pp{int(o['contrast_positives'])}")
+def test_guided_mask_loss_equals_gist_embed_loss(tmp_path, guide_run, pairs_run, triplets, pairs, guide, options, negatives):
+    run, data_path = (guide_run, triplets) if negatives else (pairs_run, pairs)
+    flags = ["--contrast-anchors" if options["contrast_anchors"] else "--no-contrast-anchors",
+             "--contrast-positives" if options["contrast_positives"] else "--no-contrast-positives"]
+    gist("plan", run, "--out", tmp_path, "--batch-size", "16", "--margin-strategy", options["margin_strategy"], "--margin", str(options["margin"]), *flags)
+    masks = PlannedMasks(tmp_path / MASKS)
+    dataset = training_dataset(load_training_data(data_path))
+    student = load_student()
+    ours = GuidedMaskLoss(student, masks)
+    reference = GISTEmbedLoss(student, guide, **options)
+
+    masked_any = 0
+    for example_ids in masks.batches[:3]:
+        loss_ours, grads_ours = loss_and_grads(student, ours, dataset, example_ids)
+        loss_ref, grads_ref = loss_and_grads(student, reference, dataset, example_ids)
+        assert abs(loss_ours - loss_ref) < TOL, (loss_ours, loss_ref)
+        assert grads_ours.keys() == grads_ref.keys()
+        for name, ref in grads_ref.items():
+            torch.testing.assert_close(grads_ours[name], ref, atol=TOL, rtol=0, msg=name)
+        masked_any += sum(len(masks.blocks[b][masks.row_of(example_ids)]) for b in ("ap", "an"))
+    if options["margin"] > 0:
+        assert masked_any > 0, "the test batches mask nothing; the comparison would not exercise the masks"
+
+
+def test_training_with_masks_equals_online_gist_training(tmp_path, guide_run, triplets, guide):
+    """N trainer steps with stored masks give the same weights as N steps of online GISTEmbedLoss."""
+    masks = PlannedMasks(guide_run / MASKS)
+    data = load_training_data(triplets)
+    weights = {}
+    for name in ("masks", "online"):
+        torch.manual_seed(0)
+        student = load_student()
+        loss = GuidedMaskLoss(student, masks) if name == "masks" else GISTEmbedLoss(student, guide, margin=0.05)
+        trainer = build_trainer(student, data, masks.plan, loss, tmp_path / name, max_steps=6, learning_rate=1e-3,
+                                warmup_ratio=0.0, save_strategy="no", logging_steps=1, use_cpu=True, disable_tqdm=True)
+        trainer.train()
+        weights[name] = {k: v.detach().clone() for k, v in student.state_dict().items()}
+    initial = load_student().state_dict()
+    moved = max((weights["masks"][k] - initial[k]).abs().max().item() for k in initial)
+    assert moved > 1e-3, "training did not change the weights"
+    for k in initial:
+        torch.testing.assert_close(weights["masks"][k], weights["online"][k], atol=1e-5, rtol=1e-4, msg=k)
