@@ -1,0 +1,130 @@
+"""Stage 1: artifacts, masks against a brute-force recomputation, determinism, planners."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from pipeline.data import load_training_data
+from pipeline.guide import read_embeddings
+from pipeline.masks import PlannedMasks, PlanParams, false_negative_mask
+from pipeline.plan import plan_batches
+from tests.conftest import GUIDE_STATIC, gist
+
+NEAR = 1e-6  # a mask entry may differ from a recomputation only this close to its threshold
+
+
+def brute_force_masks(emb, data, example_ids, params: PlanParams):
+    """Entry by entry, straight from DESIGN.md: mask x of row i iff g(a_i, x) beats t_i with the margin."""
+    g = len(example_ids)
+    a = [emb[data.anchor_ids[e]] for e in example_ids]
+    p = [emb[data.positive_ids[e]] for e in example_ids]
+    negs = [emb[data.negative_ids[e, c]] for c in range(data.num_negatives) for e in example_ids]
+    blocks = {"ap": (a, p), "aa": (a, a), "pp": (p, p), "an": (a, negs)}
+    out = {}
+    for name, (rows, cols) in blocks.items():
+        sims = np.array([[float(np.dot(r, c)) for c in cols] for r in rows], dtype=np.float64).reshape(g, len(cols))
+        t = np.array([float(np.dot(a[i], p[i])) for i in range(g)])[:, None]
+        bound = t - params.margin if params.margin_strategy == "absolute" else t - np.abs(t) * params.margin
+        mask = sims > bound
+        if name == "ap":
+            np.fill_diagonal(mask, False)
+        if (name == "aa" and not params.contrast_anchors) or (name == "pp" and not params.contrast_positives):
+            mask[:] = False
+        out[name] = (mask, np.abs(sims - bound) < NEAR)
+    return out
+
+
+def test_masks_equal_brute_force_recomputation(guide_run, triplets):
+    masks = PlannedMasks(guide_run / "masks.parquet")
+    emb = read_embeddings(guide_run / "embeddings.parquet")
+    data = load_training_data(triplets)
+    total_masked = 0
+    for row, example_ids in enumerate(masks.batches):
+        for block, (expected, near) in brute_force_masks(emb, data, example_ids, masks.params).items():
+            stored = masks.dense(row, block, *expected.shape).numpy()
+            assert not ((stored != expected) & ~near).any(), (row, block)
+            total_masked += stored.sum()
+    assert total_masked > 0
+
+
+def test_artifact_schemas_and_manifest(guide_run, triplets):
+    texts = pq.read_table(guide_run / "texts.parquet")
+    assert texts.schema.field("text_id").type == "int64" and texts.schema.field("text").type == "string"
+    examples = pq.read_table(guide_run / "examples.parquet")
+    assert examples.column_names == ["example_id", "anchor_id", "positive_id", "negative_ids", "task"]
+    emb_schema = pq.read_schema(guide_run / "embeddings.parquet")
+    assert emb_schema.field("embedding").type == pa.list_(pa.float32(), 64)
+    masks_table = pq.read_table(guide_run / "masks.parquet")
+    assert masks_table.column_names == ["epoch", "step", "example_ids", "ap", "aa", "pp", "an"]
+    assert all(masks_table.schema.field(b).type == pa.list_(pa.int32()) for b in ("ap", "aa", "pp", "an"))
+    meta = json.loads(masks_table.schema.metadata[b"gist"])
+    data = load_training_data(triplets)
+    assert meta["dataset_fingerprint"] == data.fingerprint and meta["plan"]["margin"] == 0.05
+    assert masks_table.column("step").to_pylist() == list(range(masks_table.num_rows))
+    assert masks_table.num_rows == 2 * (512 // 16)
+
+    manifest = json.loads((guide_run / "manifest.json").read_text())
+    assert manifest["dataset"]["num_texts"] == texts.num_rows == len(data.texts)
+    assert set(manifest["files"]) == {"texts.parquet", "examples.parquet", "embeddings.parquet", "index.faiss", "masks.parquet"}
+    assert manifest["plan"]["params"]["batch_size"] == 16 and "torch" in manifest["versions"]
+    # every unique text encoded exactly once, and texts round-trip through the ids
+    assert pq.read_table(guide_run / "embeddings.parquet").num_rows == len(set(data.texts))
+    ids = examples.column("anchor_id").to_numpy()
+    assert [texts.column("text")[i].as_py() for i in ids[:5]] == pq.read_table(triplets).column("anchor").to_pylist()[:5]
+
+
+def test_faiss_index_finds_each_text_itself(guide_run):
+    import faiss
+
+    index = faiss.read_index(str(guide_run / "index.faiss"))
+    emb = read_embeddings(guide_run / "embeddings.parquet")
+    assert index.ntotal == len(emb)
+    _, found = index.search(emb[:20], 1)
+    sims = (emb[found[:, 0]] * emb[:20]).sum(1)
+    assert np.allclose(sims, 1.0, atol=1e-5)
+
+
+def test_two_runs_are_byte_identical(tmp_path, triplets):
+    for name in ("a", "b"):
+        gist("precompute-guide", triplets, "--guide", GUIDE_STATIC, "--out", tmp_path / name, "--batch-size", "16", "--strategy", "no-duplicates")
+    for name in ("texts.parquet", "examples.parquet", "embeddings.parquet", "index.faiss", "masks.parquet"):
+        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes(), name
+
+
+def test_plan_equals_precompute_with_same_options(tmp_path, guide_run):
+    """`gist plan` from stored embeddings writes the same masks as stage 1 with those options."""
+    gist("plan", guide_run, "--out", tmp_path, "--batch-size", "16", "--epochs", "2", "--margin", "0.05")
+    assert (tmp_path / "masks.parquet").read_bytes() == (guide_run / "masks.parquet").read_bytes()
+
+
+@pytest.mark.parametrize("strategy", ["random", "no-duplicates", "by-task"])
+def test_planners(triplets, strategy):
+    data = load_training_data(triplets)
+    plan = plan_batches(data, 16, 3, seed=7, strategy=strategy)
+    assert plan.shape[0] == 3 and plan.shape[2] == 16
+    assert np.array_equal(plan, plan_batches(data, 16, 3, seed=7, strategy=strategy))
+    assert not np.array_equal(plan[0], plan[1]), "epochs should be shuffled differently"
+    for epoch in plan:
+        assert len(np.unique(epoch)) == epoch.size  # no example twice in an epoch
+    if strategy == "no-duplicates":
+        for batch in plan.reshape(-1, 16):
+            texts = np.concatenate([data.anchor_ids[batch], data.positive_ids[batch], data.negative_ids[batch].ravel()])
+            assert len(np.unique(texts)) == texts.size
+    if strategy == "by-task":
+        tasks = np.asarray(data.tasks)
+        assert all(len(set(tasks[batch])) == 1 for batch in plan.reshape(-1, 16))
+
+
+def test_mask_rule_margins():
+    t = np.array([[0.8], [-0.5]], dtype=np.float32)
+    g = np.array([[0.79, 0.75], [-0.53, -0.45]], dtype=np.float32)
+    assert false_negative_mask(g, t, "absolute", 0.0).tolist() == [[False, False], [False, True]]
+    assert false_negative_mask(g, t, "absolute", 0.02).tolist() == [[True, False], [False, True]]
+    # relative: t - |t| * m, so for a negative t the bound moves down (the old t * (1 - m) moved it up)
+    assert false_negative_mask(g, t, "relative", 0.1).tolist() == [[True, True], [True, True]]
+    assert false_negative_mask(g, t, "relative", 0.01).tolist() == [[False, False], [False, True]]
