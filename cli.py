@@ -20,7 +20,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     add_completion=False,
 )
-console = Console(stderr=True)
+console = Console(stderr=True, soft_wrap=True)
 state = {"debug": False}
 
 # Plan options, shared by `precompute-guide` and `plan`.
@@ -74,13 +74,15 @@ def precompute_guide(
 ) -> None:
     """Stage 1: encode every unique text with the guide once, index it, plan the batches, store their masks."""
     from pipeline import artifacts, data, guide as guide_mod, masks
+    from pipeline.plan import plan_batches
 
     params = _plan_params(batch_size, epochs, seed, strategy, margin_strategy, margin, contrast_anchors, contrast_positives)
     t_start = time.perf_counter()
     training = data.load_training_data(data_path, columns)
+    batch_plan = plan_batches(training, params.batch_size, params.epochs, params.seed, params.strategy)
+    model = guide_mod.load_model(guide, device, trust_remote_code)
     owned = [data.TEXTS, data.EXAMPLES, guide_mod.EMBEDDINGS, guide_mod.INDEX, masks.MASKS]
     artifacts.prepare_out_dir(out, overwrite, owned)
-    model = guide_mod.load_model(guide, device, trust_remote_code)
     fp16 = model.device.type == "cuda"
     if fp16:
         model.half()
@@ -94,8 +96,7 @@ def precompute_guide(
     embeddings = guide_mod.read_embeddings(out / guide_mod.EMBEDDINGS)
     index_kind = guide_mod.build_index(embeddings, out / guide_mod.INDEX, index)
     t_index = time.perf_counter()
-    meta = {"dataset_fingerprint": training.fingerprint, "num_examples": training.num_examples, "guide": identity["name"], "guide_sha256": identity["weights_sha256"]}
-    plan = masks.plan_and_write_masks(out, embeddings, training, params, meta)
+    plan = masks.write_plan_masks(out, embeddings, training, batch_plan, params, identity)
     t_masks = time.perf_counter()
 
     artifacts.write_manifest(
@@ -131,6 +132,7 @@ def plan_command(
 ) -> None:
     """Re-plan batches and masks from stored guide embeddings, without loading the guide."""
     from pipeline import artifacts, data, guide as guide_mod, masks
+    from pipeline.plan import plan_batches
 
     params = _plan_params(batch_size, epochs, seed, strategy, margin_strategy, margin, contrast_anchors, contrast_positives)
     t_start = time.perf_counter()
@@ -139,9 +141,9 @@ def plan_command(
         raise GistError(f"{guide_dir}: not a precompute-guide directory (kind {manifest.get('kind')!r})")
     training = data.read_data_tables(guide_dir, manifest)
     embeddings = guide_mod.read_embeddings(artifacts.verify_checksum(guide_dir, guide_mod.EMBEDDINGS, manifest))
+    batch_plan = plan_batches(training, params.batch_size, params.epochs, params.seed, params.strategy)
     artifacts.prepare_out_dir(out, overwrite, [masks.MASKS])
-    meta = {"dataset_fingerprint": training.fingerprint, "num_examples": training.num_examples, "guide": manifest["guide"]["name"], "guide_sha256": manifest["guide"]["weights_sha256"]}
-    plan = masks.plan_and_write_masks(out, embeddings, training, params, meta)
+    plan = masks.write_plan_masks(out, embeddings, training, batch_plan, params, manifest["guide"])
     artifacts.write_manifest(
         out, [masks.MASKS], kind="plan", guide_dir=str(Path(guide_dir).resolve()), guide=manifest["guide"],
         dataset=manifest["dataset"], plan=plan, timings={"total_s": round(time.perf_counter() - t_start, 3)},
@@ -177,7 +179,8 @@ def train_command(
     from pipeline.masks import PlannedMasks
 
     masks = PlannedMasks(masks_path)
-    training = data.load_training_data(data_path, columns or ",".join(f"{k}={v}" for k, v in masks_columns(masks_path).items()))
+    renames = ",".join(f"{k}={v}" for k, v in masks.meta["columns"].items() if k != v)  # as stage 1 mapped them
+    training = data.load_training_data(data_path, columns or renames)
     train.check_masks_match(masks, training)
     if max_steps > masks.batches.shape[0]:
         raise GistError(f"--max-steps {max_steps} exceeds the {masks.batches.shape[0]} planned batches; re-plan with more --epochs")
@@ -202,16 +205,6 @@ def train_command(
         results = evaluate_model(model, sts, beir)
         artifacts.write_json(out / "eval.json", results)
         print(json.dumps(results, indent=2))
-
-
-def masks_columns(masks_path: Path) -> dict[str, str]:
-    """The column mapping recorded by stage 1 next to the masks (empty when none is found)."""
-    import json
-
-    manifest = Path(masks_path).parent / "manifest.json"
-    if manifest.is_file():
-        return json.loads(manifest.read_text()).get("dataset", {}).get("columns", {})
-    return {}
 
 
 @app.command("evaluate")

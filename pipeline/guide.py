@@ -91,7 +91,7 @@ def encode_to_parquet(
         with atomic_path(key_file) as tmp:
             tmp.write_text(json.dumps(run_key, sort_keys=True))
 
-    dim = model.get_sentence_embedding_dimension()
+    dim = model.get_embedding_dimension()
     schema = embeddings_schema(dim)
     n_chunks = (len(texts) + rows_per_group - 1) // rows_per_group
     reused = encoded = 0

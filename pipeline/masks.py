@@ -174,11 +174,15 @@ class PlannedMasks:
         return mask.view(rows, cols).to(device)
 
 
-def plan_and_write_masks(out_dir: Path, embeddings: np.ndarray, data: TrainingData, params: PlanParams, meta: dict) -> dict:
-    """Plan every batch (pipeline.plan) and write their masks; returns the plan summary for the manifest."""
-    from pipeline.plan import plan_batches
+def write_plan_masks(out_dir: Path, embeddings: np.ndarray, data: TrainingData, plan: np.ndarray, params: PlanParams, guide: dict) -> dict:
+    """Write the masks of a plan (from pipeline.plan) to `out_dir`; returns the plan summary for the manifest.
 
-    plan = plan_batches(data, params.batch_size, params.epochs, params.seed, params.strategy)
+    `guide` is the guide's identity (name, weights_sha256) as recorded in the manifest.
+    """
+    meta = {
+        "dataset_fingerprint": data.fingerprint, "num_examples": data.num_examples, "columns": data.columns,
+        "guide": guide["name"], "guide_sha256": guide["weights_sha256"],
+    }
     counts = write_masks(out_dir / MASKS, embeddings, data, plan, params, meta)
     epochs, steps, g = plan.shape
     totals = {"ap": g * (g - 1), "aa": g * g, "pp": g * g, "an": g * g * data.num_negatives}
