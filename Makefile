@@ -28,8 +28,17 @@ test: install
 models: install
 	$(PY) scripts/install_models.py $(MODELS)
 
+# End to end on the embedded sample: guide pass (mpnet), evaluate, train MiniLM with the masks, evaluate.
+DEMO_EVAL := --sts data/stsb_dev.parquet --beir data/scifact
 demo: models
-	$(PY) scripts/demo.py --models $(MODELS) --out $(RUN)
+	rm -rf $(RUN)
+	$(GIST) precompute-guide data/train.parquet --guide $(MODELS)/all-mpnet-base-v2 --out $(RUN)/guide \
+		--strategy by-task --batch-size 32 --epochs 4
+	$(GIST) evaluate $(MODELS)/all-MiniLM-L6-v2 $(DEMO_EVAL) --out $(RUN)/before.json
+	$(GIST) train data/train.parquet --masks $(RUN)/guide/masks.parquet --student $(MODELS)/all-MiniLM-L6-v2 \
+		--out $(RUN)/student --lr 2e-5 --logging-steps 20 --save-steps 1000
+	$(GIST) evaluate $(RUN)/student/final $(DEMO_EVAL) --out $(RUN)/after.json
+	$(PY) scripts/compare.py $(RUN)/before.json $(RUN)/after.json
 
 bench-quick: install
 	$(PY) -m bench --quick
