@@ -69,6 +69,7 @@ def precompute_guide(
     encode_batch_size: Annotated[int, typer.Option(min=1, help="Guide encoding batch size.")] = 64,
     device: Annotated[str, typer.Option(help="auto (CUDA with fp16 when present), cpu, cuda, cuda:N.")] = "auto",
     index: Annotated[str, typer.Option(help="FAISS index: auto (flat up to 200k texts, HNSW above), flat or hnsw.")] = "auto",
+    rows_per_group: Annotated[int, typer.Option(min=1, help="Texts per embeddings row group: the unit a killed run resumes from.")] = 4096,
     trust_remote_code: Annotated[bool, typer.Option(help="Allow the guide's own Python code to run.")] = False,
     overwrite: Overwrite = False,
 ) -> None:
@@ -79,7 +80,9 @@ def precompute_guide(
     params = _plan_params(batch_size, epochs, seed, strategy, margin_strategy, margin, contrast_anchors, contrast_positives)
     t_start = time.perf_counter()
     training = data.load_training_data(data_path, columns)
+    t_data = time.perf_counter()
     batch_plan = plan_batches(training, params.batch_size, params.epochs, params.seed, params.strategy)
+    t_plan = time.perf_counter()
     model = guide_mod.load_model(guide, device, trust_remote_code)
     owned = [data.TEXTS, data.EXAMPLES, guide_mod.EMBEDDINGS, guide_mod.INDEX, masks.MASKS]
     artifacts.prepare_out_dir(out, overwrite, owned)
@@ -91,7 +94,7 @@ def precompute_guide(
 
     data.write_data_tables(out, training)
     run_key = {"guide": identity["weights_sha256"], "fingerprint": training.fingerprint, "fp16": fp16}
-    encoding = guide_mod.encode_to_parquet(model, training.texts, out, encode_batch_size, run_key)
+    encoding = guide_mod.encode_to_parquet(model, training.texts, out, encode_batch_size, run_key, rows_per_group)
     t_encode = time.perf_counter()
     embeddings = guide_mod.read_embeddings(out / guide_mod.EMBEDDINGS)
     index_kind = guide_mod.build_index(embeddings, out / guide_mod.INDEX, index)
@@ -104,10 +107,10 @@ def precompute_guide(
         kind="guide-pass",
         guide={**identity, "dim": encoding["dim"], "max_seq_length": model.max_seq_length, "device": str(model.device), "dtype": "float16" if fp16 else "float32", "trust_remote_code": trust_remote_code},
         dataset={"path": str(Path(data_path).resolve()), "fingerprint": training.fingerprint, "columns": training.columns, "num_examples": training.num_examples, "num_texts": len(training.texts), "num_negatives": training.num_negatives},
-        encoding={"batch_size": encode_batch_size, "rows_per_group": guide_mod.ROWS_PER_GROUP, "embedding_dtype": "float32", **encoding},
+        encoding={"batch_size": encode_batch_size, "rows_per_group": rows_per_group, "embedding_dtype": "float32", **encoding},
         index={"kind": index_kind, "metric": "inner_product"},
         plan=plan,
-        timings={"load_s": round(t_load - t_start, 3), "encode_s": round(t_encode - t_load, 3), "index_s": round(t_index - t_encode, 3), "masks_s": round(t_masks - t_index, 3), "total_s": round(time.perf_counter() - t_start, 3)},
+        timings={"data_s": round(t_data - t_start, 3), "plan_s": round(t_plan - t_data, 3), "load_s": round(t_load - t_plan, 3), "encode_s": round(t_encode - t_load, 3), "index_s": round(t_index - t_encode, 3), "masks_s": round(t_masks - t_index, 3), "total_s": round(time.perf_counter() - t_start, 3)},
     )
     total = time.perf_counter() - t_start
     console.print(
@@ -184,19 +187,17 @@ def train_command(
     train.check_masks_match(masks, training)
     if max_steps > masks.batches.shape[0]:
         raise GistError(f"--max-steps {max_steps} exceeds the {masks.batches.shape[0]} planned batches; re-plan with more --epochs")
-    checkpoints = out / "checkpoints"
-    if resume and not any(checkpoints.glob("checkpoint-*")):
-        raise GistError(f"--resume: no checkpoint in {checkpoints}")
+    checkpoint = train.last_complete_checkpoint(out / "checkpoints") if resume else None
     if not resume:
         artifacts.prepare_out_dir(out, overwrite=False, owned=[])
     model = guide_mod.load_model(student, device)
     loss = GuidedMaskLoss(model, masks, temperature=temperature)
     trainer = train.build_trainer(
         model, training, masks.plan, loss, out, callbacks=[train.JsonlLogCallback(out / train.TRAIN_LOG)],
-        learning_rate=lr, warmup_ratio=warmup_ratio, max_steps=max_steps, logging_steps=logging_steps, save_steps=save_steps, seed=seed,
+        learning_rate=lr, warmup_steps=warmup_ratio, max_steps=max_steps, logging_steps=logging_steps, save_steps=save_steps, seed=seed,
         use_cpu=model.device.type == "cpu",
     )
-    trainer.train(resume_from_checkpoint=True if resume else None)
+    trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
     final = out / "final"
     with artifacts.atomic_path(final) as tmp:
         model.save(str(tmp))

@@ -24,7 +24,6 @@ from pipeline.artifacts import atomic_path
 
 EMBEDDINGS = "embeddings.parquet"
 INDEX = "index.faiss"
-ROWS_PER_GROUP = 4096
 FLAT_INDEX_MAX = 200_000  # above this many texts, "auto" builds an HNSW index instead of a flat one
 
 
@@ -73,7 +72,7 @@ def embeddings_schema(dim: int) -> pa.Schema:
 
 
 def encode_to_parquet(
-    model, texts: list[str], out_dir: Path, batch_size: int, run_key: dict, rows_per_group: int = ROWS_PER_GROUP
+    model, texts: list[str], out_dir: Path, batch_size: int, run_key: dict, rows_per_group: int
 ) -> dict:
     """Encode `texts` (normalized) into `out_dir/embeddings.parquet`, resuming finished chunks.
 

@@ -6,7 +6,8 @@ columns, a few (G x G) similarity matrices, a lookup of stored masks. No guide i
 Similarities use GISTEmbedLoss's own formulation (a broadcast `nn.CosineSimilarity`) rather than
 MNRL's normalize-and-matmul: with it the loss and gradients are bit-identical to GISTEmbedLoss,
 where the matmul kernel differs by float32 noise that temperature 0.01 amplifies to ~2e-5. It holds
-a (G, G, dim) tensor per block, as GISTEmbedLoss does; for large batches use the cached variant.
+a (G, G, dim) tensor per block, as GISTEmbedLoss does; for large batches use CachedGuidedMaskLoss,
+which holds (mini_batch_size, G, dim).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from sentence_transformers.base.losses.gradcache import CachedLossMixin
 from sentence_transformers.base.losses.merged_forward import embed_columns
 from torch import Tensor, nn
 
@@ -80,24 +82,34 @@ class GuidedMaskLoss(nn.Module):
 
     def forward(self, sentence_features: Iterable[dict[str, Tensor]], labels: Tensor) -> Tensor:
         anchor, positive, *negatives = embed_columns(self.model, list(sentence_features))
-        if len(negatives) != self.masks.num_negatives:
-            raise GistError(f"batch has {len(negatives)} negative column(s), the masks were planned with {self.masks.num_negatives}")
+        row = self.plan_row(labels, len(negatives))
+        scores = self.scores(anchor, positive, negatives, row, 0, anchor.size(0))
+        return F.cross_entropy(scores, torch.arange(anchor.size(0), device=anchor.device))
+
+    def plan_row(self, labels: Tensor | None, num_negatives: int) -> int:
+        """The row of masks.parquet for this batch, from the example ids the collator passes as labels."""
+        if num_negatives != self.masks.num_negatives:
+            raise GistError(f"batch has {num_negatives} negative column(s), the masks were planned with {self.masks.num_negatives}")
         if labels is None:
             raise GistError("GuidedMaskLoss needs the example ids as the 'label' column of the training dataset")
-        row = self.masks.row_of(labels.cpu().numpy())
+        return self.masks.row_of(labels.cpu().numpy())
 
-        def masked(block: str, sims: Tensor) -> Tensor:
-            return sims.masked_fill(self.masks.dense(row, block, *sims.shape, device=sims.device), -torch.inf)
+    def scores(self, anchor: Tensor, positive: Tensor, negatives: list[Tensor], row: int, begin: int, end: int) -> Tensor:
+        """Masked, temperature-scaled scores of anchors begin..end against all candidates: [ap, aa, pp, an]."""
+        g = anchor.size(0)
 
-        scores = [masked("ap", self.sim_matrix(anchor, positive))]
+        def masked(block: str, sims: Tensor, cols: int) -> Tensor:
+            mask = self.masks.dense(row, block, g, cols, device=sims.device)[begin:end]
+            return sims.masked_fill(mask, -torch.inf)
+
+        scores = [masked("ap", self.sim_matrix(anchor[begin:end], positive), g)]
         if self.contrast_anchors:
-            scores.append(masked("aa", self.sim_matrix(anchor, anchor)))
+            scores.append(masked("aa", self.sim_matrix(anchor[begin:end], anchor), g))
         if self.contrast_positives:
-            scores.append(masked("pp", self.sim_matrix(positive, positive)))
+            scores.append(masked("pp", self.sim_matrix(positive[begin:end], positive), g))
         if negatives:
-            scores.append(masked("an", self.sim_matrix(anchor, torch.cat(negatives))))
-        scores = torch.cat(scores, dim=1) / self.temperature
-        return F.cross_entropy(scores, torch.arange(anchor.size(0), device=anchor.device))
+            scores.append(masked("an", self.sim_matrix(anchor[begin:end], torch.cat(negatives)), g * len(negatives)))
+        return torch.cat(scores, dim=1) / self.temperature
 
     def get_config_dict(self) -> dict[str, Any]:
         return {"masks": str(self.masks.path), "temperature": self.temperature, **self.masks.meta["plan"]}
@@ -114,3 +126,50 @@ class GuidedMaskLoss(nn.Module):
     primaryClass={cs.LG}
 }
 """
+
+
+class CachedGuidedMaskLoss(CachedLossMixin, GuidedMaskLoss):
+    def __init__(self, model, masks: PlannedMasks | str | Path, temperature: float = 0.01, mini_batch_size: int = 32) -> None:
+        """
+        GuidedMaskLoss with GradCache (as sentence-transformers ``CachedGISTEmbedLoss``): the batch is
+        embedded in mini-batches without gradients, the loss is computed over the whole batch in
+        row chunks, and the mini-batches are re-embedded with the cached gradients. Memory then
+        depends on ``mini_batch_size``, not on the batch size, so batches of thousands fit.
+
+        Args:
+            model: the SentenceTransformer being trained.
+            masks: a ``PlannedMasks`` or the path of a ``masks.parquet``.
+            temperature: divides the cosine similarities. Default 0.01.
+            mini_batch_size: rows embedded (and rows of the loss computed) at once. Does not change
+                the loss, only memory and speed.
+
+        References:
+            - GISTEmbed, https://arxiv.org/abs/2402.16829
+            - Gao et al., Scaling Deep Contrastive Learning Batch Size under Memory Limited Setup (GradCache),
+              https://arxiv.org/abs/2101.06983
+
+        Example:
+            ::
+
+                loss = CachedGuidedMaskLoss(student, "runs/guide/masks.parquet", mini_batch_size=64)
+        """
+        super().__init__(model, masks, temperature)
+        self.mini_batch_size = mini_batch_size
+
+    def forward(self, sentence_features: Iterable[dict[str, Tensor]], labels: Tensor) -> Tensor:
+        return self.forward_cached(sentence_features, labels)
+
+    def calculate_loss(self, reps: list[list[Tensor]], labels: Tensor | None = None, *, with_backward: bool = False) -> Tensor:
+        anchor, positive, *negatives = [torch.cat(column) for column in reps]
+        row = self.plan_row(labels, len(negatives))
+        g = anchor.size(0)
+        total = torch.zeros((), device=anchor.device)
+        for begin in range(0, g, self.mini_batch_size):
+            end = min(begin + self.mini_batch_size, g)
+            scores = self.scores(anchor, positive, negatives, row, begin, end)
+            loss = F.cross_entropy(scores, torch.arange(begin, end, device=anchor.device)) * (end - begin) / g
+            if with_backward:
+                loss.backward()
+                loss = loss.detach()
+            total = total + loss
+        return total

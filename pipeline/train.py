@@ -64,6 +64,18 @@ def check_masks_match(masks: PlannedMasks, data: TrainingData) -> None:
         raise GistError(f"{masks.path} has {masks.num_negatives} negative column(s), DATA has {data.num_negatives}")
 
 
+def last_complete_checkpoint(checkpoints_dir: Path) -> Path:
+    """The newest checkpoint that was completely written (the trainer writes trainer_state.json last).
+
+    transformers writes checkpoints in place, so a run killed while saving leaves a partial
+    `checkpoint-N` that the trainer's own `get_last_checkpoint` would pick and fail to load.
+    """
+    complete = [p for p in Path(checkpoints_dir).glob("checkpoint-*") if (p / "trainer_state.json").is_file()]
+    if not complete:
+        raise GistError(f"--resume: no complete checkpoint in {checkpoints_dir}")
+    return max(complete, key=lambda p: int(p.name.split("-")[1]))
+
+
 class JsonlLogCallback(TrainerCallback):
     """Appends one JSON object per trainer log (step, epoch, loss, learning rate...) to a file.
 
@@ -93,7 +105,7 @@ def build_trainer(model, data: TrainingData, plan: np.ndarray, loss, out_dir: Pa
         per_device_train_batch_size=plan.shape[2],
         num_train_epochs=plan.shape[0],
         learning_rate=5e-6,
-        warmup_ratio=0.1,
+        warmup_steps=0.1,  # a float is a ratio of the total steps (transformers >= 5)
         logging_steps=10,
         save_strategy="steps",
         save_steps=500,

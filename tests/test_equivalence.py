@@ -85,7 +85,7 @@ def test_training_with_masks_equals_online_gist_training(tmp_path, guide_run, tr
         student = load_student()
         loss = GuidedMaskLoss(student, masks) if name == "masks" else GISTEmbedLoss(student, guide, margin=0.05)
         trainer = build_trainer(student, data, masks.plan, loss, tmp_path / name, max_steps=6, learning_rate=1e-3,
-                                warmup_ratio=0.0, save_strategy="no", logging_steps=1, use_cpu=True, disable_tqdm=True)
+                                warmup_steps=0, save_strategy="no", logging_steps=1, use_cpu=True, disable_tqdm=True)
         trainer.train()
         weights[name] = {k: v.detach().clone() for k, v in student.state_dict().items()}
     initial = load_student().state_dict()
@@ -93,3 +93,21 @@ def test_training_with_masks_equals_online_gist_training(tmp_path, guide_run, tr
     assert moved > 1e-3, "training did not change the weights"
     for k in initial:
         torch.testing.assert_close(weights["masks"][k], weights["online"][k], atol=1e-5, rtol=1e-4, msg=k)
+
+
+def test_cached_loss_equals_uncached(guide_run, triplets):
+    """GradCache embeds in mini-batches, so gradients differ by float32 noise: measured 1.7e-5 on a
+    gradient whose largest entry is 1.3 (token-type embeddings sum over every token). Each gradient
+    must agree to 2e-5 relative to its largest entry; the loss to 1e-5."""
+    from pipeline.loss import CachedGuidedMaskLoss
+
+    masks = PlannedMasks(guide_run / MASKS)
+    dataset = training_dataset(load_training_data(triplets))
+    student = load_student()
+    for example_ids in masks.batches[:2]:
+        loss_plain, grads_plain = loss_and_grads(student, GuidedMaskLoss(student, masks), dataset, example_ids)
+        loss_cached, grads_cached = loss_and_grads(student, CachedGuidedMaskLoss(student, masks, mini_batch_size=5), dataset, example_ids)
+        assert abs(loss_plain - loss_cached) < TOL
+        for name, ref in grads_plain.items():
+            error = (grads_cached[name] - ref).abs().max().item()
+            assert error <= 2 * TOL * max(1.0, ref.abs().max().item()), (name, error)

@@ -69,7 +69,7 @@ class StopAfter(TrainerCallback):
 def test_resume_continues_at_the_planned_step_with_the_same_weights(tmp_path, guide_run, triplets):
     masks = PlannedMasks(guide_run / "masks.parquet")
     data = load_training_data(triplets)
-    args = dict(max_steps=8, save_steps=4, learning_rate=1e-3, warmup_ratio=0.0, logging_steps=1, use_cpu=True, disable_tqdm=True, seed=3)
+    args = dict(max_steps=8, save_steps=4, learning_rate=1e-3, warmup_steps=0, logging_steps=1, use_cpu=True, disable_tqdm=True, seed=3)
 
     def run(out, resume=False, callbacks=()):
         student = load_student(dropout=True)  # dropout on: the checkpoint must restore the RNG state too

@@ -1,0 +1,197 @@
+"""train_step: wall time and peak memory per optimizer step, MNRL vs GuidedMaskLoss vs online GISTEmbedLoss.
+
+Same student, same planned batches, same trainer (`pipeline.train.build_trainer` with the plan of
+`PlannedMasks(...).plan`): only the loss differs. The masks come from stage 1
+(`cli.precompute_guide`) on the 2000-row sample (its first 300 rows in quick mode) with the same
+guide, strategy random.
+
+Each (configuration, repetition) runs in a fresh process, so its peak memory is its own; the
+order is interleaved (mnrl, guided, online, mnrl, guided, online, ...) and medians are reported.
+Time per step is the wall time between the ends of consecutive optimizer steps after warm-up
+(collation, forward, backward, optimizer step); `compute_s` is the same without collation.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import pyarrow.parquet as pq
+from sentence_transformers.sentence_transformer.losses import GISTEmbedLoss, MultipleNegativesRankingLoss
+from transformers import PrinterCallback, TrainerCallback
+
+from bench.common import Context, PeakMemory, median, print_table, run_isolated
+from pipeline import guide as guide_mod
+from pipeline import train
+from pipeline.data import load_training_data
+from pipeline.loss import GuidedMaskLoss
+from pipeline.masks import MASKS, PlannedMasks
+
+NAME = "train_step"
+CONFIGS = ("mnrl", "guided", "online")
+TEMPERATURE = 0.01  # GISTEmbedLoss's default; MNRL gets the same scale (1 / temperature)
+TARGETS = {"guided_over_mnrl_time": ("<=", 1.05), "guided_over_mnrl_memory": ("<=", 1.05), "online_over_guided_time": (">=", 2.5)}
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """Steps per measured process at one batch size: warm-up steps (untimed), then timed steps."""
+
+    batch_size: int
+    warmup: int
+    steps: int
+
+
+def schedules(ctx: Context) -> list[Schedule]:
+    # Quick runs two batch sizes once each so CI covers both stage 1 and re-planning (`gist plan`).
+    # Full: batch 128 gets fewer steps (a step costs ~4x as much; the run should stay near 15 minutes).
+    chosen = ctx.pick([Schedule(16, 1, 2), Schedule(32, 1, 2)], [Schedule(32, 2, 5), Schedule(128, 1, 3)])
+    return [replace(s, steps=ctx.steps or s.steps) for s in chosen]
+
+
+class StepClock(TrainerCallback):
+    """Records when each optimizer step begins and ends (after `optimizer.step()` and the scheduler)."""
+
+    def __init__(self, cuda: bool):
+        self.cuda = cuda
+        self.begins: list[float] = []
+        self.ends: list[float] = []
+
+    def _now(self) -> float:
+        if self.cuda:
+            import torch
+
+            torch.cuda.synchronize()
+        return time.perf_counter()
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        self.begins.append(self._now())
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.ends.append(self._now())
+
+
+def measure(config: str, student: str, guide: str, data_path: str, masks_path: str, warmup: int, steps: int) -> dict:
+    """Train `warmup + steps` planned steps with one loss in this (fresh) process; time and memory."""
+    masks = PlannedMasks(Path(masks_path))
+    data = load_training_data(Path(data_path))
+    model = guide_mod.load_model(student)
+    if config == "mnrl":
+        loss = MultipleNegativesRankingLoss(model, scale=1 / TEMPERATURE)
+    elif config == "guided":
+        loss = GuidedMaskLoss(model, masks, temperature=TEMPERATURE)
+    else:
+        p = masks.params
+        loss = GISTEmbedLoss(
+            model, guide_mod.load_model(guide, str(model.device)), temperature=TEMPERATURE, margin_strategy=p.margin_strategy,
+            margin=p.margin, contrast_anchors=p.contrast_anchors, contrast_positives=p.contrast_positives,
+        )
+    cuda = model.device.type == "cuda"
+    clock = StepClock(cuda)
+    with tempfile.TemporaryDirectory() as out:
+        trainer = train.build_trainer(
+            model, data, masks.plan, loss, Path(out), callbacks=[clock], max_steps=warmup + steps, save_strategy="no",
+            logging_strategy="no", disable_tqdm=True, use_cpu=not cuda, seed=0,
+        )
+        trainer.remove_callback(PrinterCallback)  # it would print the final metrics between the tables
+        with PeakMemory(cuda) as memory:
+            trainer.train()
+    timed = range(warmup, warmup + steps)
+    return {
+        "step_s": (clock.ends[-1] - clock.ends[warmup - 1]) / steps,
+        "compute_s": median(clock.ends[i] - clock.begins[i] for i in timed),
+        "memory": memory.report(),
+    }
+
+
+def guide_pass(ctx: Context, data_path: Path, plan: list[Schedule]) -> dict[int, Path]:
+    """Stage 1 at the first batch size; the others re-planned from its embeddings (`gist plan`).
+
+    Re-planning applies the same mask rule to the same guide embeddings, so the masks equal those of
+    a stage-1 run at that batch size, without a second guide pass. Returns masks.parquet per batch size.
+    """
+    import cli
+
+    work = ctx.work_dir(NAME)
+    rows = pq.read_metadata(data_path).num_rows
+    first = work / f"guide-b{plan[0].batch_size}"
+    masks = {}
+    for schedule in plan:
+        epochs = math.ceil((schedule.warmup + schedule.steps) / max(1, rows // schedule.batch_size))
+        if schedule is plan[0]:
+            cli.precompute_guide(data_path, guide=str(ctx.guide), out=first, batch_size=schedule.batch_size, epochs=epochs, strategy="random")
+            masks[schedule.batch_size] = first / MASKS
+        else:
+            out = work / f"plan-b{schedule.batch_size}"
+            cli.plan_command(first, out=out, batch_size=schedule.batch_size, epochs=epochs, strategy="random")
+            masks[schedule.batch_size] = out / MASKS
+    return masks
+
+
+def summarize(schedule: Schedule, runs: dict[str, list[dict]]) -> dict:
+    record = {"batch_size": schedule.batch_size, "warmup_steps": schedule.warmup, "timed_steps": schedule.steps, "repetitions": len(runs["mnrl"])}
+    for config in CONFIGS:
+        record[f"{config}_step_s"] = round(median(r["step_s"] for r in runs[config]), 4)
+        record[f"{config}_compute_s"] = round(median(r["compute_s"] for r in runs[config]), 4)
+        record[f"{config}_peak_mb"] = round(median(r["memory"]["increase_mb"] for r in runs[config]), 1)
+        record[f"{config}_resident_before_mb"] = round(median(r["memory"]["before_mb"] for r in runs[config]), 1)
+    record["guided_over_mnrl_time"] = round(record["guided_step_s"] / record["mnrl_step_s"], 3)
+    record["guided_over_mnrl_memory"] = round(record["guided_peak_mb"] / record["mnrl_peak_mb"], 3)
+    record["online_over_guided_time"] = round(record["online_step_s"] / record["guided_step_s"], 3)
+    record["targets_met"] = {
+        f"{key} {op} {bound}": (record[key] <= bound if op == "<=" else record[key] >= bound) for key, (op, bound) in TARGETS.items()
+    }
+    record["runs"] = {config: runs[config] for config in CONFIGS}
+    return record
+
+
+def run(ctx: Context) -> dict:
+    data_path = ctx.sample(quick_rows=300)
+    plan = schedules(ctx)
+    masks = guide_pass(ctx, data_path, plan)
+    reps = ctx.repetitions(1, 3)
+    runs = {(s.batch_size, c): [] for s in plan for c in CONFIGS}
+    for rep in range(reps):
+        for s in plan:
+            for config in CONFIGS:
+                result = run_isolated(measure, config, str(ctx.student), str(ctx.guide), str(data_path), str(masks[s.batch_size]), s.warmup, s.steps)
+                runs[(s.batch_size, config)].append(result)
+                print(f"train_step b{s.batch_size} {config} rep {rep + 1}/{reps}: {result['step_s']:.3f} s/step, "
+                      f"+{result['memory']['increase_mb']:.0f} MB", file=sys.stderr)
+    return {
+        "student": str(ctx.student),
+        "guide": str(ctx.guide),
+        "data": str(data_path),
+        "rows": pq.read_metadata(data_path).num_rows,
+        "masks_source": f"stage 1 (cli.precompute_guide, strategy random) at batch {plan[0].batch_size}; other batch sizes "
+        "re-planned from its embeddings with cli.plan_command (same embeddings and mask rule, hence the same masks)",
+        "definitions": {
+            "step_s": "median over repetitions of (wall time from the end of the last warm-up step to the end of the last timed step) / timed steps",
+            "compute_s": "median of on_step_begin -> on_step_end (excludes the dataloader's collation/tokenization)",
+            "peak_mb": "median peak increase during trainer.train() over the memory before it (models loaded): "
+            "RSS high-water mark on CPU, torch.cuda.max_memory_allocated on GPU; one fresh process per (config, repetition)",
+            "resident_before_mb": "memory before training, models loaded; safetensors weights are memory-mapped and become resident "
+            "when first used, so on CPU the online guide's weights show up in online_peak_mb rather than here",
+            "mnrl": "MultipleNegativesRankingLoss, scale 1/temperature, candidates ap + an",
+            "guided": "GuidedMaskLoss with stored masks, candidates ap + aa + pp + an",
+            "online": "GISTEmbedLoss with the guide loaded, same plan parameters as the masks",
+        },
+        "records": [summarize(s, {c: runs[(s.batch_size, c)] for c in CONFIGS}) for s in plan],
+    }
+
+
+def table(result: dict) -> None:
+    rows = []
+    for r in result["records"]:
+        met = "yes" if all(r["targets_met"].values()) else "no: " + ", ".join(k for k, ok in r["targets_met"].items() if not ok)
+        rows.append([r["batch_size"], r["mnrl_step_s"], r["guided_step_s"], r["online_step_s"], r["mnrl_peak_mb"], r["guided_peak_mb"],
+                     r["online_peak_mb"], r["guided_over_mnrl_time"], r["guided_over_mnrl_memory"], r["online_over_guided_time"], met])
+    print_table(
+        f"train_step ({result['mode']}): s/step and peak MB added, medians",
+        ["batch", "mnrl s", "guided s", "online s", "mnrl MB", "guided MB", "online MB", "guided/mnrl t", "guided/mnrl mem", "online/guided t", "targets met"],
+        rows,
+    )
