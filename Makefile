@@ -33,10 +33,10 @@ DEMO_EVAL := --sts data/stsb_dev.parquet --beir data/scifact
 demo: models
 	rm -rf $(RUN)
 	$(GIST) precompute-guide data/train.parquet --guide $(MODELS)/all-mpnet-base-v2 --out $(RUN)/guide \
-		--strategy by-task --batch-size 32 --epochs 4
+		--strategy by-task --batch-size 16 --epochs 2
 	$(GIST) evaluate $(MODELS)/all-MiniLM-L6-v2 $(DEMO_EVAL) --out $(RUN)/before.json
 	$(GIST) train data/train.parquet --masks $(RUN)/guide/masks.parquet --student $(MODELS)/all-MiniLM-L6-v2 \
-		--out $(RUN)/student --lr 2e-5 --logging-steps 20 --save-steps 1000
+		--out $(RUN)/student --lr 2e-5 --max-steps 200 --logging-steps 20 --save-steps 1000
 	$(GIST) evaluate $(RUN)/student/final $(DEMO_EVAL) --out $(RUN)/after.json
 	$(PY) scripts/compare.py $(RUN)/before.json $(RUN)/after.json
 
