@@ -27,7 +27,7 @@ state = {"debug": False}
 BatchSize = Annotated[int, typer.Option(min=2, help="Examples per (global) batch. Incomplete last batches are dropped.")]
 Epochs = Annotated[int, typer.Option(min=1, help="Epochs to plan; stage 2 trains at most this many.")]
 Seed = Annotated[int, typer.Option(help="Seed of the batch plan.")]
-Strategy = Annotated[str, typer.Option(help="Batching: random, no-duplicates (no text twice in a batch) or by-task.")]
+Strategy = Annotated[str, typer.Option(help="Batching: random, no-duplicates (no text twice in a batch), by-task, or clustered (hard batches: k-means over guide embeddings, within tasks).")]
 MarginStrategy = Annotated[str, typer.Option(help="absolute: mask if g > t - m; relative: mask if g > t - |t|*m.")]
 Margin = Annotated[float, typer.Option(help="Margin m of the false-negative rule (GISTEmbedLoss's margin).")]
 ContrastAnchors = Annotated[bool, typer.Option(help="Include anchor-anchor candidates (GISTEmbedLoss default: on).")]
@@ -75,14 +75,13 @@ def precompute_guide(
 ) -> None:
     """Stage 1: encode every unique text with the guide once, index it, plan the batches, store their masks."""
     from pipeline import artifacts, data, guide as guide_mod, masks
-    from pipeline.plan import plan_batches
+    from pipeline.plan import check_plan, plan_batches
 
     params = _plan_params(batch_size, epochs, seed, strategy, margin_strategy, margin, contrast_anchors, contrast_positives)
     t_start = time.perf_counter()
     training = data.load_training_data(data_path, columns)
+    check_plan(training, params.batch_size, params.epochs, params.strategy)
     t_data = time.perf_counter()
-    batch_plan = plan_batches(training, params.batch_size, params.epochs, params.seed, params.strategy)
-    t_plan = time.perf_counter()
     model = guide_mod.load_model(guide, device, trust_remote_code)
     owned = [data.TEXTS, data.EXAMPLES, guide_mod.EMBEDDINGS, guide_mod.INDEX, masks.MASKS]
     artifacts.prepare_out_dir(out, overwrite, owned)
@@ -99,6 +98,8 @@ def precompute_guide(
     embeddings = guide_mod.read_embeddings(out / guide_mod.EMBEDDINGS)
     index_kind = guide_mod.build_index(embeddings, out / guide_mod.INDEX, index)
     t_index = time.perf_counter()
+    batch_plan = plan_batches(training, params.batch_size, params.epochs, params.seed, params.strategy, embeddings)
+    t_plan = time.perf_counter()
     plan = masks.write_plan_masks(out, embeddings, training, batch_plan, params, identity)
     t_masks = time.perf_counter()
 
@@ -110,7 +111,7 @@ def precompute_guide(
         encoding={"batch_size": encode_batch_size, "rows_per_group": rows_per_group, "embedding_dtype": "float32", **encoding},
         index={"kind": index_kind, "metric": "inner_product"},
         plan=plan,
-        timings={"data_s": round(t_data - t_start, 3), "plan_s": round(t_plan - t_data, 3), "load_s": round(t_load - t_plan, 3), "encode_s": round(t_encode - t_load, 3), "index_s": round(t_index - t_encode, 3), "masks_s": round(t_masks - t_index, 3), "total_s": round(time.perf_counter() - t_start, 3)},
+        timings={"data_s": round(t_data - t_start, 3), "load_s": round(t_load - t_data, 3), "encode_s": round(t_encode - t_load, 3), "index_s": round(t_index - t_encode, 3), "plan_s": round(t_plan - t_index, 3), "masks_s": round(t_masks - t_plan, 3), "total_s": round(time.perf_counter() - t_start, 3)},
     )
     total = time.perf_counter() - t_start
     console.print(
@@ -144,7 +145,7 @@ def plan_command(
         raise GistError(f"{guide_dir}: not a precompute-guide directory (kind {manifest.get('kind')!r})")
     training = data.read_data_tables(guide_dir, manifest)
     embeddings = guide_mod.read_embeddings(artifacts.verify_checksum(guide_dir, guide_mod.EMBEDDINGS, manifest))
-    batch_plan = plan_batches(training, params.batch_size, params.epochs, params.seed, params.strategy)
+    batch_plan = plan_batches(training, params.batch_size, params.epochs, params.seed, params.strategy, embeddings)
     artifacts.prepare_out_dir(out, overwrite, [masks.MASKS])
     plan = masks.write_plan_masks(out, embeddings, training, batch_plan, params, manifest["guide"])
     artifacts.write_manifest(
