@@ -199,6 +199,8 @@ def train_command(
         use_cpu=model.device.type == "cpu",
     )
     trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+    if not trainer.is_world_process_zero():
+        return
     final = out / "final"
     with artifacts.atomic_path(final) as tmp:
         model.save(str(tmp))

@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from sentence_transformers.base.losses.gradcache import CachedLossMixin
 from sentence_transformers.base.losses.merged_forward import embed_columns
+from sentence_transformers.util import all_gather, all_gather_with_grad, get_rank, get_world_size
 from torch import Tensor, nn
 
 from pipeline import GistError
@@ -82,31 +83,47 @@ class GuidedMaskLoss(nn.Module):
 
     def forward(self, sentence_features: Iterable[dict[str, Tensor]], labels: Tensor) -> Tensor:
         anchor, positive, *negatives = embed_columns(self.model, list(sentence_features))
-        row = self.plan_row(labels, len(negatives))
-        scores = self.scores(anchor, positive, negatives, row, 0, anchor.size(0))
-        return F.cross_entropy(scores, torch.arange(anchor.size(0), device=anchor.device))
+        positive, negatives, row, offset = self.global_batch(positive, negatives, labels)
+        scores = self.scores(anchor, positive, negatives, row, offset, 0, anchor.size(0))
+        return F.cross_entropy(scores, torch.arange(offset, offset + anchor.size(0), device=anchor.device))
 
-    def plan_row(self, labels: Tensor | None, num_negatives: int) -> int:
-        """The row of masks.parquet for this batch, from the example ids the collator passes as labels."""
-        if num_negatives != self.masks.num_negatives:
-            raise GistError(f"batch has {num_negatives} negative column(s), the masks were planned with {self.masks.num_negatives}")
+    def global_batch(self, positive: Tensor, negatives: list[Tensor], labels: Tensor | None):
+        """Candidates of the whole planned batch, its plan row, and where this rank's anchors sit in it.
+
+        Under torch.distributed each rank holds a contiguous slice of the planned (global) batch;
+        positives and negatives are gathered with gradients and the example ids without, as
+        GISTEmbedLoss(gather_across_devices=True) gathers; anchors stay local.
+        """
+        if len(negatives) != self.masks.num_negatives:
+            raise GistError(f"batch has {len(negatives)} negative column(s), the masks were planned with {self.masks.num_negatives}")
         if labels is None:
             raise GistError("GuidedMaskLoss needs the example ids as the 'label' column of the training dataset")
-        return self.masks.row_of(labels.cpu().numpy())
+        offset = 0
+        if get_world_size() > 1:
+            offset = get_rank() * labels.size(0)
+            labels = all_gather(labels)
+            positive = all_gather_with_grad(positive)
+            negatives = [all_gather_with_grad(negative) for negative in negatives]
+        return positive, negatives, self.masks.row_of(labels.cpu().numpy()), offset
 
-    def scores(self, anchor: Tensor, positive: Tensor, negatives: list[Tensor], row: int, begin: int, end: int) -> Tensor:
-        """Masked, temperature-scaled scores of anchors begin..end against all candidates: [ap, aa, pp, an]."""
-        g = anchor.size(0)
+    def scores(self, anchor: Tensor, positive: Tensor, negatives: list[Tensor], row: int, offset: int, begin: int, end: int) -> Tensor:
+        """Masked, temperature-scaled scores [ap, aa, pp, an] of local anchors begin..end.
 
-        def masked(block: str, sims: Tensor, cols: int) -> Tensor:
-            mask = self.masks.dense(row, block, g, cols, device=sims.device)[begin:end]
+        `positive` and `negatives` hold the whole planned batch (G rows); local anchor i is row
+        offset + i of the plan's masks. `aa` compares local anchors only, as GISTEmbedLoss does.
+        """
+        g, local = positive.size(0), anchor.size(0)
+        rows = slice(offset + begin, offset + end)
+
+        def masked(block: str, sims: Tensor, cols: int, keep_cols: slice = slice(None)) -> Tensor:
+            mask = self.masks.dense(row, block, g, cols, device=sims.device)[rows, keep_cols]
             return sims.masked_fill(mask, -torch.inf)
 
         scores = [masked("ap", self.sim_matrix(anchor[begin:end], positive), g)]
         if self.contrast_anchors:
-            scores.append(masked("aa", self.sim_matrix(anchor[begin:end], anchor), g))
+            scores.append(masked("aa", self.sim_matrix(anchor[begin:end], anchor), g, slice(offset, offset + local)))
         if self.contrast_positives:
-            scores.append(masked("pp", self.sim_matrix(positive[begin:end], positive), g))
+            scores.append(masked("pp", self.sim_matrix(positive[rows], positive), g))
         if negatives:
             scores.append(masked("an", self.sim_matrix(anchor[begin:end], torch.cat(negatives)), g * len(negatives)))
         return torch.cat(scores, dim=1) / self.temperature
@@ -161,13 +178,13 @@ class CachedGuidedMaskLoss(CachedLossMixin, GuidedMaskLoss):
 
     def calculate_loss(self, reps: list[list[Tensor]], labels: Tensor | None = None, *, with_backward: bool = False) -> Tensor:
         anchor, positive, *negatives = [torch.cat(column) for column in reps]
-        row = self.plan_row(labels, len(negatives))
-        g = anchor.size(0)
+        positive, negatives, row, offset = self.global_batch(positive, negatives, labels)
+        local = anchor.size(0)
         total = torch.zeros((), device=anchor.device)
-        for begin in range(0, g, self.mini_batch_size):
-            end = min(begin + self.mini_batch_size, g)
-            scores = self.scores(anchor, positive, negatives, row, begin, end)
-            loss = F.cross_entropy(scores, torch.arange(begin, end, device=anchor.device)) * (end - begin) / g
+        for begin in range(0, local, self.mini_batch_size):
+            end = min(begin + self.mini_batch_size, local)
+            scores = self.scores(anchor, positive, negatives, row, offset, begin, end)
+            loss = F.cross_entropy(scores, torch.arange(offset + begin, offset + end, device=anchor.device)) * (end - begin) / local
             if with_backward:
                 loss.backward()
                 loss = loss.detach()

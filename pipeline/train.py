@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -32,6 +33,8 @@ class PlannedBatchSampler(DefaultBatchSampler):
     def __init__(self, dataset, batch_size, drop_last, valid_label_columns=None, generator=None, seed=0, *, plan: np.ndarray):
         super().__init__(dataset, batch_size, drop_last, valid_label_columns, generator, seed)
         self.plan = plan
+        # The planned (global) batch size: accelerate splits batches of exactly this size over the ranks.
+        self.batch_size = plan.shape[2]
 
     def __len__(self) -> int:
         return self.plan.shape[1]
@@ -97,12 +100,18 @@ class JsonlLogCallback(TrainerCallback):
 
 
 def build_trainer(model, data: TrainingData, plan: np.ndarray, loss, out_dir: Path, *, evaluator=None, callbacks=(), **training_args):
-    """A SentenceTransformerTrainer that replays `plan` with `loss`; `training_args` override the defaults."""
+    """A SentenceTransformerTrainer that replays `plan` with `loss`; `training_args` override the defaults.
+
+    Under torchrun every planned batch (G examples) is split across the W ranks, G / W each.
+    """
+    world_size = int(os.environ.get("WORLD_SIZE", 1))  # set by torchrun; torch.distributed starts later
+    if plan.shape[2] % world_size:
+        raise GistError(f"the planned batch size {plan.shape[2]} does not split over {world_size} processes; re-plan with a multiple")
     from sentence_transformers import SentenceTransformerTrainer, SentenceTransformerTrainingArguments
 
     defaults = dict(
         output_dir=str(Path(out_dir) / "checkpoints"),
-        per_device_train_batch_size=plan.shape[2],
+        per_device_train_batch_size=plan.shape[2] // world_size,
         num_train_epochs=plan.shape[0],
         learning_rate=5e-6,
         warmup_steps=0.1,  # a float is a ratio of the total steps (transformers >= 5)
@@ -112,6 +121,8 @@ def build_trainer(model, data: TrainingData, plan: np.ndarray, loss, out_dir: Pa
         report_to="none",
         dataloader_drop_last=True,
         disable_tqdm=False,
+        # Under torchrun the plan's batch is the global batch: each rank takes its contiguous slice.
+        accelerator_config={"split_batches": True},
     )
     args = SentenceTransformerTrainingArguments(**{**defaults, **training_args}, batch_sampler=planned_batch_sampler(plan))
     return SentenceTransformerTrainer(
