@@ -82,18 +82,23 @@ def precompute_guide(
     training = data.load_training_data(data_path, columns)
     check_plan(training, params.batch_size, params.epochs, params.strategy)
     t_data = time.perf_counter()
+    rank, world_size = guide_mod.init_distributed()  # under torchrun each rank encodes a share of the texts
     model = guide_mod.load_model(guide, device, trust_remote_code)
     owned = [data.TEXTS, data.EXAMPLES, guide_mod.EMBEDDINGS, guide_mod.INDEX, masks.MASKS]
-    artifacts.prepare_out_dir(out, overwrite, owned)
+    if rank == 0:
+        artifacts.prepare_out_dir(out, overwrite, owned)
     fp16 = model.device.type == "cuda"
     if fp16:
         model.half()
     identity = guide_mod.model_identity(guide)
     t_load = time.perf_counter()
 
-    data.write_data_tables(out, training)
+    if rank == 0:
+        data.write_data_tables(out, training)
     run_key = {"guide": identity["weights_sha256"], "fingerprint": training.fingerprint, "fp16": fp16}
-    encoding = guide_mod.encode_to_parquet(model, training.texts, out, encode_batch_size, run_key, rows_per_group)
+    encoding = guide_mod.encode_to_parquet(model, training.texts, out, encode_batch_size, run_key, rows_per_group, rank, world_size)
+    if rank != 0:
+        return  # rank 0 joins the parts, builds the index and writes the plan
     t_encode = time.perf_counter()
     embeddings = guide_mod.read_embeddings(out / guide_mod.EMBEDDINGS)
     index_kind = guide_mod.build_index(embeddings, out / guide_mod.INDEX, index)
@@ -106,6 +111,7 @@ def precompute_guide(
     artifacts.write_manifest(
         out, owned,
         kind="guide-pass",
+        world_size=world_size,
         guide={**identity, "dim": encoding["dim"], "max_seq_length": model.max_seq_length, "device": str(model.device), "dtype": "float16" if fp16 else "float32", "trust_remote_code": trust_remote_code},
         dataset={"path": str(Path(data_path).resolve()), "fingerprint": training.fingerprint, "columns": training.columns, "num_examples": training.num_examples, "num_texts": len(training.texts), "num_negatives": training.num_negatives},
         encoding={"batch_size": encode_batch_size, "rows_per_group": rows_per_group, "embedding_dtype": "float32", **encoding},

@@ -27,6 +27,27 @@ INDEX = "index.faiss"
 FLAT_INDEX_MAX = 200_000  # above this many texts, "auto" builds an HNSW index instead of a flat one
 
 
+def init_distributed() -> tuple[int, int]:
+    """(rank, world size). Under torchrun, join the process group: NCCL on GPUs, gloo on CPU."""
+    import os
+
+    import torch.distributed as dist
+
+    world_size = int(os.environ.get("WORLD_SIZE", 1))
+    if world_size > 1 and not dist.is_initialized():
+        if torch.cuda.is_available():
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    return (dist.get_rank(), world_size) if world_size > 1 else (0, 1)
+
+
+def _barrier(world_size: int) -> None:
+    if world_size > 1:
+        import torch.distributed as dist
+
+        dist.barrier()
+
+
 def resolve_device(device: str) -> str:
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
@@ -72,23 +93,26 @@ def embeddings_schema(dim: int) -> pa.Schema:
 
 
 def encode_to_parquet(
-    model, texts: list[str], out_dir: Path, batch_size: int, run_key: dict, rows_per_group: int
-) -> dict:
+    model, texts: list[str], out_dir: Path, batch_size: int, run_key: dict, rows_per_group: int, rank: int = 0, world_size: int = 1
+) -> dict | None:
     """Encode `texts` (normalized) into `out_dir/embeddings.parquet`, resuming finished chunks.
 
     `run_key` (guide identity, dataset fingerprint, encoding options) is stored beside the parts;
-    parts left by a run with another key are discarded rather than mixed in.
-    Returns timings and counts for the manifest.
+    parts left by a run with another key are discarded rather than mixed in. Under torchrun, rank r
+    encodes chunks r, r + W, ...; rank 0 joins the parts and returns the counts for the manifest,
+    the other ranks return None.
     """
     parts_dir = out_dir / ".embeddings.parts"
     key_file = parts_dir / "run_key.json"
     run_key = {**run_key, "rows_per_group": rows_per_group, "batch_size": batch_size}
-    if parts_dir.exists() and (not key_file.exists() or json.loads(key_file.read_text()) != run_key):
-        shutil.rmtree(parts_dir)
-    parts_dir.mkdir(exist_ok=True)
-    if not key_file.exists():
-        with atomic_path(key_file) as tmp:
-            tmp.write_text(json.dumps(run_key, sort_keys=True))
+    if rank == 0:
+        if parts_dir.exists() and (not key_file.exists() or json.loads(key_file.read_text()) != run_key):
+            shutil.rmtree(parts_dir)
+        parts_dir.mkdir(exist_ok=True)
+        if not key_file.exists():
+            with atomic_path(key_file) as tmp:
+                tmp.write_text(json.dumps(run_key, sort_keys=True))
+    _barrier(world_size)
 
     dim = model.get_embedding_dimension()
     schema = embeddings_schema(dim)
@@ -96,8 +120,9 @@ def encode_to_parquet(
     reused = encoded = 0
     encode_seconds = 0.0
     with _progress() as progress:
-        task = progress.add_task("guide: encoding texts", total=len(texts))
-        for chunk in range(n_chunks):
+        mine = range(rank, n_chunks, world_size)
+        task = progress.add_task("guide: encoding texts" + (f" (rank {rank})" if world_size > 1 else ""), total=sum(min(len(texts), (c + 1) * rows_per_group) - c * rows_per_group for c in mine))
+        for chunk in mine:
             start, stop = chunk * rows_per_group, min(len(texts), (chunk + 1) * rows_per_group)
             part = parts_dir / f"part-{chunk:06d}.parquet"
             if part.exists():
@@ -122,6 +147,15 @@ def encode_to_parquet(
             encoded += stop - start
             progress.advance(task, stop - start)
 
+    if world_size > 1:
+        import torch.distributed as dist
+
+        counts = torch.tensor([encoded, reused], dtype=torch.int64, device="cuda" if dist.get_backend() == "nccl" else "cpu")
+        dist.all_reduce(counts)
+        encoded, reused = counts.tolist()
+    _barrier(world_size)
+    if rank != 0:
+        return None
     with atomic_path(out_dir / EMBEDDINGS) as tmp, pq.ParquetWriter(tmp, schema) as writer:
         for chunk in range(n_chunks):
             writer.write_table(pq.read_table(parts_dir / f"part-{chunk:06d}.parquet"), row_group_size=rows_per_group)

@@ -116,6 +116,17 @@ def _cutoff(top: dict | None, n: int) -> float:
     return -np.inf if top is None or len(top["sim"]) < n else float(top["sim"][-1])
 
 
+def _entries(select, sim, threshold, identical, row_ids, col_ids, start: int, code: int, num_texts: int) -> dict[str, np.ndarray]:
+    """The selected (batch, row, column) entries of one block of a chunk, as candidates for a top list."""
+    b, i, c = np.nonzero(select)
+    left, right = row_ids[b, i], col_ids[b, c]
+    return {
+        "sim": sim[b, i, c], "t": threshold[b, i], "row": b + start, "i": i, "col": c,
+        "block": np.full(len(b), code, dtype=np.int8), "identical": identical[b, i, c],
+        "key": np.minimum(left, right) * num_texts + np.maximum(left, right),  # the unordered text pair
+    }
+
+
 def _scan(masks: PlannedMasks, data: TrainingData, embeddings: np.ndarray, task_of: np.ndarray, ntasks: int, examples: int) -> dict:
     """One pass over every planned batch: counts per block/epoch/task, histograms, mask check, top pairs."""
     params, (epochs, steps, g) = masks.params, masks.plan.shape
@@ -167,19 +178,10 @@ def _scan(masks: PlannedMasks, data: TrainingData, embeddings: np.ndarray, task_
                 acc["identical_kept"][block] += int((identical & kept).sum())
                 acc["hist_masked"][block] += _bins(sim, masked)
                 acc["hist_kept"][block] += _bins(sim, kept)
-                if examples <= 0:
-                    continue
-                for name in pool:
-                    select = masked & (sim >= _cutoff(top[name], examples))
-                    if name == "distinct":
-                        select &= ~identical
-                    b, i, c = np.nonzero(select)
-                    left, right = row_ids[b, i], col_ids[b, c]
-                    pool[name].append({
-                        "sim": sim[b, i, c], "t": threshold[b, i], "row": b + start, "i": i, "col": c,
-                        "block": np.full(len(b), code, dtype=np.int8), "identical": identical[b, i, c],
-                        "key": np.minimum(left, right) * len(data.texts) + np.maximum(left, right),
-                    })
+                if examples > 0:
+                    for name, select in (("all", masked), ("distinct", masked & ~identical)):
+                        select = select & (sim >= _cutoff(top[name], examples))
+                        pool[name].append(_entries(select, sim, threshold, identical, row_ids, col_ids, start, code, len(data.texts)))
             for name, parts in pool.items():
                 if parts:
                     top[name] = _merge(top[name], {key: np.concatenate([p[key] for p in parts]) for key in parts[0]}, examples)

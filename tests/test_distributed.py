@@ -50,3 +50,16 @@ def test_two_processes_train_like_one_process_with_the_global_batch(tmp_path, tr
     for name in one:
         difference = (two[name] - one[name]).abs()
         assert difference.max() < 1e-4 and difference.mean() < 1e-7, (name, difference.max().item())
+
+
+def test_stage1_sharded_over_two_processes_equals_one(tmp_path, triplets):
+    """Each rank encodes every other chunk; rank 0 joins, indexes and plans: the same files."""
+    torchrun(shutil.which("gist") or ROOT / ".venv" / "bin" / "gist", "precompute-guide", triplets, "--guide", ROOT.parent / "shared/models/tiny-guide-bert-samevocab",
+             "--out", tmp_path / "two", "--batch-size", "16", "--epochs", "2", "--margin", "0.05", "--rows-per-group", "256")
+    gist("precompute-guide", triplets, "--guide", ROOT.parent / "shared/models/tiny-guide-bert-samevocab", "--out", tmp_path / "one",
+         "--batch-size", "16", "--epochs", "2", "--margin", "0.05", "--rows-per-group", "256")
+    for name in ("texts.parquet", "examples.parquet", "embeddings.parquet", "masks.parquet"):
+        assert (tmp_path / "two" / name).read_bytes() == (tmp_path / "one" / name).read_bytes(), name
+    one, two = (json.loads((tmp_path / run / "manifest.json").read_text()) for run in ("one", "two"))
+    assert two["world_size"] == 2 and two["encoding"]["encoded_texts"] == one["encoding"]["encoded_texts"] == 1504
+    assert two["plan"] == one["plan"] and two["dataset"] == one["dataset"]
