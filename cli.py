@@ -179,6 +179,7 @@ def train_command(
     sts: Annotated[Optional[Path], typer.Option(help="STS file to evaluate on after training.")] = None,
     beir: Annotated[Optional[Path], typer.Option(help="BEIR directory to evaluate on after training.")] = None,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda.")] = "auto",
+    precision: Annotated[str, typer.Option(help="fp32, or the trainer's mixed precision on GPU: fp16 or bf16.")] = "fp32",
 ) -> None:
     """Stage 2: train the student with the stored masks; the guide is never loaded."""
     import json
@@ -188,6 +189,8 @@ def train_command(
     from pipeline.loss import GuidedMaskLoss
     from pipeline.masks import PlannedMasks
 
+    if precision not in ("fp32", "fp16", "bf16"):
+        raise typer.BadParameter("use fp32, fp16 or bf16", param_hint="--precision")
     masks = PlannedMasks(masks_path)
     renames = ",".join(f"{k}={v}" for k, v in masks.meta["columns"].items() if k != v)  # as stage 1 mapped them
     training = data.load_training_data(data_path, columns or renames)
@@ -202,7 +205,7 @@ def train_command(
     trainer = train.build_trainer(
         model, training, masks.plan, loss, out, callbacks=[train.JsonlLogCallback(out / train.TRAIN_LOG)],
         learning_rate=lr, warmup_steps=warmup_ratio, max_steps=max_steps, logging_steps=logging_steps, save_steps=save_steps, seed=seed,
-        use_cpu=model.device.type == "cpu",
+        use_cpu=model.device.type == "cpu", fp16=precision == "fp16", bf16=precision == "bf16",
     )
     trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
     if not trainer.is_world_process_zero():
