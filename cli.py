@@ -161,6 +161,20 @@ def plan_command(
     console.print(f"[green]done[/] {out / masks.MASKS}: {plan['num_batches']} batches, masked ap {plan['masked_fraction']['ap']:.2%}")
 
 
+@app.command("report")
+def report_command(
+    guide_dir: Annotated[Path, typer.Argument(metavar="GUIDE_DIR", help="A finished precompute-guide or plan directory.")],
+    out: Annotated[Path, typer.Option(help="Output directory for report.md, report.json and the plots.")],
+    examples: Annotated[int, typer.Option(min=0, help="Most similar masked pairs to list.")] = 20,
+) -> None:
+    """Data-quality report: false-negative rates, guide-similarity plots, the guide's strongest vetoes. Loads no model."""
+    from pipeline.report import write_report
+
+    report = write_report(guide_dir, out, examples)
+    rates = ", ".join(f"{b} {v['rate']:.2%}" for b, v in report["blocks"].items() if v["rate"] is not None)
+    console.print(f"[green]done[/] {out / 'report.md'}: {report['counts']['batches']} batches, masked {rates}")
+
+
 @app.command("train")
 def train_command(
     data_path: Annotated[Path, typer.Argument(metavar="DATA", help="The training data stage 1 was run on.")],

@@ -14,13 +14,15 @@ masks (what stage 2 trains with), recomputes the guide similarities of each bloc
 Candidates per row i: `ap` all p_j with j != i (the true pair is no candidate), `aa` all a_j and
 `pp` all p_j including the self-pair (as in `GISTEmbedLoss`, and as the manifest's masked
 fractions count them), `an` every negative of the batch. Histograms and pair lists leave the
-`aa`/`pp` self-pairs out: their guide similarity is 1 by construction. A masked pair is
-"identical" when the candidate's text is the row's own anchor or positive text (a duplicated
-example, or a negative that equals a positive).
+`aa`/`pp` self-pairs out: their guide similarity is 1 by construction. A pair is "identical"
+when the candidate's text is the row's own anchor or positive text (a repeated anchor, a
+duplicated example, or a negative that equals a positive). "Own negatives" are the `an` entries
+of a row's own mined negatives: a guide that masks many of them cannot tell them from positives.
 """
 
 from __future__ import annotations
 
+import textwrap
 from pathlib import Path
 
 import numpy as np
@@ -41,6 +43,12 @@ PLOTS = {"similarity": "similarity.png", "epoch": "fn_rate_by_epoch.png", "task"
 COLORS = {"ap": "tab:blue", "aa": "tab:orange", "pp": "tab:green", "an": "tab:red"}
 BLOCK_TITLES = {"ap": "ap: a_i vs p_j (j≠i)", "aa": "aa: a_i vs a_j (j≠i)", "pp": "pp: p_i vs p_j (j≠i)", "an": "an: a_i vs every negative"}
 ROW_TEXT = {"ap": "anchor", "aa": "anchor", "pp": "positive", "an": "anchor"}
+
+
+def _enabled(masks: PlannedMasks, data: TrainingData) -> dict[str, bool]:
+    """Blocks that have candidates in this plan."""
+    p = masks.params
+    return {"ap": True, "aa": p.contrast_anchors, "pp": p.contrast_positives, "an": data.num_negatives > 0}
 
 
 def _load(run_dir: Path) -> tuple[dict, Path, PlannedMasks, TrainingData, np.ndarray]:
@@ -132,6 +140,7 @@ def _scan(masks: PlannedMasks, data: TrainingData, embeddings: np.ndarray, task_
     params, (epochs, steps, g) = masks.params, masks.plan.shape
     k = data.num_negatives
     cols = {"ap": g, "aa": g, "pp": g, "an": g * k}
+    enabled = _enabled(masks, data)
 
     def zeros(*shape: int) -> dict[str, np.ndarray]:
         return {b: np.zeros(shape, dtype=np.int64) for b in BLOCKS}
@@ -160,7 +169,7 @@ def _scan(masks: PlannedMasks, data: TrainingData, embeddings: np.ndarray, task_
             acc["rows_task"] += np.bincount(tasks.ravel(), minlength=ntasks)
             pool = {"all": [], "distinct": []}
             for code, (block, (sim, row_ids, col_ids)) in enumerate(_chunk_blocks(embeddings, data, rows).items()):
-                if cols[block] == 0:
+                if not enabled[block]:
                     continue
                 stored = _dense(masks.blocks[block], start, stop, (len(rows), g, cols[block]))
                 acc["mismatched"][block] += int((stored != recomputed[block]).sum())
@@ -218,8 +227,7 @@ def _rates(masked: dict, candidates: dict) -> dict:
 
 def _summarize(run_dir: Path, manifest: dict, guide_dir: Path, masks: PlannedMasks, data: TrainingData, scan: dict, task_names: list[str]) -> dict:
     """The report's numbers as a JSON-ready dict."""
-    p, (epochs, steps, g) = masks.params, masks.plan.shape
-    enabled = {"ap": True, "aa": p.contrast_anchors, "pp": p.contrast_positives, "an": data.num_negatives > 0}
+    (epochs, steps, g), enabled = masks.plan.shape, _enabled(masks, data)
     per_row = {b: (scan["cols"][b] - (b == "ap")) * enabled[b] for b in BLOCKS}  # candidates of one anchor row
     batches = epochs * steps
     blocks = {}
@@ -321,8 +329,9 @@ def _self_pair_note(fig, report: dict) -> None:
     parts = [f"{b} {100 * report['blocks'][b]['self_masked'] / report['blocks'][b]['candidates']:.1f}"
              for b in ("aa", "pp") if report["blocks"][b]["enabled"]]
     if parts:
-        fig.text(0.01, 0.0, "aa and pp count the self-pair (a_i, a_i) as a candidate, as GISTEmbedLoss does; "
-                 f"masked self-pairs make up {' and '.join(parts)} points of their rates.", fontsize=8, ha="left", va="top")
+        note = ("aa and pp count the self-pair (a_i, a_i) as a candidate, as GISTEmbedLoss does; "
+                f"masked self-pairs make up {' and '.join(parts)} points of their rates.")
+        fig.text(0.01, 0.0, textwrap.fill(note, int(fig.get_figwidth() * 14)), fontsize=8, ha="left", va="top")
 
 
 def _plot_rates(ax, labels: list[str], rates: list[dict], horizontal: bool) -> None:
