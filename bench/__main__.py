@@ -17,8 +17,8 @@ from pathlib import Path
 from bench.common import ROOT, Context, write_result
 
 # train_step before amortization, which cross-checks its online guide cost against train_step's result.
-BENCHMARKS = ("train_step", "stage1", "amortization", "scale")
-USE_MODELS = {"train_step", "stage1", "amortization"}  # scale needs no model
+BENCHMARKS = ("train_step", "stage1", "amortization", "scale", "cached_loss")
+USE_MODELS = {"train_step", "stage1", "amortization", "cached_loss"}  # scale needs no model
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
