@@ -211,6 +211,8 @@ def train_command(
     train.check_masks_match(masks, training)
     if max_steps > masks.batches.shape[0]:
         raise GistError(f"--max-steps {max_steps} exceeds the {masks.batches.shape[0]} planned batches; re-plan with more --epochs")
+    if (out / "final").exists():
+        raise GistError(f"{out} already holds a finished training run (final/); choose another --out")
     checkpoint = train.last_complete_checkpoint(out / "checkpoints") if resume else None
     if not resume:
         artifacts.prepare_out_dir(out, overwrite=False, owned=[])

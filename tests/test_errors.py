@@ -163,3 +163,19 @@ def test_modified_embeddings_are_refused_by_plan(tmp_path, guide_run):
         f.write(b"\0\0\0\0")
     proc = gist("plan", copy, "--out", tmp_path / "p", check=False)
     assert_fails(proc, 1, "checksum does not match")
+
+
+def test_overwrite_replaces_only_what_gist_wrote(tmp_path, guide_run):
+    out = tmp_path / "plan"
+    gist("plan", guide_run, "--out", out, "--batch-size", "16")
+    (out / "notes.txt").write_text("mine")
+    first = (out / "masks.parquet").read_bytes()
+    gist("plan", guide_run, "--out", out, "--batch-size", "16", "--seed", "1", "--overwrite")
+    assert (out / "notes.txt").read_text() == "mine"
+    assert (out / "masks.parquet").read_bytes() != first and (out / "manifest.json").exists()
+
+
+def test_training_into_a_finished_run_is_refused(tmp_path, guide_run, triplets):
+    (tmp_path / "o" / "final").mkdir(parents=True)
+    proc = gist("train", triplets, "--masks", guide_run / "masks.parquet", "--student", STUDENT, "--out", tmp_path / "o", check=False)
+    assert_fails(proc, 1, "already holds a finished training run")
