@@ -13,7 +13,8 @@ from pipeline.data import load_training_data
 from pipeline.loss import GuidedMaskLoss
 from pipeline.masks import MASKS, PlannedMasks
 from pipeline.train import build_trainer, training_dataset
-from tests.conftest import GUIDE_SAMEVOCAB, gist, load_student
+from cli import plan_command
+from tests.conftest import GUIDE_SAMEVOCAB, load_student
 
 # Loss and gradients agree to 1e-5 (a gradient tensor: relative to its largest entry when that exceeds 1). The rest is float32 noise of the
 # similarity kernel: we use MNRL's normalize+matmul, GISTEmbedLoss a broadcast nn.CosineSimilarity.
@@ -53,9 +54,7 @@ PLANS = [
 @pytest.mark.parametrize("options", PLANS, ids=lambda o: f"{o['margin_strategy']}-{o['margin']}-aa{int(o['contrast_anchors'])}-pp{int(o['contrast_positives'])}")
 def test_guided_mask_loss_equals_gist_embed_loss(tmp_path, guide_run, pairs_run, triplets, pairs, guide, options, negatives):
     run, data_path = (guide_run, triplets) if negatives else (pairs_run, pairs)
-    flags = ["--contrast-anchors" if options["contrast_anchors"] else "--no-contrast-anchors",
-             "--contrast-positives" if options["contrast_positives"] else "--no-contrast-positives"]
-    gist("plan", run, "--out", tmp_path, "--batch-size", "16", "--margin-strategy", options["margin_strategy"], "--margin", str(options["margin"]), *flags)
+    plan_command(run, out=tmp_path, batch_size=16, **options)  # `gist plan`, in-process to save an interpreter start
     masks = PlannedMasks(tmp_path / MASKS)
     dataset = training_dataset(load_training_data(data_path))
     student = load_student()
