@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import sys
 import time
 import traceback
@@ -112,7 +113,7 @@ def precompute_guide(
         out, owned,
         kind="guide-pass",
         world_size=world_size,
-        guide={**identity, "dim": encoding["dim"], "max_seq_length": model.max_seq_length, "device": str(model.device), "dtype": "float16" if fp16 else "float32", "trust_remote_code": trust_remote_code},
+        guide={**identity, "dim": encoding["dim"], "max_seq_length": model.max_seq_length if math.isfinite(model.max_seq_length) else None, "device": str(model.device), "dtype": "float16" if fp16 else "float32", "trust_remote_code": trust_remote_code},
         dataset={"path": str(Path(data_path).resolve()), "fingerprint": training.fingerprint, "columns": training.columns, "num_examples": training.num_examples, "num_texts": len(training.texts), "num_negatives": training.num_negatives},
         encoding={"batch_size": encode_batch_size, "rows_per_group": rows_per_group, "embedding_dtype": "float32", **encoding},
         index={"kind": index_kind, "metric": "inner_product"},

@@ -69,7 +69,9 @@ def batch_masks(embeddings: np.ndarray, data: TrainingData, batches: np.ndarray,
     anchors = embeddings[data.anchor_ids[batches]]  # (nb, G, d)
     positives = embeddings[data.positive_ids[batches]]
     ap = anchors @ positives.transpose(0, 2, 1)
-    threshold = np.einsum("bgd,bgd->bg", anchors, positives)[..., None]
+    # t_i from the diagonal of the same product, as GISTEmbedLoss does: a candidate identical to the
+    # positive then has g == t exactly and is kept (strict >), not masked by float rounding.
+    threshold = ap[:, np.arange(g), np.arange(g)][..., None]
 
     def rule(sim: np.ndarray) -> np.ndarray:
         return false_negative_mask(sim, threshold, params.margin_strategy, params.margin)

@@ -139,3 +139,18 @@ def test_mask_rule_margins():
     # relative: t - |t| * m, so for a negative t the bound moves down (the old t * (1 - m) moved it up)
     assert false_negative_mask(g, t, "relative", 0.1).tolist() == [[True, True], [True, True]]
     assert false_negative_mask(g, t, "relative", 0.01).tolist() == [[False, False], [False, True]]
+
+
+def test_candidate_identical_to_the_positive_is_kept_at_margin_zero():
+    """g(a_i, p_j) == t_i exactly when p_j is p_i's text: strict > keeps it, as in GISTEmbedLoss."""
+    from pipeline.data import TrainingData
+    from pipeline.masks import batch_masks
+
+    rng = np.random.default_rng(0)
+    emb = rng.normal(size=(40, 48)).astype(np.float32)
+    emb /= np.linalg.norm(emb, axis=1, keepdims=True)
+    n = 16
+    data = TrainingData(texts=[str(i) for i in range(40)], anchor_ids=np.arange(1, n + 1), positive_ids=np.zeros(n, dtype=np.int64),
+                        negative_ids=np.zeros((n, 0), dtype=np.int64), tasks=None, fingerprint="", columns={})
+    masks = batch_masks(emb, data, np.arange(n)[None, :], PlanParams(batch_size=n))
+    assert not masks["ap"].any()  # every candidate is the row's own positive text
