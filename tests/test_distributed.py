@@ -8,7 +8,6 @@ import shutil
 import subprocess
 import sys
 
-import torch
 from safetensors.torch import load_file
 
 from tests.conftest import ROOT, STUDENT, gist

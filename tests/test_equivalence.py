@@ -3,7 +3,6 @@ run online with the same guide on the same planned batches (loss and gradients, 
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
 from sentence_transformers import SentenceTransformer

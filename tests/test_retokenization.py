@@ -4,8 +4,6 @@ show that with the decoded inputs our masks reproduce GISTEmbedLoss exactly."""
 
 from __future__ import annotations
 
-import numpy as np
-import torch
 from sentence_transformers import SentenceTransformer
 from sentence_transformers.sentence_transformer.losses import GISTEmbedLoss
 
