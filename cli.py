@@ -71,6 +71,7 @@ def precompute_guide(
     device: Annotated[str, typer.Option(help="auto (CUDA with fp16 when present), cpu, cuda, cuda:N.")] = "auto",
     index: Annotated[str, typer.Option(help="FAISS index: auto (flat up to 200k texts, HNSW above), flat or hnsw.")] = "auto",
     rows_per_group: Annotated[int, typer.Option(min=1, help="Texts per embeddings row group: the unit a killed run resumes from.")] = 4096,
+    reuse: Annotated[Optional[list[Path]], typer.Option(help="An earlier precompute-guide directory of the same guide (repeatable): its texts are copied, not encoded again (e.g. after `gist mine`).")] = None,
     trust_remote_code: Annotated[bool, typer.Option(help="Allow the guide's own Python code to run.")] = False,
     overwrite: Overwrite = False,
 ) -> None:
@@ -92,12 +93,13 @@ def precompute_guide(
     if fp16:
         model.half()
     identity = guide_mod.model_identity(guide)
+    stored = guide_mod.StoredEmbeddings(reuse, identity, "float16" if fp16 else "float32") if reuse else None
     t_load = time.perf_counter()
 
     if rank == 0:
         data.write_data_tables(out, training)
     run_key = {"guide": identity["weights_sha256"], "fingerprint": training.fingerprint, "fp16": fp16}
-    encoding = guide_mod.encode_to_parquet(model, training.texts, out, encode_batch_size, run_key, rows_per_group, rank, world_size)
+    encoding = guide_mod.encode_to_parquet(model, training.texts, out, encode_batch_size, run_key, rows_per_group, rank, world_size, stored)
     if rank != 0:
         return  # rank 0 joins the parts, builds the index and writes the plan
     t_encode = time.perf_counter()
@@ -115,14 +117,14 @@ def precompute_guide(
         world_size=world_size,
         guide={**identity, "dim": encoding["dim"], "max_seq_length": model.max_seq_length if math.isfinite(model.max_seq_length) else None, "device": str(model.device), "dtype": "float16" if fp16 else "float32", "trust_remote_code": trust_remote_code},
         dataset={"path": str(Path(data_path).resolve()), "fingerprint": training.fingerprint, "columns": training.columns, "num_examples": training.num_examples, "num_texts": len(training.texts), "num_negatives": training.num_negatives},
-        encoding={"batch_size": encode_batch_size, "rows_per_group": rows_per_group, "embedding_dtype": "float32", **encoding},
+        encoding={"batch_size": encode_batch_size, "rows_per_group": rows_per_group, "embedding_dtype": "float32", "reused_from": [str(Path(r).resolve()) for r in reuse or []], **encoding},
         index={"kind": index_kind, "metric": "inner_product"},
         plan=plan,
         timings={"data_s": round(t_data - t_start, 3), "load_s": round(t_load - t_data, 3), "encode_s": round(t_encode - t_load, 3), "index_s": round(t_index - t_encode, 3), "plan_s": round(t_plan - t_index, 3), "masks_s": round(t_masks - t_plan, 3), "total_s": round(time.perf_counter() - t_start, 3)},
     )
     total = time.perf_counter() - t_start
     console.print(
-        f"[green]done[/] {out}: {len(training.texts)} texts ({encoding['encoded_texts']} encoded, {encoding['reused_texts']} resumed), "
+        f"[green]done[/] {out}: {len(training.texts)} texts ({encoding['encoded_texts']} encoded, {encoding['reused_texts']} reused, {encoding['resumed_texts']} resumed), "
         f"{plan['num_batches']} batches, masked ap {plan['masked_fraction']['ap']:.2%}, {total:.1f}s"
     )
 
@@ -160,6 +162,84 @@ def plan_command(
         dataset=manifest["dataset"], plan=plan, timings={"total_s": round(time.perf_counter() - t_start, 3)},
     )
     console.print(f"[green]done[/] {out / masks.MASKS}: {plan['num_batches']} batches, masked ap {plan['masked_fraction']['ap']:.2%}")
+
+
+@app.command("mine")
+def mine_command(
+    guide_dir: Annotated[Path, typer.Argument(metavar="GUIDE_DIR", help="A finished precompute-guide directory.")],
+    out: Annotated[Path, typer.Option(help="Output .parquet: anchor, positive, negative_1..k[, task], ready for precompute-guide.")],
+    corpus: Annotated[str, typer.Option(help="Where negatives come from: positives (the data's positives, as mine_hard_negatives), all (every text of the guide pass), or a Parquet/JSONL/CSV file whose new texts are encoded once with the guide.")] = "positives",
+    corpus_column: Annotated[str, typer.Option(help="Text column of a --corpus file.")] = "text",
+    num_negatives: Annotated[int, typer.Option(min=1, help="Negatives per example (negative_1..negative_k).")] = 3,
+    range_min: Annotated[int, typer.Option(min=0, help="Skip this many of the closest candidates.")] = 0,
+    range_max: Annotated[Optional[int], typer.Option(help="Consider at most this many closest candidates (default as mine_hard_negatives: range_min + num_negatives (x10 with a margin) + most positives per anchor).")] = None,
+    absolute_margin: Annotated[Optional[float], typer.Option(help="Skip candidates with score + m > the anchor's hardest positive score.")] = None,
+    relative_margin: Annotated[Optional[float], typer.Option(help="Skip candidates with score > p - |p| * m, p the hardest positive score (0.05: NV-Retriever's TopK-PercPos 95%).")] = None,
+    sampling_strategy: Annotated[str, typer.Option(help="top: the closest survivors; random: sampled from the window.")] = "top",
+    seed: Annotated[int, typer.Option(help="Seed of random sampling.")] = 0,
+    guide: Annotated[Optional[str], typer.Option(help="Guide model directory, only to encode a --corpus file's new texts (default: the path in GUIDE_DIR's manifest).")] = None,
+    encode_batch_size: Annotated[int, typer.Option(min=1, help="Guide encoding batch size for a --corpus file.")] = 64,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda (for encoding a --corpus file).")] = "auto",
+    overwrite: Overwrite = False,
+) -> None:
+    """Hard negatives from the stored guide embeddings: sentence-transformers' mine_hard_negatives without re-encoding."""
+    from dataclasses import asdict
+
+    import numpy as np
+
+    from pipeline import artifacts, data, guide as guide_mod
+    from pipeline.mine import SAMPLING, MiningParams, mine_negatives, write_mined
+
+    if sampling_strategy not in SAMPLING:
+        raise typer.BadParameter("use top or random", param_hint="--sampling-strategy")
+    if out.suffix != ".parquet":
+        raise GistError(f"--out {out}: write a .parquet file")
+    if out.exists() and not overwrite:
+        raise GistError(f"{out} exists; pass --overwrite or choose another --out")
+    params = MiningParams(num_negatives, range_min, range_max, absolute_margin, relative_margin, sampling_strategy, seed)
+    t_start = time.perf_counter()
+    manifest = artifacts.read_manifest(guide_dir)
+    if manifest.get("kind") != "guide-pass":
+        raise GistError(f"{guide_dir}: not a precompute-guide directory (kind {manifest.get('kind')!r})")
+    training = data.read_data_tables(guide_dir, manifest)
+    embeddings = guide_mod.read_embeddings(artifacts.verify_checksum(guide_dir, guide_mod.EMBEDDINGS, manifest))
+    texts = training.texts
+    if corpus == "positives":
+        corpus_ids = training.positive_ids
+    elif corpus == "all":
+        corpus_ids = np.arange(len(texts))
+    else:
+        # A corpus file: its texts already in the guide pass reuse their vectors, the rest are encoded once.
+        corpus_texts = data.read_corpus(Path(corpus), corpus_column)
+        model_path = guide or manifest["guide"]["path"]
+        model = guide_mod.load_model(model_path, device)  # checks the directory before hashing its weights
+        if guide_mod.model_identity(model_path)["weights_sha256"] != manifest["guide"]["weights_sha256"]:
+            raise GistError(f"--guide {model_path}: not the guide of {guide_dir} (weights differ); mining needs one guide's embeddings")
+        if manifest["guide"]["dtype"] == "float16":
+            model.half()
+        rows = guide_mod.StoredEmbeddings([guide_dir], manifest["guide"], manifest["guide"]["dtype"]).lookup(corpus_texts)
+        new_texts = [corpus_texts[i] for i in np.flatnonzero(rows < 0)]
+        with console.status(f"guide: encoding {len(new_texts)} new corpus texts"):
+            new_vectors, _ = guide_mod.embed(model, new_texts, encode_batch_size, first_id=len(texts))
+        rows[rows < 0] = len(texts) + np.arange(len(new_texts))
+        texts, embeddings, corpus_ids = texts + new_texts, np.concatenate([embeddings, new_vectors]), rows
+    t_load = time.perf_counter()
+    mined = mine_negatives(embeddings, training.anchor_ids, training.positive_ids, corpus_ids, params)
+    t_mine = time.perf_counter()
+    meta = {
+        "mining": {**asdict(params), "range_max": mined.range_max, "corpus": corpus if corpus in ("positives", "all") else str(Path(corpus).resolve())},
+        "guide_dir": str(Path(guide_dir).resolve()), "guide": manifest["guide"], "dataset": manifest["dataset"],
+        "corpus_texts": len(np.unique(corpus_ids)), "encoded_texts": len(texts) - len(training.texts),
+        "examples": training.num_examples, "skipped_candidates": mined.skipped,
+        "timings": {"load_s": round(t_load - t_start, 3), "mine_s": round(t_mine - t_load, 3)},
+    }
+    kept = write_mined(out, texts, training, mined, {**meta, "rows": int(mined.complete.sum())})
+    dropped = training.num_examples - kept
+    console.print(
+        f"[green]done[/] {out}: {kept} rows x {num_negatives} negatives"
+        + (f" ({dropped} dropped: not enough negatives in the window; widen --range-max or lower the margin)" if dropped else "")
+        + f", mined in {t_mine - t_load:.2f}s; next: gist precompute-guide {out} --reuse {guide_dir} ..."
+    )
 
 
 @app.command("report")

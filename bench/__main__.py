@@ -1,6 +1,7 @@
 """`python -m bench --quick | --full [--models DIR] [--only NAME[,NAME]]`.
 
-Runs the benchmarks in order, writes `bench/results/<name>.json` for each and prints its table.
+Runs the benchmarks in order, writes `bench/results/<name>.json` for each (`bench/results/quick/`
+for --quick, gitignored) and prints its table.
 --quick (tiny models from ../shared/models) is a CI smoke test of the code paths, not of the
 targets; --full uses the real student and guide from --models.
 """
@@ -52,7 +53,7 @@ def main(argv: list[str] | None = None) -> None:
         started, load = time.perf_counter(), os.getloadavg()[0]
         result = write_result(name, ctx, module.run(ctx), started, load)
         module.table(result)
-    print(f"bench --{ctx.mode}: {', '.join(args.only)} in {time.perf_counter() - t0:.0f} s; results in bench/results/", file=sys.stderr)
+    print(f"bench --{ctx.mode}: {', '.join(args.only)} in {time.perf_counter() - t0:.0f} s; results in {ctx.results.relative_to(ROOT)}/", file=sys.stderr)
 
 
 if __name__ == "__main__":

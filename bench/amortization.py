@@ -24,7 +24,7 @@ from sentence_transformers.base.losses.merged_forward import embed_columns
 from sentence_transformers.util import batch_to_device
 
 from bench import synthetic
-from bench.common import FULL_TRAIN, RESULTS, Context, median, print_table
+from bench.common import FULL_TRAIN, Context, median, print_table
 from pipeline import guide as guide_mod
 from pipeline.data import load_training_data
 from pipeline.masks import PlanParams, write_masks
@@ -62,13 +62,13 @@ def planning_seconds_per_epoch(data, embeddings: np.ndarray, out) -> float:
     return time.perf_counter() - t0
 
 
-def train_step_cross_check(mode: str) -> float | None:
-    """online_step_s - guided_step_s at batch 32 from bench/results/train_step.json of the same mode, if any."""
-    path = RESULTS / "train_step.json"
+def train_step_cross_check(ctx: Context) -> float | None:
+    """online_step_s - guided_step_s at batch 32 from the train_step result of the same mode, if any."""
+    path = ctx.results / "train_step.json"
     if not path.exists():
         return None
     result = json.loads(path.read_text())
-    record = next((r for r in result["records"] if r["batch_size"] == BATCH), None) if result["mode"] == mode else None
+    record = next((r for r in result["records"] if r["batch_size"] == BATCH), None) if result["mode"] == ctx.mode else None
     return None if record is None else round(record["online_step_s"] - record["guided_step_s"], 4)
 
 
@@ -118,7 +118,7 @@ def run(ctx: Context) -> dict:
             "planning_s_per_epoch": round(per_epoch, 4),
             "index_s": round(index_s, 4),
             "guide_pass_s": round(guide_pass_s, 1),
-            "train_step_online_minus_guided_s": train_step_cross_check(ctx.mode),
+            "train_step_online_minus_guided_s": train_step_cross_check(ctx),
             "runs": units,
         },
         "definitions": {

@@ -41,6 +41,12 @@ class Context:
         return self.mode == "quick"
 
     @property
+    def results(self) -> Path:
+        """bench/results for --full (committed); bench/results/quick for smoke runs (gitignored), so
+        CI never overwrites the full results."""
+        return RESULTS / "quick" if self.quick else RESULTS
+
+    @property
     def student(self) -> Path:
         return SHARED / "models" / "tiny-student" if self.quick else self.models / "all-MiniLM-L6-v2"
 
@@ -104,16 +110,16 @@ def machine_info() -> dict:
 
 
 def write_result(name: str, ctx: Context, payload: dict, started: float, load_before: float) -> dict:
-    """Write `bench/results/<name>.json` with the mode, the machine and the load around the run; return it."""
+    """Write `<ctx.results>/<name>.json` with the mode, the machine and the load around the run; return it."""
     from pipeline.artifacts import write_json
 
-    RESULTS.mkdir(parents=True, exist_ok=True)
+    ctx.results.mkdir(parents=True, exist_ok=True)
     machine = {**machine_info(), "load_avg_1m_before": round(load_before, 2), "load_avg_1m_after": round(os.getloadavg()[0], 2)}
     result = {"benchmark": name, "mode": ctx.mode, "machine": machine, "duration_s": round(time.perf_counter() - started, 1), **payload}
     overrides = {k: v for k, v in (("reps", ctx.reps), ("steps", ctx.steps), ("rows", ctx.rows)) if v is not None}
     if overrides:
         result["overrides"] = overrides  # a smoke run: not the benchmark's own counts
-    write_json(RESULTS / f"{name}.json", result)
+    write_json(ctx.results / f"{name}.json", result)
     return result
 
 

@@ -132,7 +132,7 @@ def _select_columns(table: pa.Table, mapping: dict[str, str]) -> dict[str, str]:
     return ordered
 
 
-def _check_texts(name: str, array: pa.ChunkedArray) -> None:
+def check_texts(name: str, array: pa.ChunkedArray) -> None:
     """Refuse non-string, null, empty or whitespace-only texts, naming the first offending rows."""
     if not (pa.types.is_string(array.type) or pa.types.is_large_string(array.type)):
         if pa.types.is_list(array.type) or pa.types.is_large_list(array.type):
@@ -173,7 +173,7 @@ def load_training_data(path: Path, column_spec: str | None = None) -> TrainingDa
     arrays = {canonical: table.column(source) for canonical, source in columns.items()}
     text_names = [c for c in arrays if c != "task"]
     for canonical in text_names:
-        _check_texts(columns[canonical], arrays[canonical])
+        check_texts(columns[canonical], arrays[canonical])
     if "task" in arrays:
         arrays["task"] = arrays["task"].cast(pa.string())
 
@@ -190,6 +190,15 @@ def load_training_data(path: Path, column_spec: str | None = None) -> TrainingDa
         fingerprint=fingerprint_columns(arrays),
         columns=columns,
     )
+
+
+def read_corpus(path: Path, column: str = "text") -> list[str]:
+    """The unique texts of a corpus file's `column`, in order of first appearance, validated like DATA's."""
+    table = read_table(path)
+    if column not in table.column_names:
+        raise GistError(f"{path}: missing column {column!r} (columns: {table.column_names}); name it with --corpus-column")
+    check_texts(column, table.column(column))
+    return pc.unique(table.column(column).cast(pa.large_string())).to_pylist()
 
 
 TEXTS = "texts.parquet"

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
@@ -92,19 +93,74 @@ def embeddings_schema(dim: int) -> pa.Schema:
     return pa.schema([("text_id", pa.int64()), ("embedding", pa.list_(pa.float32(), dim))])
 
 
+class StoredEmbeddings:
+    """Embeddings of earlier guide passes (`--reuse DIR`), looked up by text, so no text is encoded twice.
+
+    Only passes of the same guide weights and dtype are accepted: their vectors are what this guide
+    would store. `key` identifies the sources (their embeddings' checksums) for the resume key.
+    """
+
+    def __init__(self, run_dirs: list[Path], identity: dict, dtype: str):
+        from pipeline.artifacts import read_manifest, verify_checksum
+        from pipeline.data import TEXTS
+
+        texts, vectors, self.key = [], [], []
+        for run_dir in run_dirs:
+            manifest = read_manifest(run_dir)
+            guide = manifest.get("guide", {})
+            if manifest.get("kind") != "guide-pass":
+                raise GistError(f"--reuse {run_dir}: not a precompute-guide directory")
+            if guide.get("weights_sha256") != identity["weights_sha256"] or guide.get("dtype") != dtype:
+                raise GistError(
+                    f"--reuse {run_dir}: encoded by {guide.get('name')} ({guide.get('dtype')}), not by this guide "
+                    f"{identity['name']} ({dtype}); its embeddings cannot be reused"
+                )
+            texts.append(pq.read_table(verify_checksum(run_dir, TEXTS, manifest)).column("text").cast(pa.large_string()))
+            vectors.append(read_embeddings(verify_checksum(run_dir, EMBEDDINGS, manifest)))
+            self.key.append(manifest["files"][EMBEDDINGS]["sha256"])
+        self.texts = pa.chunked_array([chunk for array in texts for chunk in array.chunks], pa.large_string()).combine_chunks()
+        self.vectors = np.concatenate(vectors) if vectors else np.zeros((0, 0), np.float32)
+
+    def lookup(self, texts: list[str]) -> np.ndarray:
+        """Row of each text in `vectors` (the first source holding it), -1 where none has it."""
+        rows = pc.index_in(pa.array(texts, pa.large_string()), value_set=self.texts)
+        return rows.fill_null(-1).to_numpy().astype(np.int64)
+
+
+def embed(model, texts: list[str], batch_size: int, stored: StoredEmbeddings | None = None, first_id: int = 0) -> tuple[np.ndarray, int]:
+    """Normalized float32 guide embeddings of `texts` (text ids from `first_id`); texts found in
+    `stored` are copied, not encoded. Returns the vectors and how many came from `stored`.
+    """
+    rows = stored.lookup(texts) if stored is not None else np.full(len(texts), -1, dtype=np.int64)
+    found, missing = np.flatnonzero(rows >= 0), np.flatnonzero(rows < 0)
+    vectors = np.empty((len(texts), model.get_embedding_dimension()), dtype=np.float32)
+    if len(found):
+        vectors[found] = stored.vectors[rows[found]]
+    if len(missing):
+        vectors[missing] = model.encode(
+            [texts[i] for i in missing], batch_size=batch_size, normalize_embeddings=True, convert_to_numpy=True, show_progress_bar=False
+        )
+    if not np.isfinite(vectors).all():
+        bad = np.flatnonzero(~np.isfinite(vectors).all(axis=1))[:5] + first_id
+        raise GistError(f"the guide produced NaN/inf embeddings for text ids {bad.tolist()}; check the model (fp16 overflow?)")
+    return vectors, len(found)
+
+
 def encode_to_parquet(
-    model, texts: list[str], out_dir: Path, batch_size: int, run_key: dict, rows_per_group: int, rank: int = 0, world_size: int = 1
+    model, texts: list[str], out_dir: Path, batch_size: int, run_key: dict, rows_per_group: int, rank: int = 0, world_size: int = 1,
+    stored: StoredEmbeddings | None = None,
 ) -> dict | None:
     """Encode `texts` (normalized) into `out_dir/embeddings.parquet`, resuming finished chunks.
 
     `run_key` (guide identity, dataset fingerprint, encoding options) is stored beside the parts;
-    parts left by a run with another key are discarded rather than mixed in. Under torchrun, rank r
-    encodes chunks r, r + W, ...; rank 0 joins the parts and returns the counts for the manifest,
-    the other ranks return None.
+    parts left by a run with another key are discarded rather than mixed in. Texts held by `stored`
+    are copied from there. Under torchrun, rank r encodes chunks r, r + W, ...; rank 0 joins the
+    parts and returns the counts for the manifest (encoded, reused from `stored`, resumed from
+    parts), the other ranks return None.
     """
     parts_dir = out_dir / ".embeddings.parts"
     key_file = parts_dir / "run_key.json"
-    run_key = {**run_key, "rows_per_group": rows_per_group, "batch_size": batch_size}
+    run_key = {**run_key, "rows_per_group": rows_per_group, "batch_size": batch_size, "reuse": stored.key if stored else []}
     if rank == 0:
         if parts_dir.exists() and (not key_file.exists() or json.loads(key_file.read_text()) != run_key):
             shutil.rmtree(parts_dir)
@@ -117,7 +173,7 @@ def encode_to_parquet(
     dim = model.get_embedding_dimension()
     schema = embeddings_schema(dim)
     n_chunks = (len(texts) + rows_per_group - 1) // rows_per_group
-    reused = encoded = 0
+    resumed = reused = encoded = 0
     encode_seconds = 0.0
     with _progress() as progress:
         mine = range(rank, n_chunks, world_size)
@@ -126,33 +182,28 @@ def encode_to_parquet(
             start, stop = chunk * rows_per_group, min(len(texts), (chunk + 1) * rows_per_group)
             part = parts_dir / f"part-{chunk:06d}.parquet"
             if part.exists():
-                reused += stop - start
+                resumed += stop - start
                 progress.advance(task, stop - start)
                 continue
             t0 = time.perf_counter()
-            vectors = model.encode(
-                texts[start:stop], batch_size=batch_size, normalize_embeddings=True, convert_to_numpy=True,
-                show_progress_bar=False,
-            ).astype(np.float32, copy=False)
+            vectors, from_stored = embed(model, texts[start:stop], batch_size, stored, first_id=start)
             encode_seconds += time.perf_counter() - t0
-            if not np.isfinite(vectors).all():
-                bad = np.flatnonzero(~np.isfinite(vectors).all(axis=1))[:5] + start
-                raise GistError(f"the guide produced NaN/inf embeddings for text ids {bad.tolist()}; check the model (fp16 overflow?)")
             table = pa.table(
                 {"text_id": np.arange(start, stop, dtype=np.int64), "embedding": pa.FixedSizeListArray.from_arrays(vectors.reshape(-1), dim)},
                 schema=schema,
             )
             with atomic_path(part) as tmp:
                 pq.write_table(table, tmp)
-            encoded += stop - start
+            reused += from_stored
+            encoded += stop - start - from_stored
             progress.advance(task, stop - start)
 
     if world_size > 1:
         import torch.distributed as dist
 
-        counts = torch.tensor([encoded, reused], dtype=torch.int64, device="cuda" if dist.get_backend() == "nccl" else "cpu")
+        counts = torch.tensor([encoded, reused, resumed], dtype=torch.int64, device="cuda" if dist.get_backend() == "nccl" else "cpu")
         dist.all_reduce(counts)
-        encoded, reused = counts.tolist()
+        encoded, reused, resumed = counts.tolist()
     _barrier(world_size)
     if rank != 0:
         return None
@@ -160,7 +211,7 @@ def encode_to_parquet(
         for chunk in range(n_chunks):
             writer.write_table(pq.read_table(parts_dir / f"part-{chunk:06d}.parquet"), row_group_size=rows_per_group)
     shutil.rmtree(parts_dir)
-    return {"dim": dim, "encoded_texts": encoded, "reused_texts": reused, "encode_seconds": round(encode_seconds, 3)}
+    return {"dim": dim, "encoded_texts": encoded, "reused_texts": reused, "resumed_texts": resumed, "encode_seconds": round(encode_seconds, 3)}
 
 
 def read_embeddings(path: Path) -> np.ndarray:
