@@ -28,7 +28,7 @@ state = {"debug": False}
 BatchSize = Annotated[int, typer.Option(min=2, help="Examples per (global) batch. Incomplete last batches are dropped.")]
 Epochs = Annotated[int, typer.Option(min=1, help="Epochs to plan; stage 2 trains at most this many.")]
 Seed = Annotated[int, typer.Option(help="Seed of the batch plan.")]
-Strategy = Annotated[str, typer.Option(help="Batching: random, no-duplicates (no text twice in a batch), by-task, or clustered (hard batches: k-means over guide embeddings, within tasks).")]
+Strategy = Annotated[str, typer.Option(help="Batching: random, no-duplicates (no text twice in a batch), by-task, clustered (hard batches: k-means over guide embeddings, within tasks), or fn-aware (keeps apart, within tasks, the examples the guide would mask against each other: few false negatives).")]
 MarginStrategy = Annotated[str, typer.Option(help="absolute: mask if g > t - m; relative: mask if g > t - |t|*m.")]
 Margin = Annotated[float, typer.Option(help="Margin m of the false-negative rule (GISTEmbedLoss's margin).")]
 ContrastAnchors = Annotated[bool, typer.Option(help="Include anchor-anchor candidates (GISTEmbedLoss default: on).")]
@@ -77,7 +77,7 @@ def precompute_guide(
 ) -> None:
     """Stage 1: encode every unique text with the guide once, index it, plan the batches, store their masks."""
     from pipeline import artifacts, data, guide as guide_mod, masks
-    from pipeline.plan import check_plan, plan_batches
+    from pipeline.plan import check_plan, plan_batches, rule_options
 
     params = _plan_params(batch_size, epochs, seed, strategy, margin_strategy, margin, contrast_anchors, contrast_positives)
     t_start = time.perf_counter()
@@ -106,7 +106,7 @@ def precompute_guide(
     embeddings = guide_mod.read_embeddings(out / guide_mod.EMBEDDINGS)
     index_kind = guide_mod.build_index(embeddings, out / guide_mod.INDEX, index)
     t_index = time.perf_counter()
-    batch_plan = plan_batches(training, params.batch_size, params.epochs, params.seed, params.strategy, embeddings)
+    batch_plan = plan_batches(training, params.batch_size, params.epochs, params.seed, params.strategy, embeddings, **rule_options(params))
     t_plan = time.perf_counter()
     plan = masks.write_plan_masks(out, embeddings, training, batch_plan, params, identity)
     t_masks = time.perf_counter()
@@ -144,17 +144,13 @@ def plan_command(
     overwrite: Overwrite = False,
 ) -> None:
     """Re-plan batches and masks from stored guide embeddings, without loading the guide."""
-    from pipeline import artifacts, data, guide as guide_mod, masks
-    from pipeline.plan import plan_batches
+    from pipeline import artifacts, guide as guide_mod, masks
+    from pipeline.plan import plan_batches, rule_options
 
     params = _plan_params(batch_size, epochs, seed, strategy, margin_strategy, margin, contrast_anchors, contrast_positives)
     t_start = time.perf_counter()
-    manifest = artifacts.read_manifest(guide_dir)
-    if manifest.get("kind") != "guide-pass":
-        raise GistError(f"{guide_dir}: not a precompute-guide directory (kind {manifest.get('kind')!r})")
-    training = data.read_data_tables(guide_dir, manifest)
-    embeddings = guide_mod.read_embeddings(artifacts.verify_checksum(guide_dir, guide_mod.EMBEDDINGS, manifest))
-    batch_plan = plan_batches(training, params.batch_size, params.epochs, params.seed, params.strategy, embeddings)
+    manifest, training, embeddings = guide_mod.load_guide_pass(guide_dir)
+    batch_plan = plan_batches(training, params.batch_size, params.epochs, params.seed, params.strategy, embeddings, **rule_options(params))
     artifacts.prepare_out_dir(out, overwrite, [masks.MASKS])
     plan = masks.write_plan_masks(out, embeddings, training, batch_plan, params, manifest["guide"])
     artifacts.write_manifest(
@@ -187,7 +183,7 @@ def mine_command(
 
     import numpy as np
 
-    from pipeline import artifacts, data, guide as guide_mod
+    from pipeline import data, guide as guide_mod
     from pipeline.mine import SAMPLING, MiningParams, mine_negatives, write_mined
 
     if sampling_strategy not in SAMPLING:
@@ -198,11 +194,7 @@ def mine_command(
         raise GistError(f"{out} exists; pass --overwrite or choose another --out")
     params = MiningParams(num_negatives, range_min, range_max, absolute_margin, relative_margin, sampling_strategy, seed)
     t_start = time.perf_counter()
-    manifest = artifacts.read_manifest(guide_dir)
-    if manifest.get("kind") != "guide-pass":
-        raise GistError(f"{guide_dir}: not a precompute-guide directory (kind {manifest.get('kind')!r})")
-    training = data.read_data_tables(guide_dir, manifest)
-    embeddings = guide_mod.read_embeddings(artifacts.verify_checksum(guide_dir, guide_mod.EMBEDDINGS, manifest))
+    manifest, training, embeddings = guide_mod.load_guide_pass(guide_dir)
     texts = training.texts
     if corpus == "positives":
         corpus_ids = training.positive_ids

@@ -15,7 +15,7 @@ from pathlib import Path
 from bench import synthetic
 from bench.common import MIB, Context, PeakMemory, median, print_table, run_isolated
 from pipeline.masks import PlanParams, write_masks
-from pipeline.plan import plan_batches
+from pipeline.plan import plan_batches, rule_options
 
 NAME = "scale"
 PARAMS = PlanParams(batch_size=32, epochs=1, seed=0, strategy="random")
@@ -47,7 +47,7 @@ def measure(examples: int, dim: int, out_path: str) -> dict:
         embeddings = synthetic.guide_embeddings(data, 2 * examples, dim)
     with PeakMemory(cuda=False) as memory:
         t0 = time.perf_counter()
-        plan = plan_batches(data, PARAMS.batch_size, PARAMS.epochs, PARAMS.seed, PARAMS.strategy)
+        plan = plan_batches(data, PARAMS.batch_size, PARAMS.epochs, PARAMS.seed, PARAMS.strategy, embeddings, **rule_options(PARAMS))
         t1 = time.perf_counter()
         counts = write_masks(Path(out_path), embeddings, data, plan, PARAMS, {"synthetic": True})
         t2 = time.perf_counter()

@@ -22,6 +22,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from pipeline import GistError
 from pipeline.artifacts import atomic_path
+from pipeline.data import TrainingData
 
 EMBEDDINGS = "embeddings.parquet"
 INDEX = "index.faiss"
@@ -225,6 +226,18 @@ def read_embeddings(path: Path) -> np.ndarray:
         raise GistError(f"{path}: text ids are not 0..n-1 in order; the file is not from gist")
     emb = table.column("embedding").combine_chunks()
     return emb.values.to_numpy().reshape(len(ids), emb.type.list_size)
+
+
+def load_guide_pass(run_dir: Path) -> tuple[dict, TrainingData, np.ndarray]:
+    """A finished precompute-guide directory: its manifest, data and embeddings, each file checked
+    against the manifest's checksum first. What `gist plan`, `gist mine` and `gist report` start from."""
+    from pipeline.artifacts import read_manifest, verify_checksum
+    from pipeline.data import read_data_tables
+
+    manifest = read_manifest(run_dir)
+    if manifest.get("kind") != "guide-pass":
+        raise GistError(f"{run_dir}: not a precompute-guide directory (kind {manifest.get('kind')!r})")
+    return manifest, read_data_tables(run_dir, manifest), read_embeddings(verify_checksum(run_dir, EMBEDDINGS, manifest))
 
 
 def build_index(embeddings: np.ndarray, out_path: Path, kind: str = "auto") -> str:

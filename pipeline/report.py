@@ -30,8 +30,8 @@ from threadpoolctl import threadpool_limits
 
 from pipeline import GistError
 from pipeline.artifacts import atomic_path, read_manifest, verify_checksum, write_json
-from pipeline.data import TrainingData, read_data_tables
-from pipeline.guide import EMBEDDINGS, read_embeddings
+from pipeline.data import TrainingData
+from pipeline.guide import load_guide_pass
 from pipeline.masks import BLOCKS, MASKS, PlannedMasks, batch_masks
 
 NBINS = 200  # similarity histogram bins over [-1, 1]
@@ -56,19 +56,15 @@ def _load(run_dir: Path) -> tuple[dict, Path, PlannedMasks, TrainingData, np.nda
     manifest = read_manifest(run_dir)
     kind = manifest.get("kind")
     if kind == "guide-pass":
-        guide_dir, guide_manifest = Path(run_dir), manifest
+        guide_dir = Path(run_dir)
     elif kind == "plan":
         guide_dir = Path(manifest["guide_dir"])
-        guide_manifest = read_manifest(guide_dir)
-        if guide_manifest.get("kind") != "guide-pass":
-            raise GistError(f"{guide_dir}: the plan's guide_dir is not a precompute-guide directory")
     else:
         raise GistError(f"{run_dir}: not a precompute-guide or plan directory (kind {kind!r})")
     masks = PlannedMasks(verify_checksum(run_dir, MASKS, manifest))
-    data = read_data_tables(guide_dir, guide_manifest)
+    _, data, embeddings = load_guide_pass(guide_dir)
     if masks.meta["dataset_fingerprint"] != data.fingerprint:
         raise GistError(f"{run_dir}/{MASKS} was planned for other data than {guide_dir} holds (fingerprint mismatch)")
-    embeddings = read_embeddings(verify_checksum(guide_dir, EMBEDDINGS, guide_manifest))
     return manifest, guide_dir, masks, data, embeddings
 
 

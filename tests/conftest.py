@@ -59,6 +59,14 @@ def guide_run(tmp_path_factory, triplets) -> Path:
 
 
 @pytest.fixture(scope="session")
+def static_run(tmp_path_factory, triplets) -> Path:
+    """Stage 1 over the 512 triplets with the static guide (meaningful similarities, fast): batch 16, 2 epochs, fn-aware."""
+    out = tmp_path_factory.mktemp("runs") / "static"
+    gist("precompute-guide", triplets, "--guide", GUIDE_STATIC, "--out", out, "--batch-size", "16", "--epochs", "2", "--strategy", "fn-aware")
+    return out
+
+
+@pytest.fixture(scope="session")
 def pairs_run(tmp_path_factory, pairs) -> Path:
     out = tmp_path_factory.mktemp("runs") / "pairs"
     gist("precompute-guide", pairs, "--guide", GUIDE_SAMEVOCAB, "--out", out, "--batch-size", "16", "--strategy", "by-task")

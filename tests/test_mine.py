@@ -10,8 +10,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipeline.artifacts import read_manifest
-from pipeline.data import read_data_tables
-from pipeline.guide import read_embeddings
+from pipeline.guide import load_guide_pass, read_embeddings
 from pipeline.mine import MiningParams, mine_negatives
 from tests.conftest import GUIDE_SAMEVOCAB, GUIDE_STATIC, gist
 
@@ -26,17 +25,9 @@ CONFIGS = {
 
 
 @pytest.fixture(scope="module")
-def static_run(tmp_path_factory, triplets):
-    """Stage 1 over the 512 triplets with the static guide (meaningful similarities, fast)."""
-    out = tmp_path_factory.mktemp("mine") / "guide"
-    gist("precompute-guide", triplets, "--guide", GUIDE_STATIC, "--out", out, "--batch-size", "16")
-    return out
-
-
-@pytest.fixture(scope="module")
 def stored(static_run):
-    manifest = read_manifest(static_run)
-    return read_data_tables(static_run, manifest), read_embeddings(static_run / "embeddings.parquet")
+    _, data, embeddings = load_guide_pass(static_run)
+    return data, embeddings
 
 
 def reference(data, corpus: str, **options):

@@ -102,7 +102,7 @@ def test_plan_equals_precompute_with_same_options(tmp_path, guide_run):
     assert (tmp_path / "masks.parquet").read_bytes() == (guide_run / "masks.parquet").read_bytes()
 
 
-@pytest.mark.parametrize("strategy", ["random", "no-duplicates", "by-task", "clustered"])
+@pytest.mark.parametrize("strategy", ["random", "no-duplicates", "by-task", "clustered", "fn-aware"])
 def test_planners(triplets, guide_run, strategy):
     data = load_training_data(triplets)
     emb = read_embeddings(guide_run / "embeddings.parquet")
@@ -117,7 +117,7 @@ def test_planners(triplets, guide_run, strategy):
         for batch in plan.reshape(-1, 16):
             texts = np.concatenate([data.anchor_ids[batch], data.positive_ids[batch], data.negative_ids[batch].ravel()])
             assert len(np.unique(texts)) == texts.size
-    if strategy in ("by-task", "clustered"):
+    if strategy in ("by-task", "clustered", "fn-aware"):
         tasks = np.asarray(data.tasks)
         assert all(len(set(tasks[batch])) == 1 for batch in plan.reshape(-1, 16))
 
