@@ -13,6 +13,7 @@ from __future__ import annotations
 import numpy as np
 
 from pipeline.data import TrainingData
+from pipeline.guide import faiss_single_thread
 from pipeline.masks import false_negative_mask
 
 RADIUS_SLACK = 1e-3  # FAISS radius below a chunk's lowest bound: FAISS rounding (~1e-5) cannot lose a candidate
@@ -60,12 +61,8 @@ def _ivf_index(vectors: np.ndarray):
     index.cp.spherical = True
     index.cp.max_points_per_centroid = 16  # k-means on a seeded subsample: training stays cheap
     index.cp.min_points_per_centroid = 1
-    threads = faiss.omp_get_max_threads()
-    faiss.omp_set_num_threads(1)  # parallel k-means is not bit-reproducible
-    try:
+    with faiss_single_thread():
         index.train(vectors)
-    finally:
-        faiss.omp_set_num_threads(threads)
     index.nprobe = min(nlist, IVF_NPROBE)
     index.add(vectors)
     return index

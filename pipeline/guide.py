@@ -8,6 +8,7 @@ file, so a killed run resumes at the first missing chunk; the parts are then joi
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 import time
@@ -240,6 +241,20 @@ def load_guide_pass(run_dir: Path) -> tuple[dict, TrainingData, np.ndarray]:
     return manifest, read_data_tables(run_dir, manifest), read_embeddings(verify_checksum(run_dir, EMBEDDINGS, manifest))
 
 
+@contextlib.contextmanager
+def faiss_single_thread():
+    """Run FAISS on one thread inside the block (parallel k-means sums and HNSW insertion order are
+    not reproducible), restoring its thread count after."""
+    import faiss
+
+    threads = faiss.omp_get_max_threads()
+    faiss.omp_set_num_threads(1)
+    try:
+        yield
+    finally:
+        faiss.omp_set_num_threads(threads)
+
+
 def build_index(embeddings: np.ndarray, out_path: Path, kind: str = "auto") -> str:
     """Write a FAISS inner-product index over the (normalized) embeddings; flat or HNSW."""
     import faiss
@@ -251,10 +266,10 @@ def build_index(embeddings: np.ndarray, out_path: Path, kind: str = "auto") -> s
         index = faiss.IndexFlatIP(dim)
     elif kind == "hnsw":
         index = faiss.IndexHNSWFlat(dim, 32, faiss.METRIC_INNER_PRODUCT)
-        faiss.omp_set_num_threads(1)  # multi-threaded HNSW insertion order is not deterministic
     else:
         raise GistError(f"--index {kind}: use auto, flat or hnsw")
-    index.add(np.ascontiguousarray(embeddings, dtype=np.float32))
+    with faiss_single_thread():  # a flat index's add is a copy; HNSW's insertion order must not vary
+        index.add(np.ascontiguousarray(embeddings, dtype=np.float32))
     with atomic_path(out_path) as tmp:
         faiss.write_index(index, str(tmp))
     return kind

@@ -30,6 +30,7 @@ import torch
 from pipeline import GistError
 from pipeline.conflicts import conflict_graph
 from pipeline.data import TrainingData
+from pipeline.guide import faiss_single_thread
 
 STRATEGIES = ("random", "no-duplicates", "by-task", "clustered", "fn-aware")
 EXAMPLES_PER_CLUSTER_BATCHES = 4  # k-means clusters hold about this many batches
@@ -94,10 +95,10 @@ def _cluster_groups(data: TrainingData, embeddings: np.ndarray, batch_size: int,
         if k == 1:
             groups[(task, 0)] = members
             continue
-        faiss.omp_set_num_threads(1)  # parallel centroid sums are not bit-reproducible
         kmeans = faiss.Kmeans(vectors.shape[1], k, niter=20, seed=seed, spherical=True)
-        kmeans.train(vectors)
-        _, assignment = kmeans.index.search(vectors, 1)
+        with faiss_single_thread():
+            kmeans.train(vectors)
+            _, assignment = kmeans.index.search(vectors, 1)
         for cluster in range(k):
             groups[(task, cluster)] = members[assignment[:, 0] == cluster]
     return groups
