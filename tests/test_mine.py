@@ -132,6 +132,8 @@ def test_mine_refuses_bad_options(static_run, tmp_path):
     assert proc.returncode == 1 and "cannot mine 3 negatives" in proc.stderr and "Traceback" not in proc.stderr
     proc = gist("mine", static_run, "--out", tmp_path / "m.csv", check=False)
     assert proc.returncode == 1 and "write a .parquet file" in proc.stderr
+    proc = gist("mine", tmp_path / "nowhere", "--out", tmp_path / "m.parquet", check=False)
+    assert proc.returncode == 1 and "not a finished gist run directory" in proc.stderr
 
 
 
