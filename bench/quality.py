@@ -39,6 +39,18 @@ bench/.work/quality/quick/quality.json (not the results file) unless --out is gi
 
 Phase results are kept in the work directory; `--resume` reuses those whose configuration matches
 (the stage-1 pass, the base evaluation, a finished loss), so an interrupted full run can continue.
+
+Other plans (`--strategy clustered`, `--strategy fn-aware`, ...): the stage-1 pass stays the by-task
+one above; the plan and its masks are derived from its stored embeddings with `gist plan`
+(`cli.plan_command`: plan_batches + write_plan_masks, the guide is not loaded again) into
+WORK/strategy-<strategy>/plan, and that strategy's trainings and phases live in
+WORK/strategy-<strategy>. The base evaluation and the guide pass are shared (their phase keys do not
+depend on the training plan); a trained phase's key holds the training strategy and the sha256 of the
+masks.parquet it trained on, so --resume never reuses a run trained on another plan. `--losses mnrl`
+trains only some losses (e.g. plain MNRL on fn-aware batches, a baseline against guidance). Results
+go to bench/results/quality-<strategy>.json (quick: WORK/quality-<strategy>.json) and compare each
+trained student with base, with each other, and with every finished run of the other plans found in
+the work directory (paired bootstrap on the same test items).
 """
 
 from __future__ import annotations
@@ -84,7 +96,8 @@ class Config:
     batch_size: int = 32
     epochs: int = 3
     plan_seed: int = 0
-    strategy: str = "by-task"
+    strategy: str = "by-task"  # the stage-1 pass's plan (precompute-guide --strategy)
+    train_strategy: str | None = None  # the plan trained on, if not the stage-1 one: `gist plan` from the stored pass
     margin_strategy: str = "absolute"
     margin: float = 0.0
     contrast_anchors: bool = True
@@ -100,14 +113,33 @@ class Config:
     head_rows: int | None = None
     notes: list = field(default_factory=list)
 
-    def key(self, *parts: str) -> str:
-        """A hash of the settings a phase depends on (for --resume)."""
+    def key(self, *parts: str, training_plan: bool = False) -> str:
+        """A hash of the settings a phase depends on (for --resume).
+
+        The training plan's strategy counts only for phases trained on it (`training_plan`); the
+        stage-1 pass and the base evaluation do not depend on it (and keep their keys).
+        """
         d = asdict(self)
         d.pop("notes")
+        train_strategy = d.pop("train_strategy")
+        if training_plan and train_strategy is not None:
+            d["train_strategy"] = train_strategy
         return hashlib.sha256(json.dumps([d, parts], sort_keys=True).encode()).hexdigest()[:16]
 
 
-def make_config(quick: bool, models: Path) -> Config:
+def make_config(quick: bool, models: Path, strategy: str | None = None) -> Config:
+    """`strategy`: the training plan; None or the stage-1 strategy (by-task) trains on the stage-1 plan."""
+    cfg = _make_config(quick, models)
+    if strategy is not None and strategy != cfg.strategy:
+        cfg.train_strategy = strategy
+        cfg.notes.append(
+            f"training plan: --strategy {strategy}, derived with `gist plan` from the stage-1 ({cfg.strategy}) guide pass's "
+            "stored embeddings (same data, seed, batch size, epochs and mask rule; the guide is not run again)"
+        )
+    return cfg
+
+
+def _make_config(quick: bool, models: Path) -> Config:
     if quick:
         return Config(
             mode="quick",
@@ -262,6 +294,40 @@ def stage1(cfg: Config, data_path: Path, work: Path, resume: bool) -> dict:
               "dataset": manifest["dataset"], "plan": manifest["plan"], "encoding": manifest["encoding"]}
     save_phase(work, "stage1", key, result)
     return result
+
+
+def train_strategy(cfg: Config) -> str:
+    return cfg.train_strategy or cfg.strategy
+
+
+def runs_dir(cfg: Config, work: Path, strategy: str | None = None) -> Path:
+    """Where the trainings (and their phases) on `strategy`'s plan live: the stage-1 plan's in WORK."""
+    strategy = strategy or train_strategy(cfg)
+    return work if strategy == cfg.strategy else work / f"strategy-{strategy}"
+
+
+def derive_plan(cfg: Config, guide_dir: Path, out: Path) -> dict:
+    """`gist plan` (the CLI command's function) on the stored stage-1 pass: the training plan's masks.
+
+    Re-derived on every invocation (seconds; deterministic, byte-identical masks.parquet), so the
+    training phases' keys (which hold its sha256) decide what --resume may reuse.
+    """
+    import cli
+    from pipeline.artifacts import read_manifest
+
+    strategy = train_strategy(cfg)
+    print(f"[quality] gist plan --strategy {strategy} from {guide_dir}", file=sys.stderr, flush=True)
+    t0 = time.perf_counter()
+    cli.plan_command(
+        guide_dir, out=out, batch_size=cfg.batch_size, epochs=cfg.epochs, seed=cfg.plan_seed, strategy=strategy,
+        margin_strategy=cfg.margin_strategy, margin=cfg.margin, contrast_anchors=cfg.contrast_anchors,
+        contrast_positives=cfg.contrast_positives, overwrite=True,
+    )
+    wall = time.perf_counter() - t0
+    manifest = read_manifest(out)
+    return {"source": "gist plan (cli.plan_command) on the stored stage-1 guide pass", "dir": str(out), "guide_dir": manifest["guide_dir"],
+            "wall_s": round(wall, 2), "plan": manifest["plan"],
+            "masks_sha256": hashlib.sha256((out / "masks.parquet").read_bytes()).hexdigest()}
 
 
 def mask_breakdown(masks, training) -> dict:
@@ -473,7 +539,7 @@ def base_key(cfg: Config) -> str:
 
 
 def train_key(cfg: Config, kind: str, masks_path: Path) -> str:
-    return cfg.key("train", kind, hashlib.sha256(masks_path.read_bytes()).hexdigest())
+    return cfg.key("train", kind, hashlib.sha256(masks_path.read_bytes()).hexdigest(), training_plan=True)
 
 
 def base_phase(cfg: Config, work: Path, resume: bool) -> dict:
@@ -576,44 +642,125 @@ def strict_json(obj):
     return obj
 
 
-def verdict(models: dict, comparisons: dict, fn_rate: float) -> str:
-    m, g, b = (models[k]["metrics"] for k in ("mnrl", "guided", "base"))
-    c = comparisons["guided_vs_mnrl"]
+DISPLAY = {"mnrl": "MNRL", "guided": "guided"}
 
-    def judged(metric: str, label: str, fmt: str) -> str:
-        d = c[metric]
-        lo, hi = d["ci95"]
-        if lo > 0:
-            word = "guided beats MNRL (the 95% CI excludes 0)"
-        elif hi < 0:
-            word = "guided is WORSE than MNRL (the 95% CI excludes 0)"
+
+def display(label: str, strategy: str | None = None) -> str:
+    """'MNRL' / 'guided' for this run's students; 'MNRL (by-task plan)' for 'mnrl@by-task' references."""
+    kind, _, plan = label.partition("@")
+    name = DISPLAY.get(kind, kind)
+    plan = plan or strategy
+    return f"{name} ({plan} plan)" if plan else name
+
+
+def judged(metric: str, label: str, name_b: str, name_a: str, mb: float, ma: float, d: dict, over: str, base: float | None = None) -> str:
+    """One sentence: B vs A on `metric`, the paired-bootstrap delta and CI, and what they show."""
+    lo, hi = d["ci95"]
+    if lo > 0:
+        word = f"{name_b} beats {name_a} (the 95% CI excludes 0)"
+    elif hi < 0:
+        word = f"{name_b} is WORSE than {name_a} (the 95% CI excludes 0)"
+    else:
+        word = f"{name_b} does NOT beat {name_a}: the difference is within noise (the 95% CI includes 0)"
+    based = f" (base {base:.4f})" if base is not None else ""
+    return (
+        f"{label}: {name_b} {mb:.4f} vs {name_a} {ma:.4f}{based}; {name_b} - {name_a} = {d['delta']:+.4f}, "
+        f"paired-bootstrap 95% CI [{lo:+.4f}, {hi:+.4f}] over {over}, p = {d['p_two_sided']:.3f} -> {word}."
+    )
+
+
+def judged_pair(metrics: dict, comparison: dict, b: str, a: str, name_b: str, name_a: str, base: dict | None = None) -> list[str]:
+    q = comparison["beir_ndcg@10"]["queries_better_worse_equal"]
+    over = f"{comparison['beir_ndcg@10']['queries']} queries ({name_b} better on {q[0]}, worse on {q[1]}, equal on {q[2]})"
+    return [
+        judged("beir_ndcg@10", "SciFact nDCG@10", name_b, name_a, metrics[b]["beir_ndcg@10"], metrics[a]["beir_ndcg@10"],
+               comparison["beir_ndcg@10"], over, base["beir_ndcg@10"] if base else None),
+        judged("sts_spearman", "STS-B Spearman", name_b, name_a, metrics[b]["sts_spearman"], metrics[a]["sts_spearman"],
+               comparison["sts_spearman"], f"{comparison['sts_spearman']['pairs']} pairs", base["sts_spearman"] if base else None),
+    ]
+
+
+def verdict(models: dict, comparisons: dict, fn_rate: float, losses=LOSSES, strategy: str = "by-task", references: dict | None = None) -> str:
+    metrics = {k: v["metrics"] for k, v in models.items()}
+    metrics.update({label: r["metrics"] for label, r in (references or {}).items()})
+    b = metrics["base"]
+    parts = []
+    if "mnrl" in losses and "guided" in losses:
+        m, g = metrics["mnrl"], metrics["guided"]
+        parts += judged_pair(metrics, comparisons["guided_vs_mnrl"], "guided", "mnrl", "guided", "MNRL", b)
+        if m["sts_spearman"] < b["sts_spearman"] and g["sts_spearman"] < b["sts_spearman"]:
+            parts.append(
+                f"Both fine-tuned students score below the base on STS-B ({m['sts_spearman'] - b['sts_spearman']:+.4f} MNRL, "
+                f"{g['sts_spearman'] - b['sts_spearman']:+.4f} guided): the training data is mostly scientific."
+            )
         else:
-            word = "guided does NOT beat MNRL: the difference is within noise (the 95% CI includes 0)"
-        return (
-            f"{label}: guided {g[metric]:.4f} vs MNRL {m[metric]:.4f} (base {b[metric]:.4f}); guided - MNRL = {d['delta']:+.4f}, "
-            f"paired-bootstrap 95% CI [{lo:+.4f}, {hi:+.4f}] over {fmt}, p = {d['p_two_sided']:.3f} -> {word}."
-        )
+            parts.append(
+                f"STS-B against the base: {m['sts_spearman'] - b['sts_spearman']:+.4f} MNRL, {g['sts_spearman'] - b['sts_spearman']:+.4f} guided."
+            )
+    for name, comparison in comparisons.get("cross_plan", {}).items():
+        mine, _, reference = name.partition("_vs_")
+        kind = mine.partition("@")[0]
+        parts.append(judged_pair(metrics, comparison, kind, reference, display(mine), display(reference))[0])  # STS-B: see comparisons
+    caveat = (
+        f"Caveats: one seed and one plan per strategy (the CI covers test-set sampling, not training variance); the guide masked "
+        f"{fn_rate:.2%} of anchor-positive candidates of the {strategy} plan"
+    )
+    if "guided" in losses or any(label.startswith("guided@") for label in references or {}):
+        caveat += (", and GuidedMaskLoss also adds GISTEmbedLoss's anchor-anchor and positive-positive candidate blocks, which MNRL "
+                   "lacks, so these runs do not separate the effect of the masks from that of the extra in-batch negatives")
+    if "guided" not in losses and "mnrl" in losses:
+        caveat += f"; MNRL trains on that plan unmasked: those {fn_rate:.2%} are the false negatives it pushes apart"
+    parts.append(caveat + ".")
+    return " ".join(parts)
 
-    q = c["beir_ndcg@10"]["queries_better_worse_equal"]
-    return " ".join([
-        judged("beir_ndcg@10", "SciFact nDCG@10", f"{c['beir_ndcg@10']['queries']} queries (guided better on {q[0]}, worse on {q[1]}, equal on {q[2]})"),
-        judged("sts_spearman", "STS-B Spearman", f"{c['sts_spearman']['pairs']} pairs"),
-        f"Both fine-tuned students score below the base on STS-B ({m['sts_spearman'] - b['sts_spearman']:+.4f} MNRL, "
-        f"{g['sts_spearman'] - b['sts_spearman']:+.4f} guided): the training data is mostly scientific.",
-        f"Caveats: one seed and one plan (the CI covers test-set sampling, not training variance); the guide masked only "
-        f"{fn_rate:.2%} of anchor-positive candidates, and GuidedMaskLoss also adds GISTEmbedLoss's anchor-anchor and "
-        "positive-positive candidate blocks, which MNRL lacks, so this run does not separate the effect of the masks from "
-        "that of the extra in-batch negatives.",
-    ])
+
+def reference_runs(cfg: Config, work: Path) -> dict:
+    """Finished trainings on the other plans of this work directory: {'kind@strategy': run}.
+
+    A run counts only if its phase and its per-item details carry the key of its plan's current
+    masks.parquet (the stage-1 pass's for the stage-1 strategy, WORK/strategy-X/plan's for X).
+    """
+    from dataclasses import replace
+
+    from pipeline.artifacts import read_manifest
+
+    plans = {cfg.strategy: work / "guide"}
+    plans.update({d.name.removeprefix("strategy-"): d / "plan" for d in sorted(work.glob("strategy-*"))})
+    refs = {}
+    for strategy, plan_dir in plans.items():
+        masks_path = plan_dir / "masks.parquet"
+        if strategy == train_strategy(cfg) or not (plan_dir / "manifest.json").is_file() or not masks_path.is_file():
+            continue
+        other = replace(cfg, train_strategy=None if strategy == cfg.strategy else strategy, notes=[])
+        plan = read_manifest(plan_dir)["plan"]
+        for kind in LOSSES:
+            key = train_key(other, kind, masks_path)
+            phase = runs_dir(other, work) / "phases" / f"{kind}.json"
+            saved = json.loads(phase.read_text()) if phase.is_file() else None
+            details = load_details(runs_dir(other, work), kind, key)
+            if saved is None or saved.get("key") != key or details is None:
+                continue
+            r = saved["result"]
+            refs[f"{kind}@{strategy}"] = {
+                "strategy": strategy, "loss": kind, "metrics": r["metrics"], "steps": r["steps"], "steps_per_epoch": plan["steps_per_epoch"],
+                "ap_false_negative_rate": plan["masked_fraction"]["ap"], "masks": str(masks_path), "key": key, "details": details,
+            }
+    return refs
 
 
-def run(cfg: Config, work: Path, resume: bool = False) -> dict:
+def run(cfg: Config, work: Path, resume: bool = False, losses=LOSSES) -> dict:
     t_start = time.perf_counter()
     load_before = os.getloadavg()[0]
     work.mkdir(parents=True, exist_ok=True)
     data_path, data_info = build_training_set(cfg, work)
     s1 = stage1(cfg, data_path, work, resume)
-    masks_path = Path(s1["dir"]) / "masks.parquet"
+    strategy = train_strategy(cfg)
+    rdir = runs_dir(cfg, work)
+    if cfg.train_strategy is None:
+        plan_info = {"source": "stage 1 (precompute-guide)", "dir": s1["dir"], "wall_s": 0.0, "plan": s1["plan"]}
+    else:
+        plan_info = derive_plan(cfg, Path(s1["dir"]), rdir / "plan")
+    masks_path = Path(plan_info["dir"]) / "masks.parquet"
 
     from pipeline.data import load_training_data
     from pipeline.masks import PlannedMasks
@@ -624,36 +771,51 @@ def run(cfg: Config, work: Path, resume: bool = False) -> dict:
     data_info.update(unique_texts=len(training.texts), fingerprint=training.fingerprint, num_negatives=training.num_negatives)
 
     models = {"base": base_phase(cfg, work, resume)}
-    for kind in LOSSES:
-        models[kind] = train_phase(cfg, kind, data_path, masks_path, work, resume)
+    for kind in losses:
+        models[kind] = train_phase(cfg, kind, data_path, masks_path, rdir, resume)
 
-    unchecked = [k for k in LOSSES if "replayed_plan_rows_in_order" not in models[k]]
+    unchecked = [k for k in losses if "replayed_plan_rows_in_order" not in models[k]]
     if unchecked:
         cfg.notes.append(
             f"plan-replay check not recorded for {', '.join(unchecked)}: trained (and reused with --resume) before the check "
             "was added; GuidedMaskLoss itself raises on any unplanned batch, and both losses ran in one process with the same trainer code"
         )
-    keys = {"base": base_key(cfg), **{k: train_key(cfg, k, masks_path) for k in LOSSES}}
-    details = {name: details_for(cfg, work, name, keys[name], models[name]) for name in keys}
+    phases = {"base": (work, base_key(cfg)), **{k: (rdir, train_key(cfg, k, masks_path)) for k in losses}}
+    details = {name: details_for(cfg, where, name, key, models[name]) for name, (where, key) in phases.items()}
+    references = reference_runs(cfg, work)
+    details.update({label: r.pop("details") for label, r in references.items()})
     comparisons = {
         "definition": "paired bootstrap, B minus A: SciFact over test queries (per-query nDCG@10), STS-B over test pairs (Spearman recomputed per resample); seed 0",
-        "guided_vs_mnrl": paired_bootstrap(details, "mnrl", "guided"),
-        "mnrl_vs_base": paired_bootstrap(details, "base", "mnrl"),
-        "guided_vs_base": paired_bootstrap(details, "base", "guided"),
     }
+    if "mnrl" in losses and "guided" in losses:
+        comparisons["guided_vs_mnrl"] = paired_bootstrap(details, "mnrl", "guided")
+    for kind in losses:
+        comparisons[f"{kind}_vs_base"] = paired_bootstrap(details, "base", kind)
+    cross = {f"{kind}@{strategy}_vs_{label}": paired_bootstrap(details, label, kind) for kind in losses for label in references}
+    if cross:
+        comparisons["cross_plan"] = cross
     offdiag = {blk: sum(t[f"{blk}_masked_offdiag"] for t in breakdown.values()) / (masks.batches.shape[0] * cfg.batch_size * (cfg.batch_size - 1))
                for blk in ("aa", "pp")}
 
-    plan = s1["plan"]
+    plan = plan_info["plan"]
     steps = int(np.prod(masks.plan.shape[:2])) if cfg.max_steps < 0 else cfg.max_steps
+    steps_per_epoch = int(masks.plan.shape[1])
+    command = "python -m bench.quality" + (" --quick" if cfg.mode == "quick" else "")
+    if cfg.train_strategy is not None:
+        command += f" --strategy {strategy}"
+    if tuple(losses) != LOSSES:
+        command += f" --losses {','.join(losses)}"
     result = {
         "benchmark": NAME,
         "mode": cfg.mode,
-        "question": "same plan, same hyper-parameters: does GuidedMaskLoss with stage-1 guide masks beat MultipleNegativesRankingLoss?",
+        "question": f"same plan ({strategy}), same hyper-parameters: does GuidedMaskLoss with stage-1 guide masks beat MultipleNegativesRankingLoss?",
         "student": cfg.student,
         "guide": cfg.guide,
+        "losses": list(losses),
         "hyperparameters": {
-            "batch_size": cfg.batch_size, "epochs_planned": cfg.epochs, "steps": steps, "strategy": cfg.strategy,
+            "batch_size": cfg.batch_size, "epochs_planned": cfg.epochs, "steps": steps, "steps_per_epoch": steps_per_epoch,
+            "examples_dropped_per_epoch": training.num_examples - steps_per_epoch * cfg.batch_size, "strategy": strategy,
+            "stage1_strategy": cfg.strategy,
             "plan_seed": cfg.plan_seed, "margin_strategy": cfg.margin_strategy, "margin": cfg.margin,
             "contrast_anchors": cfg.contrast_anchors, "contrast_positives": cfg.contrast_positives,
             "learning_rate": cfg.learning_rate, "warmup_ratio": cfg.warmup_ratio, "lr_scheduler": cfg.lr_scheduler,
@@ -662,6 +824,7 @@ def run(cfg: Config, work: Path, resume: bool = False) -> dict:
             "student_max_seq_length": cfg.student_max_seq_length,
             "guide_max_seq_length": finite_or_none(s1["guide"].get("max_seq_length")),
         },
+        "plan": {k: v for k, v in plan_info.items() if k != "plan"},
         "data": {
             "train": data_info,
             "eval": {"sts": cfg.sts, "beir": cfg.beir, "beir_split": "qrels/test.tsv", "sts_note": "STS-B test" if cfg.mode == "full" else "sample of STS-B dev"},
@@ -676,39 +839,51 @@ def run(cfg: Config, work: Path, resume: bool = False) -> dict:
             "by_task": breakdown,
         },
         "models": models,
-        "delta_guided_minus_mnrl": {
-            k: round(models["guided"]["metrics"][k] - models["mnrl"]["metrics"][k], 5) for k in models["guided"]["metrics"]
-        },
+        "reference_runs": references,
         "comparisons": comparisons,
-        "verdict": verdict(models, comparisons, plan["masked_fraction"]["ap"]),
+        "verdict": verdict(models, comparisons, plan["masked_fraction"]["ap"], losses, strategy, references),
         "wall_times_s": {
-            "stage1": s1["wall_s"], "stage1_manifest": s1["manifest_timings"],
+            "stage1": s1["wall_s"], "stage1_manifest": s1["manifest_timings"], "plan_derivation": plan_info["wall_s"],
             "eval_base": models["base"]["eval_s"],
-            **{f"train_{k}": models[k]["train_s"] for k in LOSSES}, **{f"eval_{k}": models[k]["eval_s"] for k in LOSSES},
-            "total_phases": round(s1["wall_s"] + models["base"]["eval_s"] + sum(models[k]["train_s"] + models[k]["eval_s"] for k in LOSSES), 1),
+            **{f"train_{k}": models[k]["train_s"] for k in losses}, **{f"eval_{k}": models[k]["eval_s"] for k in losses},
+            "total_phases": round(s1["wall_s"] + plan_info["wall_s"] + models["base"]["eval_s"] + sum(models[k]["train_s"] + models[k]["eval_s"] for k in losses), 1),
             "total_this_invocation": round(time.perf_counter() - t_start, 1),
         },
         "notes": cfg.notes,
         "machine": {**machine_info(), "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"), "load_avg_1m_before": round(load_before, 2), "load_avg_1m_after": round(os.getloadavg()[0], 2),
                     "shared_cpu": "other work shared the CPU; timings are approximate"},
-        "command": "python -m bench.quality" + (" --quick" if cfg.mode == "quick" else ""),
+        "command": command,
     }
+    if "mnrl" in losses and "guided" in losses:
+        result["delta_guided_minus_mnrl"] = {
+            k: round(models["guided"]["metrics"][k] - models["mnrl"]["metrics"][k], 5) for k in models["guided"]["metrics"]
+        }
     return result
 
 
 def table(result: dict) -> None:
+    losses = result.get("losses", list(LOSSES))
+    strategy = result["hyperparameters"]["strategy"]
     rows = []
-    for name in ("base", *LOSSES):
+    for name in ("base", *losses):
         m = result["models"][name]["metrics"]
-        rows.append([name, m["beir_ndcg@10"], m["beir_recall@100"], m["sts_spearman"], result["models"][name].get("steps", 0)])
-    c = result["comparisons"]["guided_vs_mnrl"]
-    rows.append(["guided - mnrl", c["beir_ndcg@10"]["delta"], "", c["sts_spearman"]["delta"], ""])
-    rows.append(["  95% CI", "[{:+.4f}, {:+.4f}]".format(*c["beir_ndcg@10"]["ci95"]), "", "[{:+.4f}, {:+.4f}]".format(*c["sts_spearman"]["ci95"]), ""])
+        label = name if name == "base" else f"{name} ({strategy})"
+        rows.append([label, m["beir_ndcg@10"], m["beir_mrr@10"], m["sts_spearman"], result["models"][name].get("steps", 0)])
+    for label, r in result.get("reference_runs", {}).items():
+        m = r["metrics"]
+        rows.append([f"{r['loss']} ({r['strategy']})", m["beir_ndcg@10"], m["beir_mrr@10"], m["sts_spearman"], r["steps"]])
+    pairs = []
+    if "guided_vs_mnrl" in result["comparisons"]:
+        pairs.append(("guided - mnrl", result["comparisons"]["guided_vs_mnrl"]))
+    pairs += [(name.replace("_vs_", " - "), c) for name, c in result["comparisons"].get("cross_plan", {}).items()]
+    for name, c in pairs:
+        rows.append([name, c["beir_ndcg@10"]["delta"], "", c["sts_spearman"]["delta"], ""])
+        rows.append(["  95% CI", "[{:+.4f}, {:+.4f}]".format(*c["beir_ndcg@10"]["ci95"]), "", "[{:+.4f}, {:+.4f}]".format(*c["sts_spearman"]["ci95"]), ""])
     fn = result["false_negatives"]
     print_table(
-        f"quality ({result['mode']}): guide masked {fn['masked_fraction']['ap']:.2%} of anchor-positive candidates "
+        f"quality ({result['mode']}, {strategy} plan): guide masked {fn['masked_fraction']['ap']:.2%} of anchor-positive candidates "
         f"(aa {fn['offdiagonal_fraction']['aa']:.2%}, pp {fn['offdiagonal_fraction']['pp']:.2%} off-diagonal)",
-        ["model", "SciFact nDCG@10", "SciFact R@100", "STS-B Spearman", "steps"], rows,
+        ["model", "SciFact nDCG@10", "SciFact MRR@10", "STS-B Spearman", "steps"], rows,
     )
     print(result["verdict"])
 
@@ -717,13 +892,27 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.quality", description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="tiny models and the small sample (< 60 s), a wiring check")
     parser.add_argument("--models", type=Path, default=ROOT / ".cache" / "models", help="directory with all-MiniLM-L6-v2 and all-mpnet-base-v2")
-    parser.add_argument("--out", type=Path, default=None, help="results file (full: bench/results/quality.json)")
+    parser.add_argument("--out", type=Path, default=None, help="results file (full: bench/results/quality.json, or quality-STRATEGY.json)")
     parser.add_argument("--resume", action="store_true", help="reuse finished phases of an earlier run with the same settings")
+    parser.add_argument("--strategy", default=None, metavar="STRATEGY",
+                        help="training plan (gist's --strategy); default by-task, the stage-1 plan. Others are derived from the stored "
+                             "stage-1 guide pass with `gist plan`")
+    parser.add_argument("--losses", default=",".join(LOSSES), metavar="LOSS[,LOSS]", help=f"losses to train, from {', '.join(LOSSES)} (default: both)")
     args = parser.parse_args(argv)
-    cfg = make_config(args.quick, args.models)
+    losses = [name.strip() for name in args.losses.split(",") if name.strip()]
+    if not losses or set(losses) - set(LOSSES) or len(set(losses)) != len(losses):
+        parser.error(f"--losses: a comma-separated subset of {', '.join(LOSSES)}")
+    losses = tuple(k for k in LOSSES if k in losses)
+    if args.strategy is not None:
+        from pipeline.plan import STRATEGIES
+
+        if args.strategy not in STRATEGIES:
+            parser.error(f"--strategy: use one of {', '.join(STRATEGIES)}")
+    cfg = make_config(args.quick, args.models, args.strategy)
     work = WORK / NAME / cfg.mode
-    out = args.out or (work / "quality.json" if args.quick else RESULTS / f"{NAME}.json")
-    result = run(cfg, work, args.resume)
+    suffix = "" if cfg.train_strategy is None else f"-{cfg.train_strategy}"
+    out = args.out or (work / f"quality{suffix}.json" if args.quick else RESULTS / f"{NAME}{suffix}.json")
+    result = run(cfg, work, args.resume, losses)
     from pipeline.artifacts import write_json
 
     out.parent.mkdir(parents=True, exist_ok=True)
