@@ -5,9 +5,11 @@ columns, a few (G x G) similarity matrices, a lookup of stored masks. No guide i
 
 Similarities use GISTEmbedLoss's own formulation (a broadcast `nn.CosineSimilarity`) rather than
 MNRL's normalize-and-matmul: with it the loss and gradients are bit-identical to GISTEmbedLoss,
-where the matmul kernel differs by float32 noise that temperature 0.01 amplifies to ~2e-5. It holds
-a (G, G, dim) tensor per block, as GISTEmbedLoss does; for large batches use CachedGuidedMaskLoss,
-which holds (mini_batch_size, G, dim).
+where the matmul kernel differs by float32 noise that temperature 0.01 amplifies to ~2e-5. The
+broadcast builds (G, G, dim) intermediates per block, which autograd would keep for the backward
+pass (~450 MB at G=128, dim=384: GISTEmbedLoss keeps them); they are recomputed in the backward pass
+instead (activation checkpointing), so only the (G, G) scores stay, as in MNRL, and the values do
+not change. For large batches use CachedGuidedMaskLoss, whose student memory does not grow with G.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from sentence_transformers.base.losses.gradcache import CachedLossMixin
 from sentence_transformers.base.losses.merged_forward import embed_columns
 from sentence_transformers.util import all_gather, all_gather_with_grad, get_rank, get_world_size
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from pipeline import GistError
 from pipeline.masks import PlannedMasks
@@ -78,7 +81,14 @@ class GuidedMaskLoss(nn.Module):
         self.similarity_fct = nn.CosineSimilarity(dim=-1)
 
     def sim_matrix(self, embed1: Tensor, embed2: Tensor) -> Tensor:
-        """(len1, len2) cosine similarities, computed exactly as GISTEmbedLoss computes them."""
+        """(len1, len2) cosine similarities, computed exactly as GISTEmbedLoss computes them.
+
+        Checkpointed: the (len1, len2, dim) broadcast is recomputed in the backward pass rather than
+        kept, so memory grows like MNRL's; the recomputation repeats the same ops, same values.
+        """
+        return checkpoint(self.broadcast_cosine, embed1, embed2, use_reentrant=False)
+
+    def broadcast_cosine(self, embed1: Tensor, embed2: Tensor) -> Tensor:
         return self.similarity_fct(embed1.unsqueeze(1), embed2.unsqueeze(0))
 
     def forward(self, sentence_features: Iterable[dict[str, Tensor]], labels: Tensor) -> Tensor:
