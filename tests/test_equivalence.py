@@ -9,15 +9,23 @@ from sentence_transformers import SentenceTransformer
 from sentence_transformers.sentence_transformer.losses import GISTEmbedLoss
 
 from pipeline.data import load_training_data
-from pipeline.loss import GuidedMaskLoss
+from pipeline.loss import BroadcastCosine, GuidedMaskLoss
 from pipeline.masks import MASKS, PlannedMasks
 from pipeline.train import build_trainer, training_dataset
 from cli import plan_command
 from tests.conftest import GUIDE_SAMEVOCAB, load_student
 
-# Loss and gradients agree to 1e-5. GuidedMaskLoss computes similarities with GISTEmbedLoss's own broadcast nn.CosineSimilarity, so
-# they agree to the bit in practice; the tolerance only keeps the test from depending on it.
+# Loss and gradients agree to 1e-5 (a gradient tensor: relative to its largest entry when that exceeds 1). The similarities are
+# GISTEmbedLoss's to the bit (so are the losses, in practice); gradients come from BroadcastCosine's analytic backward instead of
+# autograd through the broadcast: float32 noise, measured up to 9.5e-6 on a gradient whose largest entry is 2.75.
 TOL = 1e-5
+
+
+def assert_grads_close(ours: dict, reference: dict) -> None:
+    assert ours.keys() == reference.keys()
+    for name, ref in reference.items():
+        error = (ours[name] - ref).abs().max().item()
+        assert error <= TOL * max(1.0, ref.abs().max().item()), (name, error)
 
 
 def batch_inputs(model, dataset, example_ids):
@@ -65,16 +73,17 @@ def test_guided_mask_loss_equals_gist_embed_loss(tmp_path, guide_run, pairs_run,
         loss_ours, grads_ours = loss_and_grads(student, ours, dataset, example_ids)
         loss_ref, grads_ref = loss_and_grads(student, reference, dataset, example_ids)
         assert abs(loss_ours - loss_ref) < TOL, (loss_ours, loss_ref)
-        assert grads_ours.keys() == grads_ref.keys()
-        for name, ref in grads_ref.items():
-            torch.testing.assert_close(grads_ours[name], ref, atol=TOL, rtol=0, msg=name)
+        assert_grads_close(grads_ours, grads_ref)
         masked_any += sum(len(masks.blocks[b][masks.row_of(example_ids)]) for b in ("ap", "an"))
     if options["margin"] > 0:
         assert masked_any > 0, "the test batches mask nothing; the comparison would not exercise the masks"
 
 
 def test_training_with_masks_equals_online_gist_training(tmp_path, guide_run, triplets, guide):
-    """N trainer steps with stored masks give the same weights as N steps of online GISTEmbedLoss."""
+    """N trainer steps with stored masks give the same weights as N steps of online GISTEmbedLoss.
+
+    Up to float32 noise in the gradients, which Adam's normalisation carries into the weights: measured 1.2e-5 at most
+    after 6 steps that move weights by up to 3.5e-3; allowed 5e-5."""
     masks = PlannedMasks(guide_run / MASKS)
     data = load_training_data(triplets)
     weights = {}
@@ -90,7 +99,7 @@ def test_training_with_masks_equals_online_gist_training(tmp_path, guide_run, tr
     moved = max((weights["masks"][k] - initial[k]).abs().max().item() for k in initial)
     assert moved > 1e-3, "training did not change the weights"
     for k in initial:
-        torch.testing.assert_close(weights["masks"][k], weights["online"][k], atol=1e-5, rtol=1e-4, msg=k)
+        torch.testing.assert_close(weights["masks"][k], weights["online"][k], atol=5e-5, rtol=1e-4, msg=k)
 
 
 def test_cached_loss_equals_uncached(guide_run, triplets):
@@ -111,9 +120,35 @@ def test_cached_loss_equals_uncached(guide_run, triplets):
             assert error <= 2 * TOL * max(1.0, ref.abs().max().item()), (name, error)
 
 
+def test_broadcast_cosine_has_gist_values_and_the_true_gradient():
+    """Forward: GISTEmbedLoss's broadcast nn.CosineSimilarity to the bit, also when split into row blocks.
+    Backward: the analytic gradient passes torch's gradcheck (float64) and matches autograd through the broadcast."""
+    from pipeline import loss as loss_mod
+
+    torch.manual_seed(0)
+    x, y = torch.randn(40, 24) * 3, torch.randn(56, 24)
+    reference = torch.nn.CosineSimilarity(dim=-1)(x.unsqueeze(1), y.unsqueeze(0))
+    assert torch.equal(BroadcastCosine.apply(x, y), reference)
+    blocks = loss_mod.COSINE_CHUNK_ELEMENTS
+    try:
+        loss_mod.COSINE_CHUNK_ELEMENTS = 7 * 56 * 24  # 7 rows per block, the last block partial
+        assert torch.equal(BroadcastCosine.apply(x, y), reference)
+    finally:
+        loss_mod.COSINE_CHUNK_ELEMENTS = blocks
+    x64, y64 = x.double().requires_grad_(), y.double().requires_grad_()
+    assert torch.autograd.gradcheck(BroadcastCosine.apply, (x64[:6], y64[:5]))
+    upstream = torch.randn(40, 56)
+    xa, ya = x.clone().requires_grad_(), y.clone().requires_grad_()
+    (torch.nn.CosineSimilarity(dim=-1)(xa.unsqueeze(1), ya.unsqueeze(0)) * upstream).sum().backward()
+    xb, yb = x.clone().requires_grad_(), y.clone().requires_grad_()
+    (BroadcastCosine.apply(xb, yb) * upstream).sum().backward()
+    torch.testing.assert_close(xb.grad, xa.grad, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(yb.grad, ya.grad, atol=1e-6, rtol=1e-5)
+
+
 def test_guided_loss_keeps_only_score_matrices_for_backward(guide_run):
-    """The broadcast cosine's (G, G, dim) intermediates are recomputed in backward, not kept: what autograd
-    saves is a few (G, G) score matrices and the embeddings, as for MNRL (GISTEmbedLoss keeps ~450 MB at G=128)."""
+    """No (G, G, dim) broadcast is kept for the backward pass: what autograd saves is a few (G, G) score
+    matrices and the embeddings, as for MNRL (GISTEmbedLoss keeps ~600 MB at G=128, dim 384)."""
     masks = PlannedMasks(guide_run / MASKS)
     loss_fn = GuidedMaskLoss(load_student(), masks)
     g, dim = masks.batches.shape[1], 256
