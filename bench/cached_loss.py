@@ -3,8 +3,7 @@
 One planned batch of 1024 triplets (masks from the static tiny guide: their content does not
 change the cost), forward + backward of the student through each loss, each (loss, repetition)
 in a fresh process so its peak memory is its own. The uncached loss holds every activation of
-3 x 1024 texts and a (1024, 1024, dim) tensor per similarity block; the cached one holds a
-mini-batch's worth.
+3 x 1024 texts; the cached one holds a mini-batch's worth (and the 1024-row embeddings).
 """
 
 from __future__ import annotations
