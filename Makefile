@@ -42,6 +42,7 @@ demo: models
 
 bench-quick: install
 	$(PY) -m bench --quick
+	$(PY) -m bench.quality --quick
 
 bench-full: models
 	$(PY) -m bench --full --models $(MODELS)
