@@ -889,12 +889,14 @@ def table(result: dict) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from pipeline.plan import STRATEGIES
+
     parser = argparse.ArgumentParser(prog="python -m bench.quality", description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="tiny models and the small sample (< 60 s), a wiring check")
     parser.add_argument("--models", type=Path, default=ROOT / ".cache" / "models", help="directory with all-MiniLM-L6-v2 and all-mpnet-base-v2")
     parser.add_argument("--out", type=Path, default=None, help="results file (full: bench/results/quality.json, or quality-STRATEGY.json)")
     parser.add_argument("--resume", action="store_true", help="reuse finished phases of an earlier run with the same settings")
-    parser.add_argument("--strategy", default=None, metavar="STRATEGY",
+    parser.add_argument("--strategy", default=None, choices=STRATEGIES,
                         help="training plan (gist's --strategy); default by-task, the stage-1 plan. Others are derived from the stored "
                              "stage-1 guide pass with `gist plan`")
     parser.add_argument("--losses", default=",".join(LOSSES), metavar="LOSS[,LOSS]", help=f"losses to train, from {', '.join(LOSSES)} (default: both)")
@@ -903,11 +905,6 @@ def main(argv: list[str] | None = None) -> int:
     if not losses or set(losses) - set(LOSSES) or len(set(losses)) != len(losses):
         parser.error(f"--losses: a comma-separated subset of {', '.join(LOSSES)}")
     losses = tuple(k for k in LOSSES if k in losses)
-    if args.strategy is not None:
-        from pipeline.plan import STRATEGIES
-
-        if args.strategy not in STRATEGIES:
-            parser.error(f"--strategy: use one of {', '.join(STRATEGIES)}")
     cfg = make_config(args.quick, args.models, args.strategy)
     work = WORK / NAME / cfg.mode
     suffix = "" if cfg.train_strategy is None else f"-{cfg.train_strategy}"
