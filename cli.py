@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import sys
 import time
 import traceback
@@ -37,8 +36,19 @@ Overwrite = Annotated[bool, typer.Option(help="Replace a finished run in --out (
 Columns = Annotated[Optional[str], typer.Option(help="Map column names, e.g. 'anchor=query,positive=doc,task=source'.")]
 
 
+def _print_versions(value: bool) -> None:
+    if value:
+        from pipeline.artifacts import package_versions
+
+        print(" ".join(f"{name} {version}" for name, version in package_versions().items()))
+        raise typer.Exit()
+
+
 @app.callback()
-def main_options(debug: Annotated[bool, typer.Option(help="Show tracebacks for errors.")] = False) -> None:
+def main_options(
+    debug: Annotated[bool, typer.Option(help="Show tracebacks for errors.")] = False,
+    version: Annotated[bool, typer.Option("--version", callback=_print_versions, is_eager=True, help="Print the versions of gist and its main packages, then exit.")] = False,
+) -> None:
     state["debug"] = debug
 
 
@@ -70,62 +80,31 @@ def precompute_guide(
     encode_batch_size: Annotated[int, typer.Option(min=1, help="Guide encoding batch size.")] = 64,
     device: Annotated[str, typer.Option(help="auto (CUDA with fp16 when present), cpu, cuda, cuda:N.")] = "auto",
     index: Annotated[str, typer.Option(help="FAISS index: auto (flat up to 200k texts, HNSW above), flat or hnsw.")] = "auto",
+    guide_max_seq_length: Annotated[Optional[int], typer.Option(min=1, help="Truncate the guide's inputs at N tokens (default: the guide's own max_seq_length). GISTEmbedLoss with a guide that shares the student's tokenizer feeds the guide the student's tokens, cut at the student's max_seq_length: set N to that length to reproduce its masks exactly.")] = None,
     rows_per_group: Annotated[int, typer.Option(min=1, help="Texts per embeddings row group: the unit a killed run resumes from.")] = 4096,
     reuse: Annotated[Optional[list[Path]], typer.Option(help="An earlier precompute-guide directory of the same guide (repeatable): its texts are copied, not encoded again (e.g. after `gist mine`).")] = None,
     trust_remote_code: Annotated[bool, typer.Option(help="Allow the guide's own Python code to run.")] = False,
     overwrite: Overwrite = False,
 ) -> None:
     """Stage 1: encode every unique text with the guide once, index it, plan the batches, store their masks."""
-    from pipeline import artifacts, data, guide as guide_mod, masks
-    from pipeline.plan import check_plan, plan_batches, rule_options
+    from pipeline.guide import INDEX_KINDS
+    from pipeline.stage1 import precompute_guide as run_stage1
 
     params = _plan_params(batch_size, epochs, seed, strategy, margin_strategy, margin, contrast_anchors, contrast_positives)
-    t_start = time.perf_counter()
-    training = data.load_training_data(data_path, columns)
-    check_plan(training, params.batch_size, params.epochs, params.strategy)
-    t_data = time.perf_counter()
-    rank, world_size = guide_mod.init_distributed()  # under torchrun each rank encodes a share of the texts
-    model = guide_mod.load_model(guide, device, trust_remote_code)
-    owned = [data.TEXTS, data.EXAMPLES, guide_mod.EMBEDDINGS, guide_mod.INDEX, masks.MASKS]
-    if rank == 0:
-        artifacts.prepare_out_dir(out, overwrite, owned)
-    fp16 = model.device.type == "cuda"
-    if fp16:
-        model.half()
-    identity = guide_mod.model_identity(guide)
-    stored = guide_mod.StoredEmbeddings(reuse, identity, "float16" if fp16 else "float32") if reuse else None
-    t_load = time.perf_counter()
-
-    if rank == 0:
-        data.write_data_tables(out, training)
-    run_key = {"guide": identity["weights_sha256"], "fingerprint": training.fingerprint, "fp16": fp16}
-    encoding = guide_mod.encode_to_parquet(model, training.texts, out, encode_batch_size, run_key, rows_per_group, rank, world_size, stored)
-    if rank != 0:
-        return  # rank 0 joins the parts, builds the index and writes the plan
-    t_encode = time.perf_counter()
-    embeddings = guide_mod.read_embeddings(out / guide_mod.EMBEDDINGS)
-    index_kind = guide_mod.build_index(embeddings, out / guide_mod.INDEX, index)
-    t_index = time.perf_counter()
-    batch_plan = plan_batches(training, params.batch_size, params.epochs, params.seed, params.strategy, embeddings, **rule_options(params))
-    t_plan = time.perf_counter()
-    plan = masks.write_plan_masks(out, embeddings, training, batch_plan, params, identity)
-    t_masks = time.perf_counter()
-
-    artifacts.write_manifest(
-        out, owned,
-        kind="guide-pass",
-        world_size=world_size,
-        guide={**identity, "dim": encoding["dim"], "max_seq_length": model.max_seq_length if math.isfinite(model.max_seq_length) else None, "device": str(model.device), "dtype": "float16" if fp16 else "float32", "trust_remote_code": trust_remote_code},
-        dataset={"path": str(Path(data_path).resolve()), "fingerprint": training.fingerprint, "columns": training.columns, "num_examples": training.num_examples, "num_texts": len(training.texts), "num_negatives": training.num_negatives},
-        encoding={"batch_size": encode_batch_size, "rows_per_group": rows_per_group, "embedding_dtype": "float32", "reused_from": [str(Path(r).resolve()) for r in reuse or []], **encoding},
-        index={"kind": index_kind, "metric": "inner_product"},
-        plan=plan,
-        timings={"data_s": round(t_data - t_start, 3), "load_s": round(t_load - t_data, 3), "encode_s": round(t_encode - t_load, 3), "index_s": round(t_index - t_encode, 3), "plan_s": round(t_plan - t_index, 3), "masks_s": round(t_masks - t_plan, 3), "total_s": round(time.perf_counter() - t_start, 3)},
+    if index not in INDEX_KINDS:
+        raise typer.BadParameter(f"use one of {', '.join(INDEX_KINDS)}", param_hint="--index")
+    done = run_stage1(
+        data_path, guide, out, params, columns=columns, encode_batch_size=encode_batch_size, device=device, index=index,
+        guide_max_seq_length=guide_max_seq_length, rows_per_group=rows_per_group, reuse=reuse or [], trust_remote_code=trust_remote_code,
+        overwrite=overwrite,
     )
-    total = time.perf_counter() - t_start
+    if done is None:
+        return  # a rank other than 0 under torchrun: it only encoded
+    m = done.manifest
+    encoding, plan = m["encoding"], m["plan"]
     console.print(
-        f"[green]done[/] {out}: {len(training.texts)} texts ({encoding['encoded_texts']} encoded, {encoding['reused_texts']} reused, {encoding['resumed_texts']} resumed), "
-        f"{plan['num_batches']} batches, masked ap {plan['masked_fraction']['ap']:.2%}, {total:.1f}s"
+        f"[green]done[/] {out}: {m['dataset']['num_texts']} texts ({encoding['encoded_texts']} encoded, {encoding['reused_texts']} reused, {encoding['resumed_texts']} resumed), "
+        f"{plan['num_batches']} batches, masked ap {plan['masked_fraction']['ap']:.2%}, {m['timings']['total_s']:.1f}s"
     )
 
 
@@ -144,20 +123,11 @@ def plan_command(
     overwrite: Overwrite = False,
 ) -> None:
     """Re-plan batches and masks from stored guide embeddings, without loading the guide."""
-    from pipeline import artifacts, guide as guide_mod, masks
-    from pipeline.plan import plan_batches, rule_options
+    from pipeline.stage1 import replan
 
     params = _plan_params(batch_size, epochs, seed, strategy, margin_strategy, margin, contrast_anchors, contrast_positives)
-    t_start = time.perf_counter()
-    manifest, training, embeddings = guide_mod.load_guide_pass(guide_dir)
-    batch_plan = plan_batches(training, params.batch_size, params.epochs, params.seed, params.strategy, embeddings, **rule_options(params))
-    artifacts.prepare_out_dir(out, overwrite, [masks.MASKS])
-    plan = masks.write_plan_masks(out, embeddings, training, batch_plan, params, manifest["guide"])
-    artifacts.write_manifest(
-        out, [masks.MASKS], kind="plan", guide_dir=str(Path(guide_dir).resolve()), guide=manifest["guide"],
-        dataset=manifest["dataset"], plan=plan, timings={"total_s": round(time.perf_counter() - t_start, 3)},
-    )
-    console.print(f"[green]done[/] {out / masks.MASKS}: {plan['num_batches']} batches, masked ap {plan['masked_fraction']['ap']:.2%}")
+    plan = replan(guide_dir, out, params, overwrite=overwrite).manifest["plan"]
+    console.print(f"[green]done[/] {out / 'masks.parquet'}: {plan['num_batches']} batches, masked ap {plan['masked_fraction']['ap']:.2%}")
 
 
 @app.command("mine")
@@ -179,58 +149,19 @@ def mine_command(
     overwrite: Overwrite = False,
 ) -> None:
     """Hard negatives from the stored guide embeddings: sentence-transformers' mine_hard_negatives without re-encoding."""
-    from dataclasses import asdict
-
-    import numpy as np
-
-    from pipeline import data, guide as guide_mod
-    from pipeline.mine import SAMPLING, MiningParams, mine_negatives, write_mined
+    from pipeline.mine import SAMPLING, MiningParams, mine_from_pass
 
     if sampling_strategy not in SAMPLING:
-        raise typer.BadParameter("use top or random", param_hint="--sampling-strategy")
-    if out.suffix != ".parquet":
-        raise GistError(f"--out {out}: write a .parquet file")
-    if out.exists() and not overwrite:
-        raise GistError(f"{out} exists; pass --overwrite or choose another --out")
+        raise typer.BadParameter(f"use {' or '.join(SAMPLING)}", param_hint="--sampling-strategy")
     params = MiningParams(num_negatives, range_min, range_max, absolute_margin, relative_margin, sampling_strategy, seed)
-    t_start = time.perf_counter()
-    manifest, training, embeddings = guide_mod.load_guide_pass(guide_dir)
-    texts = training.texts
-    if corpus == "positives":
-        corpus_ids = training.positive_ids
-    elif corpus == "all":
-        corpus_ids = np.arange(len(texts))
-    else:
-        # A corpus file: its texts already in the guide pass reuse their vectors, the rest are encoded once.
-        corpus_texts = data.read_corpus(Path(corpus), corpus_column)
-        model_path = guide or manifest["guide"]["path"]
-        model = guide_mod.load_model(model_path, device)  # checks the directory before hashing its weights
-        if guide_mod.model_identity(model_path)["weights_sha256"] != manifest["guide"]["weights_sha256"]:
-            raise GistError(f"--guide {model_path}: not the guide of {guide_dir} (weights differ); mining needs one guide's embeddings")
-        if manifest["guide"]["dtype"] == "float16":
-            model.half()
-        rows = guide_mod.StoredEmbeddings([guide_dir], manifest["guide"], manifest["guide"]["dtype"]).lookup(corpus_texts)
-        new_texts = [corpus_texts[i] for i in np.flatnonzero(rows < 0)]
-        with console.status(f"guide: encoding {len(new_texts)} new corpus texts"):
-            new_vectors, _ = guide_mod.embed(model, new_texts, encode_batch_size, first_id=len(texts))
-        rows[rows < 0] = len(texts) + np.arange(len(new_texts))
-        texts, embeddings, corpus_ids = texts + new_texts, np.concatenate([embeddings, new_vectors]), rows
-    t_load = time.perf_counter()
-    mined = mine_negatives(embeddings, training.anchor_ids, training.positive_ids, corpus_ids, params)
-    t_mine = time.perf_counter()
-    meta = {
-        "mining": {**asdict(params), "range_max": mined.range_max, "corpus": corpus if corpus in ("positives", "all") else str(Path(corpus).resolve())},
-        "guide_dir": str(Path(guide_dir).resolve()), "guide": manifest["guide"], "dataset": manifest["dataset"],
-        "corpus_texts": len(np.unique(corpus_ids)), "encoded_texts": len(texts) - len(training.texts),
-        "examples": training.num_examples, "skipped_candidates": mined.skipped,
-        "timings": {"load_s": round(t_load - t_start, 3), "mine_s": round(t_mine - t_load, 3)},
-    }
-    kept = write_mined(out, texts, training, mined, {**meta, "rows": int(mined.complete.sum())})
-    dropped = training.num_examples - kept
+    with console.status("mining (encoding a --corpus file's new texts first, if any)"):
+        meta = mine_from_pass(guide_dir, out, params, corpus=corpus, corpus_column=corpus_column, guide=guide,
+                              encode_batch_size=encode_batch_size, device=device, overwrite=overwrite)
+    kept, dropped = meta["rows"], meta["examples"] - meta["rows"]
     console.print(
         f"[green]done[/] {out}: {kept} rows x {num_negatives} negatives"
         + (f" ({dropped} dropped: not enough negatives in the window; widen --range-max or lower the margin)" if dropped else "")
-        + f", mined in {t_mine - t_load:.2f}s; next: gist precompute-guide {out} --reuse {guide_dir} ..."
+        + f", mined in {meta['timings']['mine_s']:.2f}s; next: gist precompute-guide {out} --reuse {guide_dir} ..."
     )
 
 
@@ -253,60 +184,53 @@ def train_command(
     data_path: Annotated[Path, typer.Argument(metavar="DATA", help="The training data stage 1 was run on.")],
     masks_path: Annotated[Path, typer.Option("--masks", help="masks.parquet from precompute-guide or plan.")],
     student: Annotated[str, typer.Option(help="Student model directory (sentence-transformers).")],
-    out: Annotated[Path, typer.Option(help="Output directory: checkpoints/, final/, train_log.jsonl.")],
+    out: Annotated[Path, typer.Option(help="Output directory: run.json, checkpoints/, final/, train_log.jsonl, eval.json.")],
     columns: Columns = None,
+    loss: Annotated[str, typer.Option(help="guided: GuidedMaskLoss with the stored masks; mnrl: MultipleNegativesRankingLoss on the same plan (the baseline: does guidance pay on your data?).")] = "guided",
+    mini_batch_size: Annotated[Optional[int], typer.Option(min=1, help="Train large batches with GradCache: CachedGuidedMaskLoss (or CachedMultipleNegativesRankingLoss with --loss mnrl) embedding N examples at a time. Memory follows N, not the batch size; the loss is unchanged.")] = None,
+    matryoshka_dims: Annotated[Optional[str], typer.Option(help="Wrap the loss in MatryoshkaLoss with these dimensions, e.g. 384,256,128,64.")] = None,
     lr: Annotated[float, typer.Option(help="Peak learning rate.")] = 5e-6,
     warmup_ratio: Annotated[float, typer.Option(help="Share of steps for linear warm-up.")] = 0.1,
-    temperature: Annotated[float, typer.Option(help="Softmax temperature (GISTEmbedLoss default 0.01).")] = 0.01,
+    lr_scheduler: Annotated[str, typer.Option(help="transformers' lr_scheduler_type: linear, cosine, constant, constant_with_warmup, ...")] = "linear",
+    weight_decay: Annotated[float, typer.Option(help="AdamW weight decay.")] = 0.0,
+    temperature: Annotated[float, typer.Option(help="Softmax temperature (GISTEmbedLoss default 0.01; MNRL's scale is 1/temperature).")] = 0.01,
+    max_seq_length: Annotated[Optional[int], typer.Option(min=1, help="Truncate the student's inputs at N tokens (default: the student's own).")] = None,
+    gradient_checkpointing: Annotated[bool, typer.Option(help="Recompute activations in backward: less memory, ~30% slower steps.")] = False,
     max_steps: Annotated[int, typer.Option(help="Stop after this many steps (-1: all planned epochs).")] = -1,
     logging_steps: Annotated[int, typer.Option(min=1, help="Log the loss every N steps.")] = 10,
     save_steps: Annotated[int, typer.Option(min=1, help="Checkpoint every N steps.")] = 500,
-    resume: Annotated[bool, typer.Option(help="Continue from the last checkpoint in OUT/checkpoints.")] = False,
+    eval_steps: Annotated[Optional[int], typer.Option(min=1, help="Evaluate on --sts/--beir every N steps during training (the trainer's evaluator); the best checkpoint is recorded in OUT/eval.json.")] = None,
+    resume: Annotated[bool, typer.Option(help="Continue from the last checkpoint in OUT/checkpoints (same options as the run being resumed).")] = False,
     seed: Annotated[int, typer.Option(help="Trainer seed (initialisation, dropout); batches come from the plan.")] = 0,
-    sts: Annotated[Optional[Path], typer.Option(help="STS file to evaluate on after training.")] = None,
-    beir: Annotated[Optional[Path], typer.Option(help="BEIR directory to evaluate on after training.")] = None,
+    sts: Annotated[Optional[Path], typer.Option(help="STS file to evaluate on (after training, and with --eval-steps during it).")] = None,
+    beir: Annotated[Optional[Path], typer.Option(help="BEIR directory to evaluate on (after training, and with --eval-steps during it).")] = None,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda.")] = "auto",
-    precision: Annotated[str, typer.Option(help="fp32, or the trainer's mixed precision on GPU: fp16 or bf16.")] = "fp32",
+    precision: Annotated[str, typer.Option(help="fp32, or the trainer's mixed precision: bf16 (CPU or GPU) or fp16 (GPU).")] = "fp32",
 ) -> None:
     """Stage 2: train the student with the stored masks; the guide is never loaded."""
     import json
 
-    from pipeline import artifacts, data, guide as guide_mod, train
-    from pipeline.evaluate import evaluate_model
-    from pipeline.loss import GuidedMaskLoss
-    from pipeline.masks import PlannedMasks
+    from pipeline.train import LOSSES, PRECISIONS, TrainSettings, train_student
 
-    if precision not in ("fp32", "fp16", "bf16"):
-        raise typer.BadParameter("use fp32, fp16 or bf16", param_hint="--precision")
-    masks = PlannedMasks(masks_path)
-    renames = ",".join(f"{k}={v}" for k, v in masks.meta["columns"].items() if k != v)  # as stage 1 mapped them
-    training = data.load_training_data(data_path, columns or renames)
-    train.check_masks_match(masks, training)
-    if max_steps > masks.batches.shape[0]:
-        raise GistError(f"--max-steps {max_steps} exceeds the {masks.batches.shape[0]} planned batches; re-plan with more --epochs")
-    if (out / "final").exists():
-        raise GistError(f"{out} already holds a finished training run (final/); choose another --out")
-    checkpoint = train.last_complete_checkpoint(out / "checkpoints") if resume else None
-    if not resume:
-        artifacts.prepare_out_dir(out, overwrite=False, owned=[])
-    model = guide_mod.load_model(student, device)
-    loss = GuidedMaskLoss(model, masks, temperature=temperature)
-    trainer = train.build_trainer(
-        model, training, masks.plan, loss, out, callbacks=[train.JsonlLogCallback(out / train.TRAIN_LOG)],
-        learning_rate=lr, warmup_steps=warmup_ratio, max_steps=max_steps, logging_steps=logging_steps, save_steps=save_steps, seed=seed,
-        use_cpu=model.device.type == "cpu", fp16=precision == "fp16", bf16=precision == "bf16",
+    if loss not in LOSSES:
+        raise typer.BadParameter(f"use one of {', '.join(LOSSES)}", param_hint="--loss")
+    if precision not in PRECISIONS:
+        raise typer.BadParameter(f"use one of {', '.join(PRECISIONS)}", param_hint="--precision")
+    try:
+        dims = tuple(int(d) for d in matryoshka_dims.split(",")) if matryoshka_dims else ()
+    except ValueError:
+        raise typer.BadParameter("comma-separated integers, e.g. 384,256,128,64", param_hint="--matryoshka-dims") from None
+    settings = TrainSettings(
+        loss=loss, lr=lr, warmup_ratio=warmup_ratio, lr_scheduler=lr_scheduler, weight_decay=weight_decay, temperature=temperature,
+        mini_batch_size=mini_batch_size, matryoshka_dims=dims, max_seq_length=max_seq_length, gradient_checkpointing=gradient_checkpointing,
+        max_steps=max_steps, logging_steps=logging_steps, save_steps=save_steps, eval_steps=eval_steps, seed=seed, precision=precision,
     )
-    trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
-    if not trainer.is_world_process_zero():
-        return
-    final = out / "final"
-    with artifacts.atomic_path(final) as tmp:
-        model.save(str(tmp))
-    console.print(f"[green]done[/] {final} after {trainer.state.global_step} steps")
-    if sts or beir:
-        results = evaluate_model(model, sts, beir)
-        artifacts.write_json(out / "eval.json", results)
-        print(json.dumps(results, indent=2))
+    final = train_student(data_path, masks_path, student, out, settings, columns=columns, resume=resume, device=device, sts=sts, beir=beir)
+    if final is None:
+        return  # a rank other than 0 under torchrun
+    console.print(f"[green]done[/] {final}")
+    if (sts or beir) and (out / "eval.json").exists():
+        print(json.dumps(json.loads((out / "eval.json").read_text()), indent=2))
 
 
 @app.command("evaluate")

@@ -584,7 +584,7 @@ def train_phase(cfg: Config, kind: str, data_path: Path, masks_path: Path, work:
     loss_forward = loss.forward
 
     def recording_forward(sentence_features, labels):
-        rows_seen.append(masks.row_of(labels.cpu().numpy()))
+        rows_seen.append(masks.due_row(labels.cpu().numpy()))
         return loss_forward(sentence_features, labels)
 
     loss.forward = recording_forward
@@ -594,7 +594,7 @@ def train_phase(cfg: Config, kind: str, data_path: Path, masks_path: Path, work:
         log.unlink()
     out.mkdir(parents=True, exist_ok=True)
     trainer = train.build_trainer(
-        model, training, masks.plan, loss, out, callbacks=[train.JsonlLogCallback(log)],
+        model, training, masks, loss, out, callbacks=[train.JsonlLogCallback(log)],
         learning_rate=cfg.learning_rate, warmup_ratio=cfg.warmup_ratio, lr_scheduler_type=cfg.lr_scheduler,
         max_steps=cfg.max_steps, logging_steps=10, save_strategy="no", seed=cfg.train_seed,
         use_cpu=model.device.type == "cpu", disable_tqdm=True,

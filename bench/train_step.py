@@ -94,7 +94,7 @@ def measure(config: str, student: str, guide: str, data_path: str, masks_path: s
     clock = StepClock(cuda)
     with tempfile.TemporaryDirectory() as out:
         trainer = train.build_trainer(
-            model, data, masks.plan, loss, Path(out), callbacks=[clock], max_steps=warmup + steps, save_strategy="no",
+            model, data, masks, loss, Path(out), callbacks=[clock], max_steps=warmup + steps, save_strategy="no",
             logging_strategy="no", disable_tqdm=True, use_cpu=not cuda, seed=0,
         )
         trainer.remove_callback(PrinterCallback)  # it would print the final metrics between the tables

@@ -52,7 +52,7 @@ def sha256_file(path: Path) -> str:
 
 def package_versions() -> dict[str, str]:
     versions = {"gist": __version__, "python": platform.python_version()}
-    for name in ("torch", "sentence-transformers", "transformers", "faiss-cpu", "faiss-gpu-cu12", "pyarrow", "numpy"):
+    for name in ("torch", "sentence-transformers", "transformers", "faiss-cpu", "faiss-gpu", "pyarrow", "numpy"):
         with contextlib.suppress(metadata.PackageNotFoundError):
             versions[name] = metadata.version(name)
     return versions

@@ -78,8 +78,15 @@ def parse_column_mapping(spec: str | None) -> dict[str, str]:
     return mapping
 
 
-def read_table(path: Path) -> pa.Table:
-    """Read a Parquet/JSONL/CSV file or a `datasets.save_to_disk` directory into a pyarrow table."""
+def read_table(path) -> pa.Table:
+    """Read a Parquet/JSONL/CSV file, a `datasets.save_to_disk` directory or an in-memory
+    `datasets.Dataset` (its rows as selected, shuffled or filtered) into a pyarrow table."""
+    if not isinstance(path, (str, Path)):
+        import datasets
+
+        if isinstance(path, datasets.Dataset):
+            return path.with_format("arrow")[:]
+        raise GistError(f"DATA must be a path or a datasets.Dataset, not {type(path).__name__}")
     path = Path(path)
     if not path.exists():
         raise GistError(f"{path}: no such file or directory")
@@ -150,24 +157,39 @@ def check_texts(name: str, array: pa.ChunkedArray) -> None:
 
 
 def fingerprint_columns(arrays: dict[str, pa.ChunkedArray]) -> str:
-    """sha256 over the canonical column names and their values, column by column, in order."""
+    """sha256 over the canonical column names and their values, column by column, in order.
+
+    Only the content counts, never how it is chunked: the same rows read from one Parquet row
+    group, many, or JSONL give one fingerprint. Each column feeds three streams (validity, value
+    lengths, value bytes) chunk by chunk; the column's digest combines the three.
+    """
     digest = hashlib.sha256()
     for name, array in arrays.items():
-        digest.update(f"{name}\0{len(array)}\0".encode())
+        streams = {"validity": hashlib.sha256(), "lengths": hashlib.sha256(), "data": hashlib.sha256()}
         for chunk in array.cast(pa.large_string()).chunks:
-            # Arrow's offsets + data buffers encode every value and its length unambiguously.
-            validity = chunk.is_null().to_numpy(zero_copy_only=False)
-            digest.update(np.packbits(validity).tobytes())
+            streams["validity"].update(chunk.is_null().to_numpy(zero_copy_only=False).astype(np.uint8).tobytes())
             offsets = np.frombuffer(chunk.buffers()[1], dtype=np.int64)[chunk.offset : chunk.offset + len(chunk) + 1]
-            digest.update((offsets - offsets[0]).tobytes())
+            streams["lengths"].update(np.diff(offsets).tobytes())
             data = chunk.buffers()[2]
             if data is not None:
-                digest.update(memoryview(data)[offsets[0] : offsets[-1]])
+                streams["data"].update(memoryview(data)[offsets[0] : offsets[-1]])
+        digest.update(f"{name}\0{len(array)}\0".encode())
+        for stream in streams.values():
+            digest.update(stream.digest())
     return digest.hexdigest()
 
 
-def load_training_data(path: Path, column_spec: str | None = None) -> TrainingData:
-    """Load and validate DATA; dedupe texts across all text columns; compute the fingerprint."""
+def _tasks(column: pa.ChunkedArray | None) -> list[str] | None:
+    """Task names per example; None without a task column or when it is all null (no task is known),
+    in stage 1 as in every command that reads the stored examples back."""
+    if column is None or column.null_count == len(column):
+        return None
+    return column.to_pylist()
+
+
+def load_training_data(path, column_spec: str | None = None) -> TrainingData:
+    """Load and validate DATA (a path or a datasets.Dataset, see read_table); dedupe texts across
+    all text columns; compute the fingerprint."""
     table = read_table(path)
     columns = _select_columns(table, parse_column_mapping(column_spec))
     arrays = {canonical: table.column(source) for canonical, source in columns.items()}
@@ -186,7 +208,7 @@ def load_training_data(path: Path, column_spec: str | None = None) -> TrainingDa
         anchor_ids=ids[0],
         positive_ids=ids[1],
         negative_ids=np.ascontiguousarray(ids[2:].T),
-        tasks=arrays["task"].to_pylist() if "task" in arrays else None,
+        tasks=_tasks(arrays.get("task")),
         fingerprint=fingerprint_columns(arrays),
         columns=columns,
     )
@@ -233,13 +255,12 @@ def read_data_tables(run_dir: Path, manifest: dict) -> TrainingData:
     examples = pq.read_table(verify_checksum(run_dir, EXAMPLES, manifest))
     negatives = examples.column("negative_ids").combine_chunks()
     n = examples.num_rows
-    tasks = examples.column("task").to_pylist()
     return TrainingData(
         texts=texts,
         anchor_ids=examples.column("anchor_id").to_numpy(),
         positive_ids=examples.column("positive_id").to_numpy(),
         negative_ids=negatives.values.to_numpy().reshape(n, -1),
-        tasks=None if all(t is None for t in tasks) else tasks,
+        tasks=_tasks(examples.column("task")),
         fingerprint=manifest["dataset"]["fingerprint"],
         columns=manifest["dataset"]["columns"],
     )

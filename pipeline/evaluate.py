@@ -63,3 +63,11 @@ def evaluate_model(model, sts: Path | None = None, beir: Path | None = None) -> 
         results["beir_mrr@10"] = scores["beir_cosine_mrr@10"]
         results["beir_recall@100"] = scores["beir_cosine_recall@100"]
     return results
+
+
+def training_evaluator(sts: Path | None = None, beir: Path | None = None):
+    """The evaluator the trainer runs every `eval_steps`: STS and/or BEIR (a SequentialEvaluator of both)."""
+    from sentence_transformers.sentence_transformer.evaluation import SequentialEvaluator
+
+    evaluators = ([sts_evaluator(sts)] if sts else []) + ([beir_evaluator(beir)] if beir else [])
+    return evaluators[0] if len(evaluators) == 1 else SequentialEvaluator(evaluators)

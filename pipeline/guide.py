@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import shutil
 import time
 from pathlib import Path
@@ -28,6 +29,7 @@ from pipeline.data import TrainingData
 EMBEDDINGS = "embeddings.parquet"
 INDEX = "index.faiss"
 FLAT_INDEX_MAX = 200_000  # above this many texts, "auto" builds an HNSW index instead of a flat one
+INDEX_KINDS = ("auto", "flat", "hnsw")
 
 
 def init_distributed() -> tuple[int, int]:
@@ -75,14 +77,31 @@ def load_model(path: str, device: str = "auto", trust_remote_code: bool = False)
 
 
 def model_identity(path: str) -> dict:
-    """Name and content hash of a model directory (sha256 over its weight files), for the manifest."""
+    """Name and content hash of a model directory, for the manifest: sha256 over every file that can
+    change its vectors (weights, configuration, tokenizer, pooling and normalization modules). Only
+    hidden files and README.md are left out."""
     import hashlib
 
+    root = Path(path)
     digest = hashlib.sha256()
-    for weights in sorted(Path(path).rglob("*.safetensors")) + sorted(Path(path).rglob("*.bin")):
-        digest.update(weights.relative_to(path).as_posix().encode())
-        digest.update(weights.read_bytes())
-    return {"path": str(Path(path).resolve()), "name": Path(path).resolve().name, "weights_sha256": digest.hexdigest()}
+    for file in sorted(p for p in root.rglob("*") if p.is_file()):
+        relative = file.relative_to(root)
+        if file.name == "README.md" or any(part.startswith(".") for part in relative.parts):
+            continue
+        digest.update(relative.as_posix().encode() + b"\0")
+        digest.update(file.read_bytes())
+    return {"path": str(root.resolve()), "name": root.resolve().name, "sha256": digest.hexdigest()}
+
+
+# What decides a stored vector besides the text: the model's files and how it was run. Two passes
+# agreeing on these store the same vector for a text, so one can reuse or resume the other's work.
+ENCODING_KEYS = ("sha256", "dtype", "max_seq_length")
+
+
+def encoding_identity(identity: dict, model, dtype: str) -> dict:
+    """The model identity plus the encoding settings of ENCODING_KEYS, as stored in the manifest."""
+    max_len = model.max_seq_length
+    return {**identity, "dtype": dtype, "max_seq_length": int(max_len) if max_len is not None and math.isfinite(max_len) else None}
 
 
 def _progress() -> Progress:
@@ -98,24 +117,25 @@ def embeddings_schema(dim: int) -> pa.Schema:
 class StoredEmbeddings:
     """Embeddings of earlier guide passes (`--reuse DIR`), looked up by text, so no text is encoded twice.
 
-    Only passes of the same guide weights and dtype are accepted: their vectors are what this guide
-    would store. `key` identifies the sources (their embeddings' checksums) for the resume key.
+    Only passes of the same guide files and encoding settings (ENCODING_KEYS of `guide`) are
+    accepted: their vectors are what this guide would store. `key` identifies the sources (their embeddings' checksums) for the resume key.
     """
 
-    def __init__(self, run_dirs: list[Path], identity: dict, dtype: str):
+    def __init__(self, run_dirs: list[Path], guide: dict):
         from pipeline.artifacts import read_manifest, verify_checksum
         from pipeline.data import TEXTS
 
         texts, vectors, self.key = [], [], []
         for run_dir in run_dirs:
             manifest = read_manifest(run_dir)
-            guide = manifest.get("guide", {})
+            stored = manifest.get("guide", {})
             if manifest.get("kind") != "guide-pass":
                 raise GistError(f"--reuse {run_dir}: not a precompute-guide directory")
-            if guide.get("weights_sha256") != identity["weights_sha256"] or guide.get("dtype") != dtype:
+            differ = [key for key in ENCODING_KEYS if stored.get(key) != guide[key]]
+            if differ:
+                shown = ", ".join("model files differ" if key == "sha256" else f"{key} {stored.get(key)} != {guide[key]}" for key in differ)
                 raise GistError(
-                    f"--reuse {run_dir}: encoded by {guide.get('name')} ({guide.get('dtype')}), not by this guide "
-                    f"{identity['name']} ({dtype}); its embeddings cannot be reused"
+                    f"--reuse {run_dir}: encoded by {stored.get('name')} otherwise than by this guide {guide['name']} ({shown}); its embeddings cannot be reused"
                 )
             texts.append(pq.read_table(verify_checksum(run_dir, TEXTS, manifest)).column("text").cast(pa.large_string()))
             vectors.append(read_embeddings(verify_checksum(run_dir, EMBEDDINGS, manifest)))
@@ -148,31 +168,42 @@ def embed(model, texts: list[str], batch_size: int, stored: StoredEmbeddings | N
     return vectors, len(found)
 
 
+PARTS = ".embeddings.parts"
+
+
 def encode_to_parquet(
     model, texts: list[str], out_dir: Path, batch_size: int, run_key: dict, rows_per_group: int, rank: int = 0, world_size: int = 1,
     stored: StoredEmbeddings | None = None,
 ) -> dict | None:
-    """Encode `texts` (normalized) into `out_dir/embeddings.parquet`, resuming finished chunks.
+    """Encode `texts` (normalized) into `out_dir/embeddings.parquet`, resuming finished work.
 
-    `run_key` (guide identity, dataset fingerprint, encoding options) is stored beside the parts;
-    parts left by a run with another key are discarded rather than mixed in. Texts held by `stored`
-    are copied from there. Under torchrun, rank r encodes chunks r, r + W, ...; rank 0 joins the
-    parts and returns the counts for the manifest (encoded, reused from `stored`, resumed from
-    parts), the other ranks return None.
+    `run_key` (guide identity and encoding settings, dataset fingerprint, encoding options) is
+    stored in `.embeddings.parts/`; parts left by a run with another key are discarded rather than
+    mixed in. Finished chunks are part files; once joined into `embeddings.parquet` the parts are
+    deleted but the key stays until the command has finished (`finish_encoding`), so a run that
+    fails later (indexing, planning, masks) keeps its embeddings and a re-run encodes nothing.
+    Texts held by `stored` are copied from there. Under torchrun, rank r encodes chunks r, r + W,
+    ...; rank 0 joins the parts and returns the counts for the manifest (encoded, reused from
+    `stored`, resumed), the other ranks return None.
     """
-    parts_dir = out_dir / ".embeddings.parts"
+    parts_dir = out_dir / PARTS
     key_file = parts_dir / "run_key.json"
     run_key = {**run_key, "rows_per_group": rows_per_group, "batch_size": batch_size, "reuse": stored.key if stored else []}
     if rank == 0:
         if parts_dir.exists() and (not key_file.exists() or json.loads(key_file.read_text()) != run_key):
             shutil.rmtree(parts_dir)
+            (out_dir / EMBEDDINGS).unlink(missing_ok=True)  # another run's join
         parts_dir.mkdir(exist_ok=True)
         if not key_file.exists():
+            (out_dir / EMBEDDINGS).unlink(missing_ok=True)  # no key: nothing says which run wrote it
             with atomic_path(key_file) as tmp:
                 tmp.write_text(json.dumps(run_key, sort_keys=True))
     _barrier(world_size)
 
     dim = model.get_embedding_dimension()
+    counts = {"dim": dim, "encoded_texts": 0, "reused_texts": 0, "resumed_texts": len(texts), "encode_seconds": 0.0}
+    if (out_dir / EMBEDDINGS).exists():  # joined by an earlier run of this key: all finished
+        return counts if rank == 0 else None
     schema = embeddings_schema(dim)
     n_chunks = (len(texts) + rows_per_group - 1) // rows_per_group
     resumed = reused = encoded = 0
@@ -203,17 +234,23 @@ def encode_to_parquet(
     if world_size > 1:
         import torch.distributed as dist
 
-        counts = torch.tensor([encoded, reused, resumed], dtype=torch.int64, device="cuda" if dist.get_backend() == "nccl" else "cpu")
-        dist.all_reduce(counts)
-        encoded, reused, resumed = counts.tolist()
+        totals = torch.tensor([encoded, reused, resumed], dtype=torch.int64, device="cuda" if dist.get_backend() == "nccl" else "cpu")
+        dist.all_reduce(totals)
+        encoded, reused, resumed = totals.tolist()
     _barrier(world_size)
     if rank != 0:
         return None
     with atomic_path(out_dir / EMBEDDINGS) as tmp, pq.ParquetWriter(tmp, schema) as writer:
         for chunk in range(n_chunks):
             writer.write_table(pq.read_table(parts_dir / f"part-{chunk:06d}.parquet"), row_group_size=rows_per_group)
-    shutil.rmtree(parts_dir)
-    return {"dim": dim, "encoded_texts": encoded, "reused_texts": reused, "resumed_texts": resumed, "encode_seconds": round(encode_seconds, 3)}
+    for part in parts_dir.glob("part-*.parquet"):
+        part.unlink()
+    return {**counts, "encoded_texts": encoded, "reused_texts": reused, "resumed_texts": resumed, "encode_seconds": round(encode_seconds, 3)}
+
+
+def finish_encoding(out_dir: Path) -> None:
+    """Drop the encoding's resume state once the guide pass is complete (its manifest written)."""
+    shutil.rmtree(Path(out_dir) / PARTS, ignore_errors=True)
 
 
 def read_embeddings(path: Path) -> np.ndarray:
@@ -267,7 +304,7 @@ def build_index(embeddings: np.ndarray, out_path: Path, kind: str = "auto") -> s
     elif kind == "hnsw":
         index = faiss.IndexHNSWFlat(dim, 32, faiss.METRIC_INNER_PRODUCT)
     else:
-        raise GistError(f"--index {kind}: use auto, flat or hnsw")
+        raise GistError(f"--index {kind}: use one of {', '.join(INDEX_KINDS)}")
     with faiss_single_thread():  # a flat index's add is a copy; HNSW's insertion order must not vary
         index.add(np.ascontiguousarray(embeddings, dtype=np.float32))
     with atomic_path(out_path) as tmp:

@@ -13,7 +13,9 @@ CachedGuidedMaskLoss, whose student memory does not grow with G.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterable
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +43,14 @@ class BroadcastCosine(torch.autograd.Function):
     as two (n, m) x (m, dim) matmuls. Written by hand because autograd through the broadcast keeps
     (n, m, dim) tensors and torch has no cosine-matrix op with these values; norms below
     ``COSINE_EPS`` are clamped as ``cosine_similarity`` clamps them.
+
+    Mixed precision: the forward runs under the caller's autocast, as GISTEmbedLoss's
+    ``nn.CosineSimilarity`` does (so the values, and their dtype, are the same: on CUDA autocast
+    computes them in float32 from bf16/fp16 embeddings). The backward runs with autocast off in the
+    widest of x's, y's and the gradient's dtypes and at least float32 (as autograd differentiates
+    autocast's float32 ops), and casts each gradient to its input's dtype. Similarities from 16-bit
+    or mixed-dtype inputs (their values have 16-bit error) are recomputed there from the unit vectors.
+    Float32 inputs take exactly the float32 path: unchanged values, no casts.
     """
 
     @staticmethod
@@ -53,13 +63,21 @@ class BroadcastCosine(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: Tensor) -> tuple[Tensor, Tensor]:
         x, y, sims = ctx.saved_tensors
-        x_norm = x.norm(dim=-1, keepdim=True).clamp_min(COSINE_EPS)
-        y_norm = y.norm(dim=-1, keepdim=True).clamp_min(COSINE_EPS)
-        x_unit, y_unit = x / x_norm, y / y_norm
-        weighted = grad * sims
-        grad_x = (grad @ y_unit - weighted.sum(1, keepdim=True) * x_unit) / x_norm
-        grad_y = (grad.T @ x_unit - weighted.sum(0).unsqueeze(1) * y_unit) / y_norm
-        return grad_x, grad_y
+        x_dtype, y_dtype = x.dtype, y.dtype
+        dtype = functools.reduce(torch.promote_types, (x_dtype, y_dtype, grad.dtype), torch.float32)
+        device_type = x.device.type
+        no_autocast = torch.autocast(device_type, enabled=False) if torch.amp.is_autocast_available(device_type) else nullcontext()
+        with no_autocast:
+            x, y, grad = x.to(dtype), y.to(dtype), grad.to(dtype)
+            x_norm = x.norm(dim=-1, keepdim=True).clamp_min(COSINE_EPS)
+            y_norm = y.norm(dim=-1, keepdim=True).clamp_min(COSINE_EPS)
+            x_unit, y_unit = x / x_norm, y / y_norm
+            if not x_dtype == y_dtype == sims.dtype == dtype:  # a 16-bit or mixed-dtype forward has 16-bit error
+                sims = x_unit @ y_unit.T
+            weighted = grad * sims
+            grad_x = (grad @ y_unit - weighted.sum(1, keepdim=True) * x_unit) / x_norm
+            grad_y = (grad.T @ x_unit - weighted.sum(0).unsqueeze(1) * y_unit) / y_norm
+        return grad_x.to(x_dtype), grad_y.to(y_dtype)
 
 
 class GuidedMaskLoss(nn.Module):
@@ -138,7 +156,7 @@ class GuidedMaskLoss(nn.Module):
             labels = all_gather(labels)
             positive = all_gather_with_grad(positive)
             negatives = [all_gather_with_grad(negative) for negative in negatives]
-        return positive, negatives, self.masks.row_of(labels.cpu().numpy()), offset
+        return positive, negatives, self.masks.due_row(labels.cpu().numpy()), offset
 
     def scores(self, anchor: Tensor, positive: Tensor, negatives: list[Tensor], row: int, offset: int, begin: int, end: int) -> Tensor:
         """Masked, temperature-scaled scores [ap, aa, pp, an] of local anchors begin..end.
@@ -150,7 +168,7 @@ class GuidedMaskLoss(nn.Module):
         rows = slice(offset + begin, offset + end)
 
         def masked(block: str, sims: Tensor, cols: int, keep_cols: slice = slice(None)) -> Tensor:
-            mask = self.masks.dense(row, block, g, cols, device=sims.device)[rows, keep_cols]
+            mask = torch.from_numpy(self.masks.dense(block, row, row + 1, g, cols)[0]).to(sims.device)[rows, keep_cols]
             return sims.masked_fill(mask, -torch.inf)
 
         scores = [masked("ap", self.sim_matrix(anchor[begin:end], positive), g)]

@@ -16,9 +16,9 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-import torch
 from rich.progress import Progress
 from threadpoolctl import threadpool_limits
+from transformers import TrainerCallback
 
 from pipeline import FORMAT_VERSION, GistError
 from pipeline.artifacts import atomic_path
@@ -26,8 +26,28 @@ from pipeline.data import TrainingData
 
 MASKS = "masks.parquet"
 BLOCKS = ("ap", "aa", "pp", "an")
-BATCHES_PER_GROUP = 1024
+MAX_CHUNK_BATCHES = 1024  # batches computed (and written as one row group) at once
+CHUNK_ENTRIES = 1 << 22  # similarity entries of all blocks per chunk: bounds memory for large batches
 METADATA_KEY = b"gist"
+INT32_MAX = np.iinfo(np.int32).max
+
+
+def chunk_batches(batch_size: int, num_negatives: int) -> int:
+    """Batches per chunk such that the chunk's similarity entries (ap, aa, pp, an) stay within
+    CHUNK_ENTRIES (at least one batch): the chunk's float32 similarities and boolean masks then take
+    ~80 MB at most (plus one batch's blocks), whatever the batch size."""
+    per_batch = batch_size * batch_size * (3 + num_negatives)
+    return max(1, min(MAX_CHUNK_BATCHES, CHUNK_ENTRIES // per_batch))
+
+
+def check_sparse_sizes(batch_size: int, num_negatives: int) -> None:
+    """Refuse a batch whose flat mask positions would overflow the int32 that masks.parquet stores them in."""
+    cols = batch_size * max(1, num_negatives)
+    if batch_size * cols > INT32_MAX:
+        raise GistError(
+            f"--batch-size {batch_size} with {num_negatives} negative column(s): a block has {batch_size * cols} entries, "
+            f"more than masks.parquet's int32 positions address ({INT32_MAX}); lower --batch-size"
+        )
 
 
 @dataclass(frozen=True)
@@ -94,7 +114,8 @@ def masks_schema(meta: dict) -> pa.Schema:
 
 
 def _sparse(dense: np.ndarray) -> pa.ListArray:
-    """(nb, rows, cols) bool -> list<int32> of flat masked positions per batch."""
+    """(nb, rows, cols) bool -> list<int32> of flat masked positions per batch. Offsets restart in
+    every row group and a chunk holds at most max(CHUNK_ENTRIES, one block) entries, so they fit int32."""
     flat = dense.reshape(len(dense), -1)
     batch_of, position = np.nonzero(flat)
     offsets = np.concatenate([[0], np.cumsum(np.bincount(batch_of, minlength=len(flat)))]).astype(np.int32)
@@ -107,15 +128,17 @@ def write_masks(out_path: Path, embeddings: np.ndarray, data: TrainingData, plan
     Returns counts of masked entries per block, for the manifest and reports.
     """
     epochs, steps, g = plan.shape
+    check_sparse_sizes(g, data.num_negatives)
     batches = plan.reshape(-1, g)
+    per_chunk = chunk_batches(g, data.num_negatives)
     schema = masks_schema({**meta, "format_version": FORMAT_VERSION, "plan": asdict(params), "num_negatives": data.num_negatives})
     counts = {block: 0 for block in BLOCKS}
     # The per-batch products are tiny (G x dim x G): multi-threaded BLAS spends more time waking
     # threads than multiplying (100k examples x 768 dims: 9-32 s threaded, 1.4 s on one thread).
     with atomic_path(out_path) as tmp, pq.ParquetWriter(tmp, schema) as writer, Progress(transient=True) as progress, threadpool_limits(1):
         task = progress.add_task("masks", total=len(batches))
-        for start in range(0, len(batches), BATCHES_PER_GROUP):
-            chunk = batches[start : start + BATCHES_PER_GROUP]
+        for start in range(0, len(batches), per_chunk):
+            chunk = batches[start : start + per_chunk]
             dense = batch_masks(embeddings, data, chunk, params)
             step = np.arange(start, start + len(chunk), dtype=np.int64)
             columns = {
@@ -131,10 +154,36 @@ def write_masks(out_path: Path, embeddings: np.ndarray, data: TrainingData, plan
     return counts
 
 
-class PlannedMasks:
-    """The planned batches and their masks, read from `masks.parquet`, looked up by example ids.
+class PlanCursor(TrainerCallback):
+    """The plan row the trainer trains next: its global step (one planned batch per optimizer step).
 
-    `meta` holds the plan parameters, dataset fingerprint and guide; `plan` is (epochs, steps, G).
+    The planned batch sampler and the loss read `step` from here rather than trusting the epoch the
+    trainer hands to samplers: on resume under torchrun that epoch never reaches the sampler
+    (SkipBatchSampler -> BatchSamplerShard -> sampler), which then silently replays epoch 0. Add it
+    to the trainer's callbacks (`build_trainer` does); tests set `step` by hand.
+    """
+
+    def __init__(self) -> None:
+        self.step = 0
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if args.gradient_accumulation_steps != 1:
+            raise GistError(f"gradient_accumulation_steps {args.gradient_accumulation_steps}: a planned batch is one optimizer step; plan larger batches (use CachedGuidedMaskLoss for memory) instead")
+        self.step = state.global_step
+
+    def on_epoch_begin(self, args, state, control, **kwargs):
+        self.step = state.global_step
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        self.step = state.global_step
+
+
+class PlannedMasks:
+    """The planned batches and their masks, read from `masks.parquet`.
+
+    `meta` holds the plan parameters, dataset fingerprint and guide; `plan` is (epochs, steps, G),
+    `batches` the same as (epochs * steps, G): plan row r is the batch of global step r. `cursor`
+    follows the trainer's step, so the loss can check that each batch is the one planned for it.
     """
 
     def __init__(self, path: Path):
@@ -151,42 +200,46 @@ class PlannedMasks:
         self.path, self.meta = path, meta
         self.params = PlanParams(**meta["plan"])
         g = self.params.batch_size
-        example_ids = table.column("example_ids").combine_chunks()
-        self.batches = example_ids.values.to_numpy().reshape(-1, g)
+        # Chunk by chunk: one combined list array's int32 offsets would overflow on long plans.
+        self.batches = np.concatenate([chunk.flatten().to_numpy() for chunk in table.column("example_ids").chunks]).reshape(-1, g)
         self.plan = self.batches.reshape(self.params.epochs, -1, g)
-        self.blocks = {block: table.column(block).combine_chunks() for block in BLOCKS}
-        self._row_of = {batch.tobytes(): row for row, batch in enumerate(self.batches)}
+        self.blocks = {block: table.column(block) for block in BLOCKS}
+        self.cursor = PlanCursor()
 
     @property
     def num_negatives(self) -> int:
         return self.meta["num_negatives"]
 
-    def row_of(self, example_ids: np.ndarray) -> int:
-        """The plan row of a batch given its example ids in order; an unplanned batch is an error."""
-        row = self._row_of.get(np.asarray(example_ids, dtype=np.int64).tobytes())
-        if row is None:
+    def due_row(self, example_ids: np.ndarray) -> int:
+        """The plan row of the trainer's current step, after checking that `example_ids` is its batch."""
+        row = self.cursor.step
+        if row >= len(self.batches) or not np.array_equal(np.asarray(example_ids, dtype=np.int64), self.batches[row]):
             raise GistError(
-                f"batch with example ids {list(example_ids)[:6]}... is not in the plan of {self.path}; "
-                "train with the planned batch sampler (gist train) and the same data"
+                f"batch with example ids {list(example_ids)[:6]}... is not the batch planned for step {row + 1} in {self.path}; "
+                "train with the planned batch sampler and the same data, with `masks.cursor` among the trainer's callbacks"
             )
         return row
 
-    def dense(self, row: int, block: str, rows: int, cols: int, device: torch.device | str = "cpu") -> torch.Tensor:
-        """Boolean (rows, cols) mask of `block` for plan row `row`."""
-        positions = self.blocks[block][row].values.to_numpy()
-        mask = torch.zeros(rows * cols, dtype=torch.bool)
-        mask[torch.from_numpy(positions.astype(np.int64))] = True
-        return mask.view(rows, cols).to(device)
+    def dense(self, block: str, start: int, stop: int, rows: int, cols: int) -> np.ndarray:
+        """Boolean (stop - start, rows, cols) masks of `block` for plan rows start..stop."""
+        dense = np.zeros((stop - start, rows * cols), dtype=bool)
+        first = 0
+        for chunk in self.blocks[block].slice(start, stop - start).chunks:  # chunk by chunk: offsets restart per row group
+            offsets = chunk.offsets.to_numpy()
+            batch = first + np.repeat(np.arange(len(chunk)), np.diff(offsets))
+            dense[batch, chunk.values.to_numpy()[offsets[0] : offsets[-1]]] = True
+            first += len(chunk)
+        return dense.reshape(stop - start, rows, cols)
 
 
 def write_plan_masks(out_dir: Path, embeddings: np.ndarray, data: TrainingData, plan: np.ndarray, params: PlanParams, guide: dict) -> dict:
     """Write the masks of a plan (from pipeline.plan) to `out_dir`; returns the plan summary for the manifest.
 
-    `guide` is the guide's identity (name, weights_sha256) as recorded in the manifest.
+    `guide` is the guide's identity (name, sha256) as recorded in the manifest.
     """
     meta = {
         "dataset_fingerprint": data.fingerprint, "num_examples": data.num_examples, "columns": data.columns,
-        "guide": guide["name"], "guide_sha256": guide["weights_sha256"],
+        "guide": guide["name"], "guide_sha256": guide["sha256"],
     }
     counts = write_masks(out_dir / MASKS, embeddings, data, plan, params, meta)
     epochs, steps, g = plan.shape

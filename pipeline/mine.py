@@ -24,7 +24,8 @@ from __future__ import annotations
 
 import json
 import random
-from dataclasses import dataclass, field
+import time
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -179,3 +180,59 @@ def write_mined(out_path: Path, texts: list[str], data: TrainingData, mined: Min
     with atomic_path(out_path) as tmp:
         pq.write_table(table, tmp)
     return len(keep)
+
+
+def mine_from_pass(
+    guide_dir: str | Path, out: str | Path, params: MiningParams = MiningParams(), *, corpus: str = "positives",
+    corpus_column: str = "text", guide: str | None = None, encode_batch_size: int = 64, device: str = "auto", overwrite: bool = False,
+) -> dict:
+    """Mine hard negatives for every example of a stored guide pass and write them to `out` (.parquet).
+
+    `corpus`: "positives" (the data's positives, as mine_hard_negatives), "all" (every text of the
+    pass), or a Parquet/JSONL/CSV file whose texts not in the pass are encoded once with the guide
+    (`guide`, default the path in the pass's manifest). Returns the metadata written with the rows.
+    """
+    from pipeline import data as data_mod, guide as guide_mod
+
+    guide_dir, out = Path(guide_dir), Path(out)
+    if params.sampling_strategy not in SAMPLING:
+        raise GistError(f"--sampling-strategy {params.sampling_strategy}: use one of {', '.join(SAMPLING)}")
+    if out.suffix != ".parquet":
+        raise GistError(f"--out {out}: write a .parquet file")
+    if out.exists() and not overwrite:
+        raise GistError(f"{out} exists; pass --overwrite or choose another --out")
+    t_start = time.perf_counter()
+    manifest, training, embeddings = guide_mod.load_guide_pass(guide_dir)
+    texts = training.texts
+    if corpus == "positives":
+        corpus_ids = training.positive_ids
+    elif corpus == "all":
+        corpus_ids = np.arange(len(texts))
+    else:
+        # A corpus file: its texts already in the guide pass reuse their vectors, the rest are encoded once.
+        corpus_texts = data_mod.read_corpus(Path(corpus), corpus_column)
+        model_path = guide or manifest["guide"]["path"]
+        model = guide_mod.load_model(model_path, device)  # checks the directory before hashing its files
+        if guide_mod.model_identity(model_path)["sha256"] != manifest["guide"]["sha256"]:
+            raise GistError(f"--guide {model_path}: not the guide of {guide_dir} (model files differ); mining needs one guide's embeddings")
+        if manifest["guide"]["dtype"] == "float16":
+            model.half()
+        if manifest["guide"]["max_seq_length"] is not None:
+            model.max_seq_length = manifest["guide"]["max_seq_length"]  # encode as the guide pass did
+        rows = guide_mod.StoredEmbeddings([guide_dir], manifest["guide"]).lookup(corpus_texts)
+        new_texts = [corpus_texts[i] for i in np.flatnonzero(rows < 0)]
+        new_vectors, _ = guide_mod.embed(model, new_texts, encode_batch_size, first_id=len(texts))
+        rows[rows < 0] = len(texts) + np.arange(len(new_texts))
+        texts, embeddings, corpus_ids = texts + new_texts, np.concatenate([embeddings, new_vectors]), rows
+    t_load = time.perf_counter()
+    mined = mine_negatives(embeddings, training.anchor_ids, training.positive_ids, corpus_ids, params)
+    t_mine = time.perf_counter()
+    meta = {
+        "mining": {**asdict(params), "range_max": mined.range_max, "corpus": corpus if corpus in ("positives", "all") else str(Path(corpus).resolve())},
+        "guide_dir": str(guide_dir.resolve()), "guide": manifest["guide"], "dataset": manifest["dataset"],
+        "corpus_texts": len(np.unique(corpus_ids)), "encoded_texts": len(texts) - len(training.texts),
+        "examples": training.num_examples, "skipped_candidates": mined.skipped,
+        "timings": {"load_s": round(t_load - t_start, 3), "mine_s": round(t_mine - t_load, 3)},
+    }
+    meta["rows"] = write_mined(out, texts, training, mined, {**meta, "rows": int(mined.complete.sum())})
+    return meta

@@ -31,6 +31,7 @@ from pipeline import GistError
 from pipeline.conflicts import conflict_graph
 from pipeline.data import TrainingData
 from pipeline.guide import faiss_single_thread
+from pipeline.masks import check_sparse_sizes
 
 STRATEGIES = ("random", "no-duplicates", "by-task", "clustered", "fn-aware")
 EXAMPLES_PER_CLUSTER_BATCHES = 4  # k-means clusters hold about this many batches
@@ -167,10 +168,24 @@ def check_plan(data: TrainingData, batch_size: int, epochs: int, strategy: str) 
         raise GistError(f"--epochs {epochs}: need at least one epoch")
     if strategy not in STRATEGIES:
         raise GistError(f"--strategy {strategy}: use one of {', '.join(STRATEGIES)}")
+    check_sparse_sizes(batch_size, data.num_negatives)
     if data.num_examples < batch_size:
         raise GistError(f"{data.num_examples} examples are fewer than one batch of {batch_size}; lower --batch-size")
     if strategy == "by-task" and data.tasks is None:
-        raise GistError("--strategy by-task needs a 'task' column (map one with --columns task=NAME)")
+        raise GistError("--strategy by-task needs task names: DATA has no 'task' column or it is all null (map one with --columns task=NAME)")
+    if strategy in ("by-task", "clustered", "fn-aware") and data.tasks is not None:
+        # Batches never mix tasks, so some task must hold a full batch.
+        largest = max(np.unique(np.asarray(data.tasks, dtype=object).astype(str), return_counts=True)[1])
+        if largest < batch_size:
+            raise GistError(f"--strategy {strategy} batches within one task, and the largest task has {largest} examples, fewer than one batch of {batch_size}; lower --batch-size")
+
+
+def check_rule(params) -> None:
+    """The plan's strategy and mask-rule options, checked before any data or model is read."""
+    if params.strategy not in STRATEGIES:
+        raise GistError(f"--strategy {params.strategy}: use one of {', '.join(STRATEGIES)}")
+    if params.margin_strategy not in ("absolute", "relative"):
+        raise GistError(f"--margin-strategy {params.margin_strategy}: use absolute or relative")
 
 
 def rule_options(params) -> dict:

@@ -32,11 +32,9 @@ from pipeline import GistError
 from pipeline.artifacts import atomic_path, read_manifest, verify_checksum, write_json
 from pipeline.data import TrainingData
 from pipeline.guide import load_guide_pass
-from pipeline.masks import BLOCKS, MASKS, PlannedMasks, batch_masks
+from pipeline.masks import BLOCKS, MASKS, PlannedMasks, batch_masks, chunk_batches
 
 NBINS = 200  # similarity histogram bins over [-1, 1]
-CHUNK_ENTRIES = 1 << 21  # entries of one block per chunk of batches (bounds memory for large batches)
-MAX_CHUNK_BATCHES = 1024  # as masks.write_masks
 MAX_TEXT = 200  # characters of a text shown in report.md
 NO_TASK = "(none)"
 PLOTS = {"similarity": "similarity.png", "epoch": "fn_rate_by_epoch.png", "task": "fn_rate_by_task.png"}
@@ -66,16 +64,6 @@ def _load(run_dir: Path) -> tuple[dict, Path, PlannedMasks, TrainingData, np.nda
     if masks.meta["dataset_fingerprint"] != data.fingerprint:
         raise GistError(f"{run_dir}/{MASKS} was planned for other data than {guide_dir} holds (fingerprint mismatch)")
     return manifest, guide_dir, masks, data, embeddings
-
-
-def _dense(block_masks, start: int, stop: int, shape: tuple[int, int, int]) -> np.ndarray:
-    """Boolean (nb, rows, cols) masks of plan rows start..stop from a list<int32> column of flat positions."""
-    offsets = block_masks.offsets.to_numpy()[start : stop + 1]
-    positions = block_masks.values.to_numpy()[offsets[0] : offsets[-1]]
-    batch = np.repeat(np.arange(stop - start), np.diff(offsets))
-    dense = np.zeros((stop - start, shape[1] * shape[2]), dtype=bool)
-    dense[batch, positions] = True
-    return dense.reshape(shape)
 
 
 def _chunk_blocks(embeddings: np.ndarray, data: TrainingData, rows: np.ndarray) -> dict[str, tuple]:
@@ -148,7 +136,7 @@ def _scan(masks: PlannedMasks, data: TrainingData, embeddings: np.ndarray, task_
         "threshold_sum": np.zeros(ntasks), "rows_task": np.zeros(ntasks, dtype=np.int64),
     }
     top = {"all": None, "distinct": None}
-    per_chunk = max(1, min(MAX_CHUNK_BATCHES, CHUNK_ENTRIES // (g * max(g, g * k))))
+    per_chunk = chunk_batches(g, k)
     diagonal = np.eye(g, dtype=bool)
     # Tiny per-batch products: one BLAS thread is fastest (see masks.write_masks) and leaves cores to others.
     with threadpool_limits(1):
@@ -167,7 +155,7 @@ def _scan(masks: PlannedMasks, data: TrainingData, embeddings: np.ndarray, task_
             for code, (block, (sim, row_ids, col_ids)) in enumerate(_chunk_blocks(embeddings, data, rows).items()):
                 if not enabled[block]:
                     continue
-                stored = _dense(masks.blocks[block], start, stop, (len(rows), g, cols[block]))
+                stored = masks.dense(block, start, stop, g, cols[block])
                 acc["mismatched"][block] += int((stored != recomputed[block]).sum())
                 acc["masked_epoch"][block] += np.bincount(epoch_of, weights=stored.sum(axis=(1, 2)), minlength=epochs).astype(np.int64)
                 acc["masked_task"][block] += np.bincount(tasks.ravel(), weights=stored.sum(axis=2).ravel(), minlength=ntasks).astype(np.int64)

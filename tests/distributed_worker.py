@@ -29,7 +29,8 @@ student, guide = load_student(), SentenceTransformer(str(GUIDE_SAMEVOCAB), devic
 ours = GuidedMaskLoss(student, masks)
 reference = GISTEmbedLoss(student, guide, margin=masks.params.margin, gather_across_devices=True)
 report = {"loss_diff": 0.0, "grad_diff": 0.0, "losses": []}
-for batch in masks.batches[:3]:
+for row, batch in enumerate(masks.batches[:3]):
+    masks.cursor.step = row
     local = batch.reshape(world, -1)[rank]
     loss_ours, grads_ours = loss_and_grads(student, ours, dataset, local)
     loss_ref, grads_ref = loss_and_grads(student, reference, dataset, local)

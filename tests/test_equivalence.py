@@ -74,12 +74,13 @@ def test_guided_mask_loss_equals_gist_embed_loss(tmp_path, guide_run, pairs_run,
     reference = GISTEmbedLoss(student, guide, **options)
 
     masked_any = 0
-    for example_ids in masks.batches[:3]:
+    for row, example_ids in enumerate(masks.batches[:3]):
+        masks.cursor.step = row  # the trainer's step whose planned batch this is
         loss_ours, grads_ours = loss_and_grads(student, ours, dataset, example_ids)
         loss_ref, grads_ref = loss_and_grads(student, reference, dataset, example_ids)
         assert abs(loss_ours - loss_ref) < TOL, (loss_ours, loss_ref)
         assert_grads_close(grads_ours, grads_ref)
-        masked_any += sum(len(masks.blocks[b][masks.row_of(example_ids)]) for b in ("ap", "an"))
+        masked_any += sum(len(masks.blocks[b][row]) for b in ("ap", "an"))
     if options["margin"] > 0:
         assert masked_any > 0, "the test batches mask nothing; the comparison would not exercise the masks"
 
@@ -96,7 +97,7 @@ def test_training_with_masks_equals_online_gist_training(tmp_path, guide_run, tr
         torch.manual_seed(0)
         student = load_student()
         loss = GuidedMaskLoss(student, masks) if name == "masks" else GISTEmbedLoss(student, guide, margin=0.05)
-        trainer = build_trainer(student, data, masks.plan, loss, tmp_path / name, max_steps=6, learning_rate=1e-3,
+        trainer = build_trainer(student, data, masks, loss, tmp_path / name, max_steps=6, learning_rate=1e-3,
                                 warmup_steps=0, save_strategy="no", logging_steps=1, use_cpu=True, disable_tqdm=True)
         trainer.train()
         weights[name] = {k: v.detach().clone() for k, v in student.state_dict().items()}
@@ -116,7 +117,8 @@ def test_cached_loss_equals_uncached(guide_run, triplets):
     masks = PlannedMasks(guide_run / MASKS)
     dataset = training_dataset(load_training_data(triplets))
     student = load_student()
-    for example_ids in masks.batches[:2]:
+    for row, example_ids in enumerate(masks.batches[:2]):
+        masks.cursor.step = row
         loss_plain, grads_plain = loss_and_grads(student, GuidedMaskLoss(student, masks), dataset, example_ids)
         loss_cached, grads_cached = loss_and_grads(student, CachedGuidedMaskLoss(student, masks, mini_batch_size=5), dataset, example_ids)
         assert abs(loss_plain - loss_cached) < TOL
@@ -164,3 +166,27 @@ def test_guided_loss_keeps_only_score_matrices_for_backward(guide_run):
     assert all(e.grad is not None and e.grad.abs().sum() > 0 for e in embeddings)
     assert max(saved) < g * g * dim, "a (G, G, dim) broadcast is kept for the backward pass"
     assert sum(saved) < 10 * g * g * (4 + masks.num_negatives) + 10 * g * dim * len(embeddings)
+
+
+def test_student_shorter_than_guide_reproduced_with_guide_max_seq_length(tmp_path, triplets, guide):
+    """A same-tokenizer GISTEmbedLoss feeds the guide the student's tokens, cut at the student's
+    max_seq_length; stage 1 with --guide-max-seq-length at that length stores the same verdicts."""
+    from tests.conftest import gist
+
+    short = 16
+    gist("precompute-guide", triplets, "--guide", GUIDE_SAMEVOCAB, "--out", tmp_path / "cut", "--batch-size", "16", "--margin", "0.05",
+         "--guide-max-seq-length", str(short))
+    gist("precompute-guide", triplets, "--guide", GUIDE_SAMEVOCAB, "--out", tmp_path / "full", "--batch-size", "16", "--margin", "0.05")
+    cut, full = PlannedMasks(tmp_path / "cut" / MASKS), PlannedMasks(tmp_path / "full" / MASKS)
+    changed = sum(int((cut.dense("ap", r, r + 1, 16, 16) != full.dense("ap", r, r + 1, 16, 16)).sum()) for r in range(len(cut.batches)))
+    assert changed > 0, "the guide's input length changes its verdicts on this data"
+    dataset = training_dataset(load_training_data(triplets))
+    student = load_student()
+    student.max_seq_length = short
+    ours, reference = GuidedMaskLoss(student, cut), GISTEmbedLoss(student, guide, margin=0.05)
+    for row, example_ids in enumerate(cut.batches[:3]):
+        cut.cursor.step = row
+        loss_ours, grads_ours = loss_and_grads(student, ours, dataset, example_ids)
+        loss_ref, grads_ref = loss_and_grads(student, reference, dataset, example_ids)
+        assert abs(loss_ours - loss_ref) < TOL, (loss_ours, loss_ref)
+        assert_grads_close(grads_ours, grads_ref)

@@ -117,7 +117,8 @@ def test_nan_embeddings_from_the_guide(tmp_path):
 
 
 def test_finished_output_is_refused_without_overwrite(tmp_path, guide_run):
-    proc = gist("plan", guide_run, "--out", guide_run, "--batch-size", "16", check=False)
+    gist("plan", guide_run, "--out", tmp_path / "plan", "--batch-size", "16")
+    proc = gist("plan", guide_run, "--out", tmp_path / "plan", "--batch-size", "16", check=False)
     assert_fails(proc, 1, "already holds a finished run", "--overwrite")
 
 

@@ -143,7 +143,7 @@ def test_gist_plan_fn_aware_end_to_end(static_run, tmp_path):
     expected = plan_batches(data, BATCH, 2, 0, "fn-aware", emb, margin=0.05, contrast_anchors=False)
     assert np.array_equal(replanned.plan, expected)
     assert not np.array_equal(expected, stored_masks.plan)  # the options change the plan
-    assert replanned.dense(0, "ap", BATCH, BATCH).shape == (BATCH, BATCH)
+    assert replanned.dense("ap", 0, 1, BATCH, BATCH).shape == (1, BATCH, BATCH)
 
     params = PlanParams(BATCH, 2, 0, "fn-aware", "absolute", 0.05, contrast_anchors=False)
     write_plan_masks(tmp_path, emb, data, expected, params, read_manifest(static_run)["guide"])

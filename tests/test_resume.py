@@ -3,7 +3,9 @@ exactly where an uninterrupted run ends."""
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -89,3 +91,48 @@ def test_training_killed_after_a_checkpoint_resumes_to_the_same_weights(tmp_path
         torch.testing.assert_close(resumed[name], full[name], atol=1e-6, rtol=0, msg=name)
     steps = [line.split('"step": ')[1].split(",")[0] for line in (out / "train_log.jsonl").read_text().splitlines() if '"loss"' in line]
     assert steps == [str(i) for i in range(1, 13)], "each step logged exactly once"
+
+
+def test_stage1_killed_after_the_join_encodes_nothing_again(tmp_path, triplets, uninterrupted):
+    """Encoding is finished work once joined: a run killed while indexing, planning or writing masks
+    keeps embeddings.parquet, and the re-run encodes no text."""
+    out = tmp_path / "run"
+    proc = start(*stage1_args(triplets, out))
+    assert kill_when(proc, lambda: (out / "embeddings.parquet").exists()), proc.stderr.read()
+    assert not (out / "manifest.json").exists()
+    result = gist(*stage1_args(triplets, out))
+    assert "(0 encoded, 0 reused, 1504 resumed)" in result.stderr, result.stderr
+    for name in FILES:
+        assert (out / name).read_bytes() == (uninterrupted / name).read_bytes(), name
+    assert not (out / ".embeddings.parts").exists(), "the resume state goes once the pass is complete"
+
+
+def test_two_process_resume_in_epoch_2_equals_an_uninterrupted_run(tmp_path):
+    """2 gloo processes, 64 examples, batch 16, 2 planned epochs of 4 steps; the run resumed from
+    checkpoint 6 (mid-epoch 2) must train plan rows 6 and 7, as the uninterrupted run does: the same
+    losses at steps 7-8 and the same final weights (transformers' epoch never reaches the sampler there)."""
+    from tests.conftest import small_data
+    from tests.test_distributed import torchrun
+
+    data = small_data(tmp_path / "data.parquet", 64)
+    gist("precompute-guide", data, "--guide", GUIDE_SAMEVOCAB, "--out", tmp_path / "guide", "--batch-size", "16", "--epochs", "2", "--margin", "0.05")
+    args = ["train", data, "--masks", tmp_path / "guide" / "masks.parquet", "--student", STUDENT, "--max-steps", "8",
+            "--save-steps", "2", "--logging-steps", "1", "--lr", "1e-4", "--seed", "5", "--device", "cpu"]
+    gist_script = shutil.which("gist") or ROOT / ".venv" / "bin" / "gist"
+    full = tmp_path / "full"
+    torchrun(gist_script, *args, "--out", full)
+    # A run killed right after checkpoint 6: the uninterrupted run's directory as it was then.
+    resumed = tmp_path / "resumed"
+    shutil.copytree(full, resumed)
+    shutil.rmtree(resumed / "final")
+    shutil.rmtree(resumed / "checkpoints" / "checkpoint-8")
+    torchrun(gist_script, *args, "--out", resumed, "--resume")
+
+    def losses(out):
+        return {entry["step"]: entry["loss"] for entry in map(json.loads, (out / "train_log.jsonl").read_text().splitlines()) if "loss" in entry}
+
+    assert sorted(losses(full)) == sorted(losses(resumed)) == list(range(1, 9))
+    assert losses(resumed) == pytest.approx(losses(full), abs=2e-4)  # the trainer logs losses rounded to 4 digits
+    a, b = load_file(full / "final" / "model.safetensors"), load_file(resumed / "final" / "model.safetensors")
+    for name in a:
+        torch.testing.assert_close(b[name], a[name], atol=1e-6, rtol=0, msg=name)

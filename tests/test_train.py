@@ -36,22 +36,34 @@ def test_training_never_needs_the_guide(tmp_path, triplets):
     assert any(not torch.equal(before[k], after[k]) for k in before if k in after)
 
 
-def test_sampler_replays_the_plan_epoch_by_epoch(guide_run, triplets):
+def test_sampler_follows_the_trainer_step_not_set_epoch(guide_run, triplets):
+    """The epoch comes from the trainer's global step (masks.cursor): set_epoch, which does not reach
+    the sampler on a resume under torchrun, changes nothing."""
     masks = PlannedMasks(guide_run / "masks.parquet")
-    sampler = PlannedBatchSampler(training_dataset(load_training_data(triplets)), 16, True, plan=masks.plan)
-    assert len(sampler) == masks.plan.shape[1]
-    for epoch in range(masks.plan.shape[0]):
-        sampler.set_epoch(epoch)
+    sampler = PlannedBatchSampler(training_dataset(load_training_data(triplets)), 16, True, masks=masks)
+    epochs, steps, _ = masks.plan.shape
+    assert len(sampler) == steps
+    for epoch in range(epochs):
+        sampler.set_epoch(0)
+        masks.cursor.step = epoch * steps + 1  # mid-epoch, as on a resume
         assert list(sampler) == masks.plan[epoch].tolist()
+    masks.cursor.step = epochs * steps
+    with pytest.raises(GistError, match="re-plan with more --epochs"):
+        list(sampler)
 
 
-def test_unplanned_batch_is_an_error(guide_run, triplets):
+@pytest.mark.parametrize("which", ["unplanned", "another step's"])
+def test_batch_other_than_the_one_due_is_an_error(guide_run, triplets, which):
+    """The loss checks the batch against the plan row of the trainer's step, so a sampler drifting
+    to another epoch's batches fails loudly."""
     masks = PlannedMasks(guide_run / "masks.parquet")
     student = load_student()
     dataset = training_dataset(load_training_data(triplets))
-    rows = dataset[list(range(16))]  # the first 16 rows, in order: not a planned batch
+    ids = list(range(16)) if which == "unplanned" else masks.batches[masks.plan.shape[1] + 2].tolist()  # a planned batch of epoch 2
+    rows = dataset[ids]
     features = [student.preprocess(rows[c]) for c in ("anchor", "positive", "negative_1")]
-    with pytest.raises(GistError, match="not in the plan"):
+    masks.cursor.step = 2
+    with pytest.raises(GistError, match="not the batch planned for step 3"):
         GuidedMaskLoss(student, masks)(features, torch.tensor(rows["label"]))
 
 
@@ -79,7 +91,7 @@ def test_resume_continues_at_the_planned_step_with_the_same_weights(tmp_path, gu
             def on_step_begin(self, args, state, control, **kwargs):
                 seen.append(state.global_step)
 
-        trainer = build_trainer(student, data, masks.plan, GuidedMaskLoss(student, masks), out, callbacks=[Batches(), *callbacks], **args)
+        trainer = build_trainer(student, data, masks, GuidedMaskLoss(student, masks), out, callbacks=[Batches(), *callbacks], **args)
         trainer.train(resume_from_checkpoint=True if resume else None)
         return student, seen
 
