@@ -66,7 +66,8 @@ class BroadcastCosine(torch.autograd.Function):
         x_dtype, y_dtype = x.dtype, y.dtype
         dtype = functools.reduce(torch.promote_types, (x_dtype, y_dtype, grad.dtype), torch.float32)
         device_type = x.device.type
-        no_autocast = torch.autocast(device_type, enabled=False) if torch.amp.is_autocast_available(device_type) else nullcontext()
+        has_autocast = getattr(torch.amp, "is_autocast_available", lambda device: device in ("cpu", "cuda"))  # torch < 2.4 lacks it
+        no_autocast = torch.autocast(device_type, enabled=False) if has_autocast(device_type) else nullcontext()
         with no_autocast:
             x, y, grad = x.to(dtype), y.to(dtype), grad.to(dtype)
             x_norm = x.norm(dim=-1, keepdim=True).clamp_min(COSINE_EPS)
