@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+import signal
 import sys
-import time
 import traceback
 from pathlib import Path
 from typing import Annotated, Optional
@@ -257,8 +257,20 @@ def evaluate_command(
         artifacts.write_json(out, {"model": str(model_path), **results})
 
 
+class Interrupted(BaseException):
+    """Ctrl-C or SIGTERM. Not KeyboardInterrupt, which click turns into a silent exit before main()
+    can say how to resume; a BaseException, so no `except Exception` on the way swallows it."""
+
+
+def _interrupted(signum, frame) -> None:
+    raise Interrupted(signal.Signals(signum).name)  # temporary files are removed on the way out, finished work stays
+
+
 def main() -> None:
-    """Console entry point: user errors become one line on stderr and exit status 1."""
+    """Console entry point: user errors become one line on stderr and exit status 1; Ctrl-C and
+    SIGTERM stop with status 130, leaving a directory the same command resumes."""
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, _interrupted)
     try:
         app()
     except GistError as e:
@@ -266,8 +278,8 @@ def main() -> None:
             traceback.print_exc()
         console.print(f"[red]error:[/] {e}", highlight=False)
         sys.exit(1)
-    except KeyboardInterrupt:
-        console.print("[red]interrupted[/]")
+    except (Interrupted, KeyboardInterrupt) as e:
+        console.print(f"[red]interrupted[/] ({e or 'SIGINT'}): finished work is kept; run the same command again to resume (gist train: add --resume)")
         sys.exit(130)
     except Exception as e:  # noqa: BLE001 - the interface is one line, the traceback is behind --debug
         if state["debug"]:

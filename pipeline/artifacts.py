@@ -100,6 +100,38 @@ def verify_checksum(run_dir: Path, name: str, manifest: dict) -> Path:
     return path
 
 
+LOCK = ".gist.lock"
+
+
+@contextlib.contextmanager
+def exclusive(out_dir: Path) -> Iterator[None]:
+    """Hold `out_dir` for this process while the block runs: a second gist writing into it is
+    refused with a clear message. An flock, so the kernel releases it when the process ends,
+    killed or not: no stale lock to clean up. Creates `out_dir` if needed."""
+    import fcntl
+
+    out_dir = Path(out_dir)
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        handle = open(out_dir / LOCK, "a+")
+    except OSError as e:
+        raise GistError(f"{out_dir}: output directory is not writable ({e.strerror})") from None
+    try:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip() or "another process"
+            raise GistError(f"{out_dir} is being written by another gist ({holder}); wait for it to finish or choose another --out") from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"pid {os.getpid()} on {platform.node()}")
+        handle.flush()
+        yield
+    finally:
+        handle.close()  # releases the lock
+
+
 def prepare_out_dir(out_dir: Path, overwrite: bool, owned: list[str]) -> None:
     """Create `out_dir`; refuse a non-empty one that holds a finished run unless `overwrite`.
 

@@ -216,7 +216,8 @@ class PlannedMasks:
         if row >= len(self.batches) or not np.array_equal(np.asarray(example_ids, dtype=np.int64), self.batches[row]):
             raise GistError(
                 f"batch with example ids {list(example_ids)[:6]}... is not the batch planned for step {row + 1} in {self.path}; "
-                "train with the planned batch sampler and the same data, with `masks.cursor` among the trainer's callbacks"
+                "train with the planned batch sampler and the same data, with `masks.cursor` among the trainer's callbacks "
+                "(an eval_dataset's batches have no masks: evaluate with an evaluator)"
             )
         return row
 

@@ -12,6 +12,7 @@ embeddings) survives a failure and is reused by the same call run again.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -64,48 +65,49 @@ def precompute_guide(
     t_data = time.perf_counter()
     rank, world_size = guide_mod.init_distributed()  # under torchrun each rank encodes a share of the texts
     model = guide_mod.load_model(str(guide), device, trust_remote_code)
-    owned = [data_mod.TEXTS, data_mod.EXAMPLES, guide_mod.EMBEDDINGS, guide_mod.INDEX, masks_mod.MASKS]
-    if rank == 0:
-        artifacts.prepare_out_dir(out, overwrite, owned)
-    fp16 = model.device.type == "cuda"
-    if fp16:
-        model.half()
-    if guide_max_seq_length:
-        try:
-            model.max_seq_length = guide_max_seq_length
-        except AttributeError:
-            raise GistError(f"--guide-max-seq-length: {guide} takes no sequence length (a static embedding model?)") from None
-    identity = guide_mod.encoding_identity(guide_mod.model_identity(str(guide)), model, "float16" if fp16 else "float32")
-    stored = guide_mod.StoredEmbeddings(list(reuse), identity) if reuse else None
-    t_load = time.perf_counter()
+    with artifacts.exclusive(out) if rank == 0 else contextlib.nullcontext():  # rank 0 writes OUT; a second gist is refused
+        owned = [data_mod.TEXTS, data_mod.EXAMPLES, guide_mod.EMBEDDINGS, guide_mod.INDEX, masks_mod.MASKS]
+        if rank == 0:
+            artifacts.prepare_out_dir(out, overwrite, owned)
+        fp16 = model.device.type == "cuda"
+        if fp16:
+            model.half()
+        if guide_max_seq_length:
+            try:
+                model.max_seq_length = guide_max_seq_length
+            except AttributeError:
+                raise GistError(f"--guide-max-seq-length: {guide} takes no sequence length (a static embedding model?)") from None
+        identity = guide_mod.encoding_identity(guide_mod.model_identity(str(guide)), model, "float16" if fp16 else "float32")
+        stored = guide_mod.StoredEmbeddings(list(reuse), identity) if reuse else None
+        t_load = time.perf_counter()
 
-    if rank == 0:
-        data_mod.write_data_tables(out, training)
-    run_key = {"guide": {key: identity[key] for key in guide_mod.ENCODING_KEYS}, "fingerprint": training.fingerprint}
-    encoding = guide_mod.encode_to_parquet(model, training.texts, out, encode_batch_size, run_key, rows_per_group, rank, world_size, stored)
-    if rank != 0:
-        return None  # rank 0 joins the parts, builds the index and writes the plan
-    t_encode = time.perf_counter()
-    embeddings = guide_mod.read_embeddings(out / guide_mod.EMBEDDINGS)
-    index_kind = guide_mod.build_index(embeddings, out / guide_mod.INDEX, index)
-    t_index = time.perf_counter()
-    batch_plan = plan_batches(training, plan.batch_size, plan.epochs, plan.seed, plan.strategy, embeddings, **rule_options(plan))
-    t_plan = time.perf_counter()
-    summary = masks_mod.write_plan_masks(out, embeddings, training, batch_plan, plan, identity)
-    t_masks = time.perf_counter()
-    manifest = artifacts.write_manifest(
-        out, owned,
-        kind="guide-pass",
-        world_size=world_size,
-        guide={**identity, "dim": encoding["dim"], "device": str(model.device), "trust_remote_code": trust_remote_code},
-        dataset={"path": str(Path(data).resolve()), "fingerprint": training.fingerprint, "columns": training.columns, "num_examples": training.num_examples, "num_texts": len(training.texts), "num_negatives": training.num_negatives},
-        encoding={"batch_size": encode_batch_size, "rows_per_group": rows_per_group, "embedding_dtype": "float32", "reused_from": [str(Path(r).resolve()) for r in reuse], **encoding},
-        index={"kind": index_kind, "metric": "inner_product"},
-        plan=summary,
-        timings={"data_s": round(t_data - t_start, 3), "load_s": round(t_load - t_data, 3), "encode_s": round(t_encode - t_load, 3), "index_s": round(t_index - t_encode, 3), "plan_s": round(t_plan - t_index, 3), "masks_s": round(t_masks - t_plan, 3), "total_s": round(time.perf_counter() - t_start, 3)},
-    )
-    guide_mod.finish_encoding(out)
-    return GuidePass(out, manifest)
+        if rank == 0:
+            data_mod.write_data_tables(out, training)
+        run_key = {"guide": {key: identity[key] for key in guide_mod.ENCODING_KEYS}, "fingerprint": training.fingerprint}
+        encoding = guide_mod.encode_to_parquet(model, training.texts, out, encode_batch_size, run_key, rows_per_group, rank, world_size, stored)
+        if rank != 0:
+            return None  # rank 0 joins the parts, builds the index and writes the plan
+        t_encode = time.perf_counter()
+        embeddings = guide_mod.read_embeddings(out / guide_mod.EMBEDDINGS)
+        index_kind = guide_mod.build_index(embeddings, out / guide_mod.INDEX, index)
+        t_index = time.perf_counter()
+        batch_plan = plan_batches(training, plan.batch_size, plan.epochs, plan.seed, plan.strategy, embeddings, **rule_options(plan))
+        t_plan = time.perf_counter()
+        summary = masks_mod.write_plan_masks(out, embeddings, training, batch_plan, plan, identity)
+        t_masks = time.perf_counter()
+        manifest = artifacts.write_manifest(
+            out, owned,
+            kind="guide-pass",
+            world_size=world_size,
+            guide={**identity, "dim": encoding["dim"], "device": str(model.device), "trust_remote_code": trust_remote_code},
+            dataset={"path": str(Path(data).resolve()), "fingerprint": training.fingerprint, "columns": training.columns, "num_examples": training.num_examples, "num_texts": len(training.texts), "num_negatives": training.num_negatives},
+            encoding={"batch_size": encode_batch_size, "rows_per_group": rows_per_group, "embedding_dtype": "float32", "reused_from": [str(Path(r).resolve()) for r in reuse], **encoding},
+            index={"kind": index_kind, "metric": "inner_product"},
+            plan=summary,
+            timings={"data_s": round(t_data - t_start, 3), "load_s": round(t_load - t_data, 3), "encode_s": round(t_encode - t_load, 3), "index_s": round(t_index - t_encode, 3), "plan_s": round(t_plan - t_index, 3), "masks_s": round(t_masks - t_plan, 3), "total_s": round(time.perf_counter() - t_start, 3)},
+        )
+        guide_mod.finish_encoding(out)
+        return GuidePass(out, manifest)
 
 
 def replan(guide_dir: str | Path, out: str | Path, plan: PlanParams = PlanParams(), *, overwrite: bool = False) -> GuidePass:
@@ -120,11 +122,12 @@ def replan(guide_dir: str | Path, out: str | Path, plan: PlanParams = PlanParams
         raise GistError(f"--out {out} is (or contains) the guide pass {guide_dir}; writing there would destroy it: choose another --out")
     t_start = time.perf_counter()
     manifest, training, embeddings = guide_mod.load_guide_pass(guide_dir)
-    batch_plan = plan_batches(training, plan.batch_size, plan.epochs, plan.seed, plan.strategy, embeddings, **rule_options(plan))
-    artifacts.prepare_out_dir(out, overwrite, [masks_mod.MASKS])
-    summary = masks_mod.write_plan_masks(out, embeddings, training, batch_plan, plan, manifest["guide"])
-    written = artifacts.write_manifest(
-        out, [masks_mod.MASKS], kind="plan", guide_dir=str(guide_dir.resolve()), guide=manifest["guide"],
-        dataset=manifest["dataset"], plan=summary, timings={"total_s": round(time.perf_counter() - t_start, 3)},
-    )
-    return GuidePass(out, written)
+    with artifacts.exclusive(out):  # a second gist writing into OUT is refused while this one runs
+        batch_plan = plan_batches(training, plan.batch_size, plan.epochs, plan.seed, plan.strategy, embeddings, **rule_options(plan))
+        artifacts.prepare_out_dir(out, overwrite, [masks_mod.MASKS])
+        summary = masks_mod.write_plan_masks(out, embeddings, training, batch_plan, plan, manifest["guide"])
+        written = artifacts.write_manifest(
+            out, [masks_mod.MASKS], kind="plan", guide_dir=str(guide_dir.resolve()), guide=manifest["guide"],
+            dataset=manifest["dataset"], plan=summary, timings={"total_s": round(time.perf_counter() - t_start, 3)},
+        )
+        return GuidePass(out, written)

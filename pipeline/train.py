@@ -2,11 +2,13 @@
 
 Training is sentence-transformers' `SentenceTransformerTrainer`; gist only supplies the loss
 (`GuidedMaskLoss`) and a batch sampler that replays the plan, so checkpointing, resume, logging,
-evaluators and torchrun are the trainer's own.
+evaluators and torchrun are the trainer's own. A training script needs `planned_dataset`,
+`planned_training_args` and `masks.cursor` among its callbacks; `train_student` is `gist train`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import os
@@ -290,33 +292,35 @@ def train_student(
         "student": guide_mod.model_identity(str(student))["sha256"], **asdict(settings),
     }
     record["matryoshka_dims"] = list(settings.matryoshka_dims)
-    claim_out_dir(out, record, resume)
-    checkpoint = last_complete_checkpoint(out / "checkpoints") if resume else None
-    model = guide_mod.load_model(str(student), device)
-    settings.check(model.get_embedding_dimension())
-    if settings.max_seq_length:
-        model.max_seq_length = settings.max_seq_length
-    metric = None
-    if evaluator is not None:
-        metric = "eval_sts_spearman_cosine" if sts else "eval_beir_cosine_ndcg@10"
-    trainer = build_trainer(
-        model, training, masks, build_loss(model, masks, settings), out, evaluator=evaluator, callbacks=[JsonlLogCallback(out / TRAIN_LOG)],
-        learning_rate=settings.lr, warmup_steps=settings.warmup_ratio, lr_scheduler_type=settings.lr_scheduler, weight_decay=settings.weight_decay,
-        max_steps=settings.max_steps, logging_steps=settings.logging_steps, save_steps=settings.save_steps, seed=settings.seed,
-        gradient_checkpointing=settings.gradient_checkpointing, use_cpu=model.device.type == "cpu",
-        fp16=settings.precision == "fp16", bf16=settings.precision == "bf16",
-        **({"eval_strategy": "steps", "eval_steps": settings.eval_steps, "metric_for_best_model": metric, "greater_is_better": True} if evaluator else {}),
-    )
-    trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
-    if not trainer.is_world_process_zero():
-        return None
-    final = out / "final"
-    with artifacts.atomic_path(final) as tmp:
-        model.save(str(tmp))
-    if sts or beir:
-        results = evaluate_model(model, sts, beir)
+    rank0 = int(os.environ.get("RANK", 0)) == 0
+    with artifacts.exclusive(out) if rank0 else contextlib.nullcontext():  # a second gist writing into OUT is refused
+        claim_out_dir(out, record, resume)
+        checkpoint = last_complete_checkpoint(out / "checkpoints") if resume else None
+        model = guide_mod.load_model(str(student), device)
+        settings.check(model.get_embedding_dimension())
+        if settings.max_seq_length:
+            model.max_seq_length = settings.max_seq_length
+        metric = None
         if evaluator is not None:
-            results["best_checkpoint"] = trainer.state.best_model_checkpoint
-            results["best_metric"] = trainer.state.best_metric
-        artifacts.write_json(out / "eval.json", results)
-    return final
+            metric = "eval_sts_spearman_cosine" if sts else "eval_beir_cosine_ndcg@10"
+        trainer = build_trainer(
+            model, training, masks, build_loss(model, masks, settings), out, evaluator=evaluator, callbacks=[JsonlLogCallback(out / TRAIN_LOG)],
+            learning_rate=settings.lr, warmup_steps=settings.warmup_ratio, lr_scheduler_type=settings.lr_scheduler, weight_decay=settings.weight_decay,
+            max_steps=settings.max_steps, logging_steps=settings.logging_steps, save_steps=settings.save_steps, seed=settings.seed,
+            gradient_checkpointing=settings.gradient_checkpointing, use_cpu=model.device.type == "cpu",
+            fp16=settings.precision == "fp16", bf16=settings.precision == "bf16",
+            **({"eval_strategy": "steps", "eval_steps": settings.eval_steps, "metric_for_best_model": metric, "greater_is_better": True} if evaluator else {}),
+        )
+        trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+        if not trainer.is_world_process_zero():
+            return None
+        final = out / "final"
+        with artifacts.atomic_path(final) as tmp:
+            model.save(str(tmp))
+        if sts or beir:
+            results = evaluate_model(model, sts, beir)
+            if evaluator is not None:
+                results["best_checkpoint"] = trainer.state.best_model_checkpoint
+                results["best_metric"] = trainer.state.best_metric
+            artifacts.write_json(out / "eval.json", results)
+        return final

@@ -73,6 +73,14 @@ def pairs_run(tmp_path_factory, pairs) -> Path:
     return out
 
 
+@pytest.fixture(scope="session")
+def guide():
+    """The same-vocabulary guide, loaded once, for the online GISTEmbedLoss references."""
+    from sentence_transformers import SentenceTransformer
+
+    return SentenceTransformer(str(GUIDE_SAMEVOCAB), device="cpu")
+
+
 def load_student(dropout: bool = False):
     """tiny-student; dropout off by default so two runs of the same step are comparable."""
     from sentence_transformers import SentenceTransformer

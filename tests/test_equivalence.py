@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-from sentence_transformers import SentenceTransformer
 from sentence_transformers.sentence_transformer.losses import GISTEmbedLoss
 
 from pipeline.data import load_training_data
@@ -46,11 +45,6 @@ def loss_and_grads(model, loss_fn, dataset, example_ids):
     loss = loss_fn(features, labels)
     loss.backward()
     return loss.item(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-
-
-@pytest.fixture(scope="module")
-def guide():
-    return SentenceTransformer(str(GUIDE_SAMEVOCAB), device="cpu")
 
 
 PLANS = [

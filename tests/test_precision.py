@@ -19,14 +19,13 @@ import types
 import pytest
 import torch
 import torch.nn.functional as F
-from sentence_transformers import SentenceTransformer
 from sentence_transformers.sentence_transformer.losses import CachedGISTEmbedLoss, GISTEmbedLoss
 
 from pipeline.data import load_training_data
 from pipeline.loss import BroadcastCosine, CachedGuidedMaskLoss, GuidedMaskLoss
 from pipeline.masks import MASKS, PlannedMasks
 from pipeline.train import build_trainer, training_dataset
-from tests.conftest import GUIDE_SAMEVOCAB, load_student
+from tests.conftest import load_student
 from tests.test_equivalence import TOL, batch_inputs, grad_errors, loss_and_grads
 
 BF16, FP16, FP32 = torch.bfloat16, torch.float16, torch.float32
@@ -131,11 +130,6 @@ def test_broadcast_cosine_float32_unchanged_under_autocast():
 
 
 # --- (b) GuidedMaskLoss against GISTEmbedLoss under autocast ---------------------------------------
-
-@pytest.fixture(scope="module")
-def guide():
-    return SentenceTransformer(str(GUIDE_SAMEVOCAB), device="cpu")
-
 
 @pytest.fixture(scope="module")
 def planned(guide_run, triplets):

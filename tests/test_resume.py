@@ -25,12 +25,12 @@ def start(*args) -> subprocess.Popen:
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
 
 
-def kill_when(proc: subprocess.Popen, condition, timeout: float = 120) -> bool:
-    """SIGKILL `proc` as soon as `condition()` holds; False if the process ended first."""
+def kill_when(proc: subprocess.Popen, condition, timeout: float = 120, sig=signal.SIGKILL) -> bool:
+    """Send `sig` (SIGKILL) to `proc` as soon as `condition()` holds; False if the process ended first."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if condition():
-            os.kill(proc.pid, signal.SIGKILL)
+            os.kill(proc.pid, sig)
             proc.wait()
             return True
         if proc.poll() is not None:
@@ -136,3 +136,25 @@ def test_two_process_resume_in_epoch_2_equals_an_uninterrupted_run(tmp_path):
     a, b = load_file(full / "final" / "model.safetensors"), load_file(resumed / "final" / "model.safetensors")
     for name in a:
         torch.testing.assert_close(b[name], a[name], atol=1e-6, rtol=0, msg=name)
+
+
+def test_second_writer_is_refused_and_sigterm_leaves_a_resumable_run(tmp_path, triplets, uninterrupted):
+    """While a gist holds --out, another into it is refused; SIGTERM stops a stage 1 (exit 130, one
+    line, no traceback), and the same command resumes to identical files (the lock died with it)."""
+    from pipeline.artifacts import exclusive
+
+    out = tmp_path / "run"
+    with exclusive(out):  # this test process plays the first gist
+        second = gist(*stage1_args(triplets, out), check=False)
+    assert second.returncode == 1 and f"is being written by another gist (pid {os.getpid()}" in second.stderr, second.stderr
+    parts_dir = out / ".embeddings.parts"
+    proc = start(*stage1_args(triplets, out))
+    assert kill_when(proc, lambda: len(list(parts_dir.glob("part-*.parquet"))) >= 2, sig=signal.SIGTERM), proc.stderr.read()
+    assert proc.returncode == 130
+    stderr = proc.stderr.read()
+    assert "interrupted" in stderr and "Traceback" not in stderr, stderr
+    assert not (out / "manifest.json").exists()
+    result = gist(*stage1_args(triplets, out))
+    assert "resumed" in result.stderr
+    for name in FILES:
+        assert (out / name).read_bytes() == (uninterrupted / name).read_bytes(), name

@@ -109,3 +109,79 @@ def test_evaluate_writes_metrics(tmp_path):
     results = json.loads(out.read_text())
     assert -1 <= results["sts_spearman"] <= 1 and 0 <= results["beir_ndcg@10"] <= 1
     assert results["beir_ndcg@10"] > 0  # a random BERT still retrieves by word overlap
+
+
+def test_build_loss_follows_the_settings(guide_run):
+    from sentence_transformers.sentence_transformer.losses import (
+        CachedMultipleNegativesRankingLoss, MatryoshkaLoss, MultipleNegativesRankingLoss,
+    )
+
+    from pipeline.loss import CachedGuidedMaskLoss
+    from pipeline.train import TrainSettings, build_loss
+
+    masks, student = PlannedMasks(guide_run / "masks.parquet"), load_student()
+    expected = {("guided", None): GuidedMaskLoss, ("guided", 8): CachedGuidedMaskLoss,
+                ("mnrl", None): MultipleNegativesRankingLoss, ("mnrl", 8): CachedMultipleNegativesRankingLoss}
+    for (loss, mini_batch), cls in expected.items():
+        built = build_loss(student, masks, TrainSettings(loss=loss, mini_batch_size=mini_batch, temperature=0.02))
+        assert type(built) is cls
+        assert getattr(built, "mini_batch_size", None) == mini_batch
+        assert (built.scale if loss == "mnrl" else 1 / built.temperature) == pytest.approx(50)
+    wrapped = build_loss(student, masks, TrainSettings(matryoshka_dims=(32, 16)))
+    assert isinstance(wrapped, MatryoshkaLoss) and type(wrapped.loss) is GuidedMaskLoss and list(wrapped.matryoshka_dims) == [32, 16]
+    with pytest.raises(GistError, match="the student's embeddings have 64 dimensions"):
+        TrainSettings(matryoshka_dims=(128, 64)).check(64)
+
+
+def test_train_options_reach_the_trainer(tmp_path, guide_run, triplets, monkeypatch):
+    """--loss mnrl --mini-batch-size --matryoshka-dims --max-seq-length --gradient-checkpointing
+    --eval-steps --lr-scheduler --weight-decay, in one short run of `gist train`'s function."""
+    from sentence_transformers import SentenceTransformer
+
+    from pipeline.train import TrainSettings, train_student
+
+    enabled = []
+    original = SentenceTransformer.gradient_checkpointing_enable
+    monkeypatch.setattr(SentenceTransformer, "gradient_checkpointing_enable", lambda self, *a, **k: (enabled.append(True), original(self, *a, **k)))
+    settings = TrainSettings(loss="mnrl", mini_batch_size=4, matryoshka_dims=(32, 16), max_seq_length=24, gradient_checkpointing=True,
+                             eval_steps=2, lr_scheduler="cosine", weight_decay=0.01, max_steps=4, save_steps=2, logging_steps=1, lr=1e-4)
+    out = tmp_path / "run"
+    final = train_student(triplets, guide_run / "masks.parquet", STUDENT, out, settings, device="cpu", sts=ROOT / "data" / "stsb_dev.parquet")
+    assert enabled, "gradient checkpointing was not switched on"
+    assert SentenceTransformer(str(final), device="cpu").max_seq_length == 24
+    results = json.loads((out / "eval.json").read_text())
+    assert results["best_checkpoint"].endswith(("checkpoint-2", "checkpoint-4")) and -1 <= results["sts_spearman"] <= 1
+    state = json.loads((out / "checkpoints" / "checkpoint-4" / "trainer_state.json").read_text())
+    assert [e["step"] for e in state["log_history"] if "eval_sts_spearman_cosine" in e] == [2, 4]
+    record = json.loads((out / "run.json").read_text())
+    assert record["loss"] == "mnrl" and record["mini_batch_size"] == 4 and record["matryoshka_dims"] == [32, 16]
+    lrs = [e["learning_rate"] for e in state["log_history"] if "learning_rate" in e]
+    assert lrs[-1] < lrs[1] and len(set(lrs)) > 2  # warm-up, then cosine decay
+
+
+def test_cached_guided_bf16_training_through_the_cli(tmp_path, guide_run, triplets):
+    out = tmp_path / "run"
+    gist("train", triplets, "--masks", guide_run / "masks.parquet", "--student", STUDENT, "--out", out, "--mini-batch-size", "4",
+         "--precision", "bf16", "--max-steps", "2", "--logging-steps", "1", "--device", "cpu")
+    losses = [json.loads(line)["loss"] for line in (out / "train_log.jsonl").read_text().splitlines() if '"loss"' in line]
+    assert len(losses) == 2 and all(np.isfinite(losses))
+    assert json.loads((out / "run.json").read_text())["precision"] == "bf16"
+
+
+def test_version(tmp_path):
+    proc = gist("--version")
+    assert proc.stdout.startswith("gist 0.1.0") and "torch" in proc.stdout and "faiss-cpu" in proc.stdout
+
+
+def test_planned_dataset_from_a_users_dataset(guide_run, triplets):
+    from datasets import Dataset
+
+    from pipeline import planned_dataset
+
+    masks = PlannedMasks(guide_run / "masks.parquet")
+    users = Dataset.from_parquet(str(triplets))
+    dataset = planned_dataset(users, masks)
+    assert dataset.column_names == ["anchor", "positive", "negative_1", "label"]
+    assert dataset["label"] == list(range(len(users))) and dataset["anchor"] == users["anchor"]
+    with pytest.raises(GistError, match="planned for"):
+        planned_dataset(users.shuffle(seed=0), masks)  # the same rows in another order are other examples

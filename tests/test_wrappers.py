@@ -17,7 +17,6 @@ import warnings
 
 import pytest
 import torch
-from sentence_transformers import SentenceTransformer
 from sentence_transformers.sentence_transformer.losses import (
     AdaptiveLayerLoss,
     CachedGISTEmbedLoss,
@@ -30,16 +29,11 @@ from pipeline.data import load_training_data
 from pipeline.loss import CachedGuidedMaskLoss, GuidedMaskLoss
 from pipeline.masks import MASKS, PlannedMasks
 from pipeline.train import training_dataset
-from tests.conftest import GUIDE_SAMEVOCAB, load_student
+from tests.conftest import load_student
 from tests.test_equivalence import TOL, assert_grads_close, loss_and_grads
 
 ROWS = [1]  # the plan row compared (its batch masks the most); the loss checks it against masks.cursor.step = 1
 MINI_BATCH = 6  # cached losses: 16 rows in mini-batches of 6, the last one partial
-
-
-@pytest.fixture(scope="module")
-def guide():
-    return SentenceTransformer(str(GUIDE_SAMEVOCAB), device="cpu")
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,201 @@
+"""gpu_check: the GPU checks of issue 16 as one prepared run (sized for < 8 minutes on one H200).
+
+No GPU was lent while this was written; it runs here on CPU with `--device cpu --quick` (tiny
+sizes, to check the script itself) and is left for whoever next has a GPU:
+
+    python -m bench.gpu_check --out "$OUT"             # on the GPU machine
+    python -m bench.gpu_check --out /tmp/g --device cpu --quick
+
+Trained weights do not travel there, so the models are the real architectures built from their
+configurations in bench/gpu_models/ (all-MiniLM-L6-v2 student, all-mpnet-base-v2 guide; tokenizer
+and module files, no weights) with seeded random weights. What it measures:
+
+1. stage 1 on the device (fp16 on CUDA): `precompute_guide` over the sample with the mpnet guide;
+2. equivalence under autocast (bf16 and fp16): GuidedMaskLoss vs GISTEmbedLoss and
+   CachedGuidedMaskLoss vs CachedGISTEmbedLoss on planned batches, with a second random MiniLM as
+   the guide (same tokenizer, so GISTEmbedLoss does not retokenize); loss and gradient differences;
+3. training: 3 trainer steps in bf16 and in fp16 with each guided loss (finite losses, weights move);
+4. train_step ratios: seconds per step and peak CUDA memory of MNRL, GuidedMaskLoss and
+   GISTEmbedLoss with the mpnet guide online, at batch 128 (the bench train_step targets).
+
+The GPU machine lacks `datasets` and FAISS: carry their wheels (DEVELOPERS.md / the device tool's
+README: `pip download` datasets, faiss-gpu or faiss-cpu, and their missing dependencies into .whl/).
+Writes OUT/gpu_check.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import time
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import torch
+
+from bench.common import ROOT, SAMPLE, machine_info
+
+CONFIGS = ROOT / "bench" / "gpu_models"
+
+
+def random_model(name: str, work: Path, seed: int, device: str, layers: int | None = None):
+    """A SentenceTransformer of `name`'s architecture with seeded random weights (saved under `work`)."""
+    from sentence_transformers import SentenceTransformer
+    from transformers import AutoConfig, AutoModel
+
+    target = work / f"{name}-seed{seed}"
+    if not target.exists():
+        shutil.copytree(CONFIGS / name, target)
+        config = AutoConfig.from_pretrained(target)
+        if layers:
+            config.num_hidden_layers = layers
+        torch.manual_seed(seed)
+        AutoModel.from_config(config).save_pretrained(target)
+    return SentenceTransformer(str(target), device=device)
+
+
+def batch_inputs(model, dataset, ids):
+    rows = dataset[list(map(int, ids))]
+    return [model.preprocess(rows[c]) for c in dataset.column_names if c != "label"], torch.tensor(rows["label"])
+
+
+def loss_and_grads(model, loss_fn, dataset, ids, dtype):
+    from sentence_transformers.util import batch_to_device
+
+    model.zero_grad()
+    features, labels = batch_inputs(model, dataset, ids)
+    with torch.autocast(model.device.type, dtype=dtype):
+        loss = loss_fn([batch_to_device(f, model.device) for f in features], labels.to(model.device))
+    loss.backward()
+    return loss.item(), {n: p.grad.float().clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def equivalence(student, guide, masks, dataset, rows) -> dict:
+    """Largest loss and relative gradient differences, ours vs sentence-transformers, per (precision, loss)."""
+    from sentence_transformers.sentence_transformer.losses import CachedGISTEmbedLoss, GISTEmbedLoss
+
+    from pipeline.loss import CachedGuidedMaskLoss, GuidedMaskLoss
+
+    p = masks.params
+    rule = dict(margin_strategy=p.margin_strategy, margin=p.margin, contrast_anchors=p.contrast_anchors, contrast_positives=p.contrast_positives)
+    pairs = {
+        "guided": (GuidedMaskLoss(student, masks), GISTEmbedLoss(student, guide, **rule)),
+        "cached": (CachedGuidedMaskLoss(student, masks, mini_batch_size=32), CachedGISTEmbedLoss(student, guide, mini_batch_size=32, **rule)),
+    }
+    result = {}
+    for precision, dtype in (("bf16", torch.bfloat16), ("fp16", torch.float16)):
+        for name, (ours, reference) in pairs.items():
+            worst = {"loss": 0.0, "grad": 0.0}
+            for row in rows:
+                masks.cursor.step = row
+                loss_ours, grads_ours = loss_and_grads(student, ours, dataset, masks.batches[row], dtype)
+                loss_ref, grads_ref = loss_and_grads(student, reference, dataset, masks.batches[row], dtype)
+                worst["loss"] = max(worst["loss"], abs(loss_ours - loss_ref))
+                worst["grad"] = max(worst["grad"], *((grads_ours[k] - g).abs().max().item() / max(1.0, g.abs().max().item()) for k, g in grads_ref.items()))
+            result[f"{name}_{precision}"] = worst
+    return result
+
+
+def short_training(student_factory, data, masks, work: Path, device: str) -> dict:
+    """3 trainer steps per (loss, precision): final loss, finite, whether the weights moved."""
+    from pipeline.loss import CachedGuidedMaskLoss, GuidedMaskLoss
+    from pipeline.train import build_trainer
+
+    result = {}
+    for precision in ("bf16", "fp16"):
+        for name in ("guided", "cached"):
+            model = student_factory()
+            before = {k: v.detach().clone() for k, v in model.state_dict().items()}
+            loss = GuidedMaskLoss(model, masks) if name == "guided" else CachedGuidedMaskLoss(model, masks, mini_batch_size=32)
+            trainer = build_trainer(model, data, masks, loss, work / f"train-{name}-{precision}", max_steps=3, logging_steps=1, learning_rate=1e-4,
+                                    warmup_steps=0, save_strategy="no", disable_tqdm=True, use_cpu=device == "cpu",
+                                    bf16=precision == "bf16", fp16=precision == "fp16" and device != "cpu")
+            trainer.train()
+            losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
+            moved = max((model.state_dict()[k].float() - v.float()).abs().max().item() for k, v in before.items())
+            result[f"{name}_{precision}"] = {"losses": losses, "finite": all(map(lambda x: x == x and abs(x) < float("inf"), losses)), "max_weight_change": moved}
+    return result
+
+
+def step_times(student_factory, guide, data, masks, work: Path, device: str, steps: int) -> dict:
+    """Seconds per trainer step (after 2 warm-up steps) and peak CUDA memory, per loss, bf16."""
+    from sentence_transformers.sentence_transformer.losses import GISTEmbedLoss, MultipleNegativesRankingLoss
+
+    from pipeline.loss import GuidedMaskLoss
+    from pipeline.train import build_trainer
+
+    result = {}
+    for name in ("mnrl", "guided", "online"):
+        model = student_factory()
+        loss = {"mnrl": lambda: MultipleNegativesRankingLoss(model, scale=100.0), "guided": lambda: GuidedMaskLoss(model, masks),
+                "online": lambda: GISTEmbedLoss(model, guide)}[name]()
+        ends = []
+
+        from transformers import TrainerCallback
+
+        class Clock(TrainerCallback):
+            def on_step_end(self, args, state, control, **kwargs):
+                if device != "cpu":
+                    torch.cuda.synchronize()
+                ends.append(time.perf_counter())
+
+        if device != "cpu":
+            torch.cuda.reset_peak_memory_stats()
+        trainer = build_trainer(model, data, masks, loss, work / f"steps-{name}", callbacks=[Clock()], max_steps=2 + steps, save_strategy="no",
+                                logging_strategy="no", disable_tqdm=True, use_cpu=device == "cpu", bf16=True)
+        trainer.train()
+        result[name] = {"step_s": (ends[-1] - ends[1]) / steps, "peak_gb": torch.cuda.max_memory_allocated() / 2**30 if device != "cpu" else None}
+    result["guided_over_mnrl_time"] = result["guided"]["step_s"] / result["mnrl"]["step_s"]
+    result["online_over_guided_time"] = result["online"]["step_s"] / result["guided"]["step_s"]
+    return result
+
+
+def main() -> None:
+    from pipeline.data import load_training_data
+    from pipeline.masks import PlannedMasks, PlanParams
+    from pipeline.stage1 import precompute_guide
+    from pipeline.train import training_dataset
+
+    parser = argparse.ArgumentParser(description="GPU checks of issue 16 (see the module docstring)")
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--quick", action="store_true", help="tiny sizes, to check the script on CPU")
+    args = parser.parse_args()
+    work = args.out / "work"
+    work.mkdir(parents=True, exist_ok=True)
+    rows, batch, layers, steps = (64, 16, 1, 2) if args.quick else (2048, 128, None, 10)
+    data_path = work / "data.parquet"
+    pq.write_table(pq.read_table(SAMPLE).slice(0, rows), data_path)
+    report: dict = {"machine": machine_info(), "quick": args.quick, "device": args.device, "batch_size": batch}
+
+    mpnet = random_model("all-mpnet-base-v2", work, 1, args.device, layers)
+    mpnet_dir = work / "all-mpnet-base-v2-seed1"
+    start = time.perf_counter()
+    precompute_guide(data_path, mpnet_dir, work / "pass-mpnet", PlanParams(batch_size=batch, epochs=1), device=args.device, overwrite=True)
+    report["stage1"] = {"guide": str(mpnet_dir), "seconds": time.perf_counter() - start, "manifest": json.loads((work / "pass-mpnet" / "manifest.json").read_text())["timings"]}
+
+    random_model("all-MiniLM-L6-v2", work, 2, args.device, layers)  # the same-tokenizer guide of the equivalence check
+    guide_dir = work / "all-MiniLM-L6-v2-seed2"
+    precompute_guide(data_path, guide_dir, work / "pass-minilm", PlanParams(batch_size=batch, epochs=1, margin=0.05), device=args.device, overwrite=True)
+    masks = PlannedMasks(work / "pass-minilm" / "masks.parquet")
+    data = load_training_data(data_path)
+    dataset = training_dataset(data)
+
+    def student():
+        return random_model("all-MiniLM-L6-v2", work, 0, args.device, layers)
+
+    from sentence_transformers import SentenceTransformer
+
+    same_vocab_guide = SentenceTransformer(str(guide_dir), device=args.device)
+    report["equivalence"] = equivalence(student(), same_vocab_guide, masks, dataset, rows=[0, 1])
+    report["training"] = short_training(student, data, masks, work, args.device)
+    mpnet_masks = PlannedMasks(work / "pass-mpnet" / "masks.parquet")
+    report["train_step"] = step_times(student, mpnet, data, mpnet_masks, work, args.device, steps)
+    (args.out / "gpu_check.json").write_text(json.dumps(report, indent=2, default=str))
+    shutil.rmtree(work, ignore_errors=True)
+    print(json.dumps({k: report[k] for k in ("equivalence", "train_step")}, indent=2, default=str))
+
+
+if __name__ == "__main__":
+    main()
