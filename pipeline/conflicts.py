@@ -22,7 +22,7 @@ RESULTS_PER_SEARCH = 1 << 22  # range-search results aimed at per FAISS call (th
 EXACT_SEARCH_MADDS = 5e10  # queries x texts x dim up to which the search is exhaustive (IndexFlatIP), IVF above
 EXHAUSTIVE_SHARE = 0.05  # above that: this share of rows (lowest thresholds) exhaustive, the rest IVF
 IVF_LISTS_PER_SQRT = 4  # IVF lists: 4 sqrt(texts)
-IVF_NPROBE = 8
+IVF_NPROBE = 32  # measured on 10156 triplets (static guide): recall of the exact conflict edges 0.65 at 8 probes, 0.88 at 32, 0.95 at 64
 GATHER_VALUES = 1 << 24  # floats gathered at a time when recomputing similarities
 
 def _pair_dots(embeddings: np.ndarray, left: np.ndarray, right: np.ndarray) -> np.ndarray:

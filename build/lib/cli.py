@@ -1,0 +1,292 @@
+"""`gist`: the command-line recipes. Each command parses options and calls pipeline/ components."""
+
+from __future__ import annotations
+
+import signal
+import sys
+import traceback
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from pipeline import GistError
+
+app = typer.Typer(
+    help="Offline GISTEmbed: run the guide once (stage 1), train students with the stored masks (stage 2).",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+console = Console(stderr=True, soft_wrap=True)
+state = {"debug": False}
+
+# Plan options, shared by `precompute-guide` and `plan`.
+BatchSize = Annotated[int, typer.Option(min=2, help="Examples per (global) batch. Incomplete last batches are dropped.")]
+Epochs = Annotated[int, typer.Option(min=1, help="Epochs to plan; stage 2 trains at most this many.")]
+Seed = Annotated[int, typer.Option(help="Seed of the batch plan.")]
+Strategy = Annotated[str, typer.Option(help="Batching: random, no-duplicates (no text twice in a batch), by-task, clustered (hard batches: k-means over guide embeddings, within tasks), or fn-aware (keeps apart, within tasks, the examples the guide would mask against each other: few false negatives).")]
+MarginStrategy = Annotated[str, typer.Option(help="absolute: mask if g > t - m; relative: mask if g > t - |t|*m.")]
+Margin = Annotated[float, typer.Option(help="Margin m of the false-negative rule (GISTEmbedLoss's margin).")]
+ContrastAnchors = Annotated[bool, typer.Option(help="Include anchor-anchor candidates (GISTEmbedLoss default: on).")]
+ContrastPositives = Annotated[bool, typer.Option(help="Include positive-positive candidates (GISTEmbedLoss default: on).")]
+Overwrite = Annotated[bool, typer.Option(help="Replace a finished run in --out (only files gist wrote are removed).")]
+Columns = Annotated[Optional[str], typer.Option(help="Map column names, e.g. 'anchor=query,positive=doc,task=source'.")]
+
+
+def _print_versions(value: bool) -> None:
+    if value:
+        from pipeline.artifacts import package_versions
+
+        print(" ".join(f"{name} {version}" for name, version in package_versions().items()))
+        raise typer.Exit()
+
+
+@app.callback()
+def main_options(
+    debug: Annotated[bool, typer.Option(help="Show tracebacks for errors.")] = False,
+    version: Annotated[bool, typer.Option("--version", callback=_print_versions, is_eager=True, help="Print the versions of gist and its main packages, then exit.")] = False,
+) -> None:
+    state["debug"] = debug
+
+
+def _plan_params(batch_size, epochs, seed, strategy, margin_strategy, margin, contrast_anchors, contrast_positives):
+    from pipeline.masks import PlanParams
+    from pipeline.plan import STRATEGIES
+
+    if strategy not in STRATEGIES:
+        raise typer.BadParameter(f"use one of {', '.join(STRATEGIES)}", param_hint="--strategy")
+    if margin_strategy not in ("absolute", "relative"):
+        raise typer.BadParameter("use absolute or relative", param_hint="--margin-strategy")
+    return PlanParams(batch_size, epochs, seed, strategy, margin_strategy, margin, contrast_anchors, contrast_positives)
+
+
+@app.command("precompute-guide")
+def precompute_guide(
+    data_path: Annotated[Path, typer.Argument(metavar="DATA", help="Parquet, JSONL or CSV file, or a datasets.save_to_disk directory.")],
+    guide: Annotated[str, typer.Option(help="Guide model directory (sentence-transformers).")],
+    out: Annotated[Path, typer.Option(help="Output directory for the guide pass.")],
+    columns: Columns = None,
+    batch_size: BatchSize = 32,
+    epochs: Epochs = 1,
+    seed: Seed = 0,
+    strategy: Strategy = "random",
+    margin_strategy: MarginStrategy = "absolute",
+    margin: Margin = 0.0,
+    contrast_anchors: ContrastAnchors = True,
+    contrast_positives: ContrastPositives = True,
+    encode_batch_size: Annotated[int, typer.Option(min=1, help="Guide encoding batch size.")] = 64,
+    device: Annotated[str, typer.Option(help="auto (CUDA with fp16 when present), cpu, cuda, cuda:N.")] = "auto",
+    index: Annotated[str, typer.Option(help="FAISS index: auto (flat up to 200k texts, HNSW above), flat or hnsw.")] = "auto",
+    guide_max_seq_length: Annotated[Optional[int], typer.Option(min=1, help="Truncate the guide's inputs at N tokens (default: the guide's own max_seq_length). GISTEmbedLoss with a guide that shares the student's tokenizer feeds the guide the student's tokens, cut at the student's max_seq_length: set N to that length to reproduce its masks exactly.")] = None,
+    rows_per_group: Annotated[int, typer.Option(min=1, help="Texts per embeddings row group: the unit a killed run resumes from.")] = 4096,
+    reuse: Annotated[Optional[list[Path]], typer.Option(help="An earlier precompute-guide directory of the same guide (repeatable): its texts are copied, not encoded again (e.g. after `gist mine`).")] = None,
+    trust_remote_code: Annotated[bool, typer.Option(help="Allow the guide's own Python code to run.")] = False,
+    overwrite: Overwrite = False,
+) -> None:
+    """Stage 1: encode every unique text with the guide once, index it, plan the batches, store their masks."""
+    from pipeline.guide import INDEX_KINDS
+    from pipeline.stage1 import precompute_guide as run_stage1
+
+    params = _plan_params(batch_size, epochs, seed, strategy, margin_strategy, margin, contrast_anchors, contrast_positives)
+    if index not in INDEX_KINDS:
+        raise typer.BadParameter(f"use one of {', '.join(INDEX_KINDS)}", param_hint="--index")
+    done = run_stage1(
+        data_path, guide, out, params, columns=columns, encode_batch_size=encode_batch_size, device=device, index=index,
+        guide_max_seq_length=guide_max_seq_length, rows_per_group=rows_per_group, reuse=reuse or [], trust_remote_code=trust_remote_code,
+        overwrite=overwrite,
+    )
+    if done is None:
+        return  # a rank other than 0 under torchrun: it only encoded
+    m = done.manifest
+    encoding, plan = m["encoding"], m["plan"]
+    console.print(
+        f"[green]done[/] {out}: {m['dataset']['num_texts']} texts ({encoding['encoded_texts']} encoded, {encoding['reused_texts']} reused, {encoding['resumed_texts']} resumed), "
+        f"{plan['num_batches']} batches, masked ap {plan['masked_fraction']['ap']:.2%}, {m['timings']['total_s']:.1f}s"
+    )
+
+
+@app.command("plan")
+def plan_command(
+    guide_dir: Annotated[Path, typer.Argument(metavar="GUIDE_DIR", help="A finished precompute-guide directory.")],
+    out: Annotated[Path, typer.Option(help="Output directory for the new plan and masks.")],
+    batch_size: BatchSize = 32,
+    epochs: Epochs = 1,
+    seed: Seed = 0,
+    strategy: Strategy = "random",
+    margin_strategy: MarginStrategy = "absolute",
+    margin: Margin = 0.0,
+    contrast_anchors: ContrastAnchors = True,
+    contrast_positives: ContrastPositives = True,
+    overwrite: Overwrite = False,
+) -> None:
+    """Re-plan batches and masks from stored guide embeddings, without loading the guide."""
+    from pipeline.stage1 import replan
+
+    params = _plan_params(batch_size, epochs, seed, strategy, margin_strategy, margin, contrast_anchors, contrast_positives)
+    plan = replan(guide_dir, out, params, overwrite=overwrite).manifest["plan"]
+    console.print(f"[green]done[/] {out / 'masks.parquet'}: {plan['num_batches']} batches, masked ap {plan['masked_fraction']['ap']:.2%}")
+
+
+@app.command("mine")
+def mine_command(
+    guide_dir: Annotated[Path, typer.Argument(metavar="GUIDE_DIR", help="A finished precompute-guide directory.")],
+    out: Annotated[Path, typer.Option(help="Output .parquet: anchor, positive, negative_1..k[, task], ready for precompute-guide.")],
+    corpus: Annotated[str, typer.Option(help="Where negatives come from: positives (the data's positives, as mine_hard_negatives), all (every text of the guide pass), or a Parquet/JSONL/CSV file whose new texts are encoded once with the guide.")] = "positives",
+    corpus_column: Annotated[str, typer.Option(help="Text column of a --corpus file.")] = "text",
+    num_negatives: Annotated[int, typer.Option(min=1, help="Negatives per example (negative_1..negative_k).")] = 3,
+    range_min: Annotated[int, typer.Option(min=0, help="Skip this many of the closest candidates.")] = 0,
+    range_max: Annotated[Optional[int], typer.Option(help="Consider at most this many closest candidates (default as mine_hard_negatives: range_min + num_negatives (x10 with a margin) + most positives per anchor).")] = None,
+    absolute_margin: Annotated[Optional[float], typer.Option(help="Skip candidates with score + m > the anchor's hardest positive score.")] = None,
+    relative_margin: Annotated[Optional[float], typer.Option(help="Skip candidates with score > p - |p| * m, p the hardest positive score (0.05: NV-Retriever's TopK-PercPos 95%).")] = None,
+    sampling_strategy: Annotated[str, typer.Option(help="top: the closest survivors; random: sampled from the window.")] = "top",
+    seed: Annotated[int, typer.Option(help="Seed of random sampling.")] = 0,
+    guide: Annotated[Optional[str], typer.Option(help="Guide model directory, only to encode a --corpus file's new texts (default: the path in GUIDE_DIR's manifest).")] = None,
+    encode_batch_size: Annotated[int, typer.Option(min=1, help="Guide encoding batch size for a --corpus file.")] = 64,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda (for encoding a --corpus file).")] = "auto",
+    overwrite: Overwrite = False,
+) -> None:
+    """Hard negatives from the stored guide embeddings: sentence-transformers' mine_hard_negatives without re-encoding."""
+    from pipeline.mine import SAMPLING, MiningParams, mine_from_pass
+
+    if sampling_strategy not in SAMPLING:
+        raise typer.BadParameter(f"use {' or '.join(SAMPLING)}", param_hint="--sampling-strategy")
+    params = MiningParams(num_negatives, range_min, range_max, absolute_margin, relative_margin, sampling_strategy, seed)
+    with console.status("mining (encoding a --corpus file's new texts first, if any)"):
+        meta = mine_from_pass(guide_dir, out, params, corpus=corpus, corpus_column=corpus_column, guide=guide,
+                              encode_batch_size=encode_batch_size, device=device, overwrite=overwrite)
+    kept, dropped = meta["rows"], meta["examples"] - meta["rows"]
+    console.print(
+        f"[green]done[/] {out}: {kept} rows x {num_negatives} negatives"
+        + (f" ({dropped} dropped: not enough negatives in the window; widen --range-max or lower the margin)" if dropped else "")
+        + f", mined in {meta['timings']['mine_s']:.2f}s; next: gist precompute-guide {out} --reuse {guide_dir} ..."
+    )
+
+
+@app.command("report")
+def report_command(
+    guide_dir: Annotated[Path, typer.Argument(metavar="GUIDE_DIR", help="A finished precompute-guide or plan directory.")],
+    out: Annotated[Path, typer.Option(help="Output directory for report.md, report.json and the plots.")],
+    examples: Annotated[int, typer.Option(min=0, help="Most similar masked pairs to list.")] = 20,
+) -> None:
+    """Data-quality report: false-negative rates, guide-similarity plots, the guide's strongest vetoes. Loads no model."""
+    from pipeline.report import write_report
+
+    report = write_report(guide_dir, out, examples)
+    rates = ", ".join(f"{b} {v['rate']:.2%}" for b, v in report["blocks"].items() if v["rate"] is not None)
+    console.print(f"[green]done[/] {out / 'report.md'}: {report['counts']['batches']} batches, masked {rates}")
+
+
+@app.command("train")
+def train_command(
+    data_path: Annotated[Path, typer.Argument(metavar="DATA", help="The training data stage 1 was run on.")],
+    masks_path: Annotated[Path, typer.Option("--masks", help="masks.parquet from precompute-guide or plan.")],
+    student: Annotated[str, typer.Option(help="Student model directory (sentence-transformers).")],
+    out: Annotated[Path, typer.Option(help="Output directory: run.json, checkpoints/, final/, train_log.jsonl, eval.json.")],
+    columns: Columns = None,
+    loss: Annotated[str, typer.Option(help="guided: GuidedMaskLoss with the stored masks; mnrl: MultipleNegativesRankingLoss on the same plan (the baseline: does guidance pay on your data?).")] = "guided",
+    mini_batch_size: Annotated[Optional[int], typer.Option(min=1, help="Train large batches with GradCache: CachedGuidedMaskLoss (or CachedMultipleNegativesRankingLoss with --loss mnrl) embedding N examples at a time. Memory follows N, not the batch size; the loss is unchanged.")] = None,
+    matryoshka_dims: Annotated[Optional[str], typer.Option(help="Wrap the loss in MatryoshkaLoss with these dimensions, e.g. 384,256,128,64.")] = None,
+    lr: Annotated[float, typer.Option(help="Peak learning rate.")] = 5e-6,
+    warmup_ratio: Annotated[float, typer.Option(help="Share of steps for linear warm-up.")] = 0.1,
+    lr_scheduler: Annotated[str, typer.Option(help="transformers' lr_scheduler_type: linear, cosine, constant, constant_with_warmup, ...")] = "linear",
+    weight_decay: Annotated[float, typer.Option(help="AdamW weight decay.")] = 0.0,
+    temperature: Annotated[float, typer.Option(help="Softmax temperature (GISTEmbedLoss default 0.01; MNRL's scale is 1/temperature).")] = 0.01,
+    max_seq_length: Annotated[Optional[int], typer.Option(min=1, help="Truncate the student's inputs at N tokens (default: the student's own).")] = None,
+    gradient_checkpointing: Annotated[bool, typer.Option(help="Recompute activations in backward: less memory, ~30% slower steps.")] = False,
+    max_steps: Annotated[int, typer.Option(help="Stop after this many steps (-1: all planned epochs).")] = -1,
+    logging_steps: Annotated[int, typer.Option(min=1, help="Log the loss every N steps.")] = 10,
+    save_steps: Annotated[int, typer.Option(min=1, help="Checkpoint every N steps.")] = 500,
+    eval_steps: Annotated[Optional[int], typer.Option(min=1, help="Evaluate on --sts/--beir every N steps during training (the trainer's evaluator); the best checkpoint is recorded in OUT/eval.json.")] = None,
+    resume: Annotated[bool, typer.Option(help="Continue from the last checkpoint in OUT/checkpoints (same options as the run being resumed).")] = False,
+    seed: Annotated[int, typer.Option(help="Trainer seed (initialisation, dropout); batches come from the plan.")] = 0,
+    sts: Annotated[Optional[Path], typer.Option(help="STS file to evaluate on (after training, and with --eval-steps during it).")] = None,
+    beir: Annotated[Optional[Path], typer.Option(help="BEIR directory to evaluate on (after training, and with --eval-steps during it).")] = None,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda.")] = "auto",
+    precision: Annotated[str, typer.Option(help="fp32, or the trainer's mixed precision: bf16 (CPU or GPU) or fp16 (GPU).")] = "fp32",
+) -> None:
+    """Stage 2: train the student with the stored masks; the guide is never loaded."""
+    import json
+
+    from pipeline.train import LOSSES, PRECISIONS, TrainSettings, train_student
+
+    if loss not in LOSSES:
+        raise typer.BadParameter(f"use one of {', '.join(LOSSES)}", param_hint="--loss")
+    if precision not in PRECISIONS:
+        raise typer.BadParameter(f"use one of {', '.join(PRECISIONS)}", param_hint="--precision")
+    try:
+        dims = tuple(int(d) for d in matryoshka_dims.split(",")) if matryoshka_dims else ()
+    except ValueError:
+        raise typer.BadParameter("comma-separated integers, e.g. 384,256,128,64", param_hint="--matryoshka-dims") from None
+    settings = TrainSettings(
+        loss=loss, lr=lr, warmup_ratio=warmup_ratio, lr_scheduler=lr_scheduler, weight_decay=weight_decay, temperature=temperature,
+        mini_batch_size=mini_batch_size, matryoshka_dims=dims, max_seq_length=max_seq_length, gradient_checkpointing=gradient_checkpointing,
+        max_steps=max_steps, logging_steps=logging_steps, save_steps=save_steps, eval_steps=eval_steps, seed=seed, precision=precision,
+    )
+    final = train_student(data_path, masks_path, student, out, settings, columns=columns, resume=resume, device=device, sts=sts, beir=beir)
+    if final is None:
+        return  # a rank other than 0 under torchrun
+    console.print(f"[green]done[/] {final}")
+    if (sts or beir) and (out / "eval.json").exists():
+        print(json.dumps(json.loads((out / "eval.json").read_text()), indent=2))
+
+
+@app.command("evaluate")
+def evaluate_command(
+    model_path: Annotated[str, typer.Argument(metavar="MODEL", help="A sentence-transformers model directory.")],
+    sts: Annotated[Optional[Path], typer.Option(help="STS file with sentence1, sentence2, score.")] = None,
+    beir: Annotated[Optional[Path], typer.Option(help="BEIR directory: corpus.jsonl[.gz], queries.jsonl, qrels/test.tsv.")] = None,
+    out: Annotated[Optional[Path], typer.Option(help="Write the results as JSON here.")] = None,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda.")] = "auto",
+) -> None:
+    """Evaluate a model on STS (Spearman) and/or BEIR retrieval (nDCG@10); prints a table."""
+    from pipeline import artifacts, guide as guide_mod
+    from pipeline.evaluate import evaluate_model
+
+    if sts is None and beir is None:
+        raise typer.BadParameter("give --sts FILE and/or --beir DIR", param_hint="--sts/--beir")
+    model = guide_mod.load_model(model_path, device)
+    results = evaluate_model(model, sts, beir)
+    table = Table("metric", "value", title=str(model_path))
+    for name, value in results.items():
+        table.add_row(name, f"{value:.4f}")
+    Console().print(table)
+    if out:
+        artifacts.write_json(out, {"model": str(model_path), **results})
+
+
+class Interrupted(BaseException):
+    """Ctrl-C or SIGTERM. Not KeyboardInterrupt, which click turns into a silent exit before main()
+    can say how to resume; a BaseException, so no `except Exception` on the way swallows it."""
+
+
+def _interrupted(signum, frame) -> None:
+    raise Interrupted(signal.Signals(signum).name)  # temporary files are removed on the way out, finished work stays
+
+
+def main() -> None:
+    """Console entry point: user errors become one line on stderr and exit status 1; Ctrl-C and
+    SIGTERM stop with status 130, leaving a directory the same command resumes."""
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, _interrupted)
+    try:
+        app()
+    except GistError as e:
+        if state["debug"]:
+            traceback.print_exc()
+        console.print(f"[red]error:[/] {e}", highlight=False)
+        sys.exit(1)
+    except (Interrupted, KeyboardInterrupt) as e:
+        console.print(f"[red]interrupted[/] ({e or 'SIGINT'}): finished work is kept; run the same command again to resume (gist train: add --resume)")
+        sys.exit(130)
+    except Exception as e:  # noqa: BLE001 - the interface is one line, the traceback is behind --debug
+        if state["debug"]:
+            raise
+        console.print(f"[red]error:[/] {type(e).__name__}: {e} (run with --debug for the traceback)", highlight=False)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,266 @@
+"""Load (anchor, positive[, negatives][, task]) training data, validate it, dedupe texts, fingerprint it.
+
+Reads Parquet, JSONL, CSV or a directory written by `datasets.save_to_disk` into a pyarrow table,
+maps user column names onto the canonical ones, checks every text, and assigns each unique text
+an id (order of first appearance, column by column). The fingerprint is a sha256 over the used
+columns in canonical order; stage 2 compares it with the one stored in the masks.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.csv
+import pyarrow.json
+import pyarrow.parquet as pq
+
+from pipeline import GistError
+
+NEGATIVE_COLUMN = re.compile(r"^negative(_\d+)?$")
+MAX_REPORTED_ROWS = 5
+
+
+@dataclass
+class TrainingData:
+    """Deduplicated training examples: every text once, examples as text ids.
+
+    Attributes:
+        texts: unique texts; the index is the text id.
+        anchor_ids, positive_ids: (N,) int64 text ids, one per example (example id = row of DATA).
+        negative_ids: (N, k) int64 text ids, k negative columns (k may be 0).
+        tasks: (N,) task names or None when the data has no task column.
+        fingerprint: sha256 over the used columns, in canonical order.
+        columns: canonical column name -> source column name.
+    """
+
+    texts: list[str]
+    anchor_ids: np.ndarray
+    positive_ids: np.ndarray
+    negative_ids: np.ndarray
+    tasks: list[str] | None
+    fingerprint: str
+    columns: dict[str, str]
+
+    @property
+    def num_examples(self) -> int:
+        return len(self.anchor_ids)
+
+    @property
+    def num_negatives(self) -> int:
+        return self.negative_ids.shape[1]
+
+    def text_columns(self) -> dict[str, list[str]]:
+        """The example texts by canonical column (anchor, positive, negative_1..k), in DATA order."""
+        texts = np.asarray(self.texts, dtype=object)
+        columns = {"anchor": texts[self.anchor_ids].tolist(), "positive": texts[self.positive_ids].tolist()}
+        for c in range(self.num_negatives):
+            columns[f"negative_{c + 1}"] = texts[self.negative_ids[:, c]].tolist()
+        return columns
+
+
+def parse_column_mapping(spec: str | None) -> dict[str, str]:
+    """Parse `anchor=query,positive=doc` into {"anchor": "query", "positive": "doc"}."""
+    mapping: dict[str, str] = {}
+    for item in filter(None, (part.strip() for part in (spec or "").split(","))):
+        canonical, sep, source = item.partition("=")
+        if not sep or not canonical.strip() or not source.strip():
+            raise GistError(f"--columns: expected canonical=source pairs like anchor=query, got {item!r}")
+        canonical = canonical.strip()
+        if canonical not in ("anchor", "positive", "task") and not NEGATIVE_COLUMN.match(canonical):
+            raise GistError(f"--columns: unknown column {canonical!r}; use anchor, positive, negative[_k] or task")
+        mapping[canonical] = source.strip()
+    return mapping
+
+
+def read_table(path) -> pa.Table:
+    """Read a Parquet/JSONL/CSV file, a `datasets.save_to_disk` directory or an in-memory
+    `datasets.Dataset` (its rows as selected, shuffled or filtered) into a pyarrow table."""
+    if not isinstance(path, (str, Path)):
+        import datasets
+
+        if isinstance(path, datasets.Dataset):
+            return path.with_format("arrow")[:]
+        raise GistError(f"DATA must be a path or a datasets.Dataset, not {type(path).__name__}")
+    path = Path(path)
+    if not path.exists():
+        raise GistError(f"{path}: no such file or directory")
+    try:
+        if path.is_dir():
+            import datasets
+
+            if not (path / "dataset_info.json").exists() and not (path / "state.json").exists():
+                raise GistError(f"{path}: a directory, but not one written by datasets.save_to_disk")
+            loaded = datasets.load_from_disk(str(path))
+            if isinstance(loaded, datasets.DatasetDict):
+                raise GistError(f"{path}: a DatasetDict with splits {list(loaded)}; point at one split's directory")
+            return loaded.data.table
+        suffix = "".join(path.suffixes[-2:]) if path.suffix == ".gz" else path.suffix
+        if suffix == ".parquet":
+            return pq.read_table(path)
+        if suffix in (".jsonl", ".json", ".jsonl.gz", ".json.gz"):
+            return pyarrow.json.read_json(path)
+        if suffix in (".csv", ".csv.gz"):
+            return pyarrow.csv.read_csv(path)
+    except GistError:
+        raise
+    except (pa.ArrowException, OSError, ValueError) as e:
+        raise GistError(f"{path}: cannot read ({str(e).splitlines()[0]})") from None
+    raise GistError(f"{path}: unknown format {path.suffix!r}; use .parquet, .jsonl, .csv or a save_to_disk directory")
+
+
+def _select_columns(table: pa.Table, mapping: dict[str, str]) -> dict[str, str]:
+    """Resolve canonical -> source names: explicit mapping first, then same-named columns."""
+    for canonical, source in mapping.items():
+        if source not in table.column_names:
+            raise GistError(f"--columns maps {canonical} to {source!r}, which is not a column (columns: {table.column_names})")
+    columns = dict(mapping)
+    for name in table.column_names:
+        if (name in ("anchor", "positive", "task") or NEGATIVE_COLUMN.match(name)) and name not in columns:
+            if name not in columns.values():
+                columns[name] = name
+    for required in ("anchor", "positive"):
+        if required not in columns:
+            raise GistError(
+                f"missing column {required!r} (columns: {table.column_names}); rename it or map it with --columns {required}=NAME"
+            )
+    negatives = sorted((c for c in columns if NEGATIVE_COLUMN.match(c)), key=lambda c: int(c.split("_")[1]) if "_" in c else 0)
+    if "negative" in negatives and len(negatives) > 1:
+        raise GistError("use either one 'negative' column or 'negative_1..negative_k', not both")
+    ordered = {"anchor": columns["anchor"], "positive": columns["positive"]}
+    ordered.update({c: columns[c] for c in negatives})
+    if "task" in columns:
+        ordered["task"] = columns["task"]
+    return ordered
+
+
+def check_texts(name: str, array: pa.ChunkedArray) -> None:
+    """Refuse non-string, null, empty or whitespace-only texts, naming the first offending rows."""
+    if not (pa.types.is_string(array.type) or pa.types.is_large_string(array.type)):
+        if pa.types.is_list(array.type) or pa.types.is_large_list(array.type):
+            raise GistError(
+                f"column {name!r} holds lists; give each negative its own column (negative_1..negative_k) "
+                "so every row has the same number of negatives"
+            )
+        raise GistError(f"column {name!r} has type {array.type}, expected strings")
+    bad = pc.or_(pc.is_null(array), pc.equal(pc.utf8_trim_whitespace(array), "")).fill_null(True)
+    if pc.any(bad).as_py():
+        rows = np.flatnonzero(bad.to_numpy(zero_copy_only=False))
+        shown = ", ".join(str(r) for r in rows[:MAX_REPORTED_ROWS])
+        more = f" and {len(rows) - MAX_REPORTED_ROWS} more" if len(rows) > MAX_REPORTED_ROWS else ""
+        raise GistError(f"column {name!r} has null or empty text in {len(rows)} row(s): {shown}{more} (0-based)")
+
+
+def fingerprint_columns(arrays: dict[str, pa.ChunkedArray]) -> str:
+    """sha256 over the canonical column names and their values, column by column, in order.
+
+    Only the content counts, never how it is chunked: the same rows read from one Parquet row
+    group, many, or JSONL give one fingerprint. Each column feeds three streams (validity, value
+    lengths, value bytes) chunk by chunk; the column's digest combines the three.
+    """
+    digest = hashlib.sha256()
+    for name, array in arrays.items():
+        streams = {"validity": hashlib.sha256(), "lengths": hashlib.sha256(), "data": hashlib.sha256()}
+        for chunk in array.cast(pa.large_string()).chunks:
+            streams["validity"].update(chunk.is_null().to_numpy(zero_copy_only=False).astype(np.uint8).tobytes())
+            offsets = np.frombuffer(chunk.buffers()[1], dtype=np.int64)[chunk.offset : chunk.offset + len(chunk) + 1]
+            streams["lengths"].update(np.diff(offsets).tobytes())
+            data = chunk.buffers()[2]
+            if data is not None:
+                streams["data"].update(memoryview(data)[offsets[0] : offsets[-1]])
+        digest.update(f"{name}\0{len(array)}\0".encode())
+        for stream in streams.values():
+            digest.update(stream.digest())
+    return digest.hexdigest()
+
+
+def _tasks(column: pa.ChunkedArray | None) -> list[str] | None:
+    """Task names per example; None without a task column or when it is all null (no task is known),
+    in stage 1 as in every command that reads the stored examples back."""
+    if column is None or column.null_count == len(column):
+        return None
+    return column.to_pylist()
+
+
+def load_training_data(path, column_spec: str | None = None) -> TrainingData:
+    """Load and validate DATA (a path or a datasets.Dataset, see read_table); dedupe texts across
+    all text columns; compute the fingerprint."""
+    table = read_table(path)
+    columns = _select_columns(table, parse_column_mapping(column_spec))
+    arrays = {canonical: table.column(source) for canonical, source in columns.items()}
+    text_names = [c for c in arrays if c != "task"]
+    for canonical in text_names:
+        check_texts(columns[canonical], arrays[canonical])
+    if "task" in arrays:
+        arrays["task"] = arrays["task"].cast(pa.string())
+
+    # Unique texts in order of first appearance, column by column; ids by lookup in that set.
+    all_texts = pa.chunked_array([chunk for c in text_names for chunk in arrays[c].cast(pa.large_string()).chunks])
+    unique = pc.unique(all_texts)
+    ids = pc.index_in(all_texts, value_set=unique).to_numpy().astype(np.int64).reshape(len(text_names), -1)
+    return TrainingData(
+        texts=unique.to_pylist(),
+        anchor_ids=ids[0],
+        positive_ids=ids[1],
+        negative_ids=np.ascontiguousarray(ids[2:].T),
+        tasks=_tasks(arrays.get("task")),
+        fingerprint=fingerprint_columns(arrays),
+        columns=columns,
+    )
+
+
+def read_corpus(path: Path, column: str = "text") -> list[str]:
+    """The unique texts of a corpus file's `column`, in order of first appearance, validated like DATA's."""
+    table = read_table(path)
+    if column not in table.column_names:
+        raise GistError(f"{path}: missing column {column!r} (columns: {table.column_names}); name it with --corpus-column")
+    check_texts(column, table.column(column))
+    return pc.unique(table.column(column).cast(pa.large_string())).to_pylist()
+
+
+TEXTS = "texts.parquet"
+EXAMPLES = "examples.parquet"
+
+
+def write_data_tables(out_dir: Path, data: TrainingData) -> None:
+    """Write `texts.parquet` (text_id, text) and `examples.parquet` (example_id, ids of its texts, task)."""
+    from pipeline.artifacts import atomic_path
+
+    n, k = data.negative_ids.shape
+    texts = pa.table({"text_id": pa.array(np.arange(len(data.texts), dtype=np.int64)), "text": pa.array(data.texts, pa.string())})
+    examples = pa.table(
+        {
+            "example_id": pa.array(np.arange(n, dtype=np.int64)),
+            "anchor_id": pa.array(data.anchor_ids),
+            "positive_id": pa.array(data.positive_ids),
+            "negative_ids": pa.ListArray.from_arrays(pa.array(np.arange(n + 1, dtype=np.int32) * k), pa.array(data.negative_ids.reshape(-1), pa.int64())),
+            "task": pa.array(data.tasks if data.tasks is not None else [None] * n, pa.string()),
+        }
+    )
+    for name, table in ((TEXTS, texts), (EXAMPLES, examples)):
+        with atomic_path(out_dir / name) as tmp:
+            pq.write_table(table, tmp)
+
+
+def read_data_tables(run_dir: Path, manifest: dict) -> TrainingData:
+    """Rebuild TrainingData from a stage-1 directory (no DATA file needed), e.g. for `gist plan`."""
+    from pipeline.artifacts import verify_checksum
+
+    texts = pq.read_table(verify_checksum(run_dir, TEXTS, manifest)).column("text").to_pylist()
+    examples = pq.read_table(verify_checksum(run_dir, EXAMPLES, manifest))
+    negatives = examples.column("negative_ids").combine_chunks()
+    n = examples.num_rows
+    return TrainingData(
+        texts=texts,
+        anchor_ids=examples.column("anchor_id").to_numpy(),
+        positive_ids=examples.column("positive_id").to_numpy(),
+        negative_ids=negatives.values.to_numpy().reshape(n, -1),
+        tasks=_tasks(examples.column("task")),
+        fingerprint=manifest["dataset"]["fingerprint"],
+        columns=manifest["dataset"]["columns"],
+    )

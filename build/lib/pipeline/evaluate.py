@@ -1,0 +1,73 @@
+"""STS and retrieval evaluation on local files, with sentence-transformers' own evaluators.
+
+- STS: a Parquet/JSONL/CSV file with `sentence1`, `sentence2`, `score` -> Spearman of cosine similarity.
+- BEIR: a directory with `corpus.jsonl[.gz]` (_id, title, text), `queries.jsonl` (_id, text) and
+  `qrels/test.tsv` (query-id, corpus-id, score) -> nDCG@10, MRR@10, Recall@100 of cosine retrieval.
+"""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import pyarrow.compute as pc
+from sentence_transformers.sentence_transformer.evaluation import EmbeddingSimilarityEvaluator, InformationRetrievalEvaluator
+
+from pipeline import GistError
+from pipeline.data import read_table
+
+
+def sts_evaluator(path: Path) -> EmbeddingSimilarityEvaluator:
+    table = read_table(path)
+    missing = {"sentence1", "sentence2", "score"} - set(table.column_names)
+    if missing:
+        raise GistError(f"{path}: STS file needs columns sentence1, sentence2, score; missing {sorted(missing)}")
+    return EmbeddingSimilarityEvaluator(
+        table.column("sentence1").to_pylist(), table.column("sentence2").to_pylist(),
+        pc.cast(table.column("score"), "float64").to_pylist(), name="sts", show_progress_bar=False,
+    )
+
+
+def beir_evaluator(beir_dir: Path) -> InformationRetrievalEvaluator:
+    beir_dir = Path(beir_dir)
+    corpus_path = next((p for p in (beir_dir / "corpus.jsonl", beir_dir / "corpus.jsonl.gz") if p.exists()), None)
+    qrels_path = beir_dir / "qrels" / "test.tsv"
+    if corpus_path is None or not (beir_dir / "queries.jsonl").exists() or not qrels_path.exists():
+        raise GistError(f"{beir_dir}: a BEIR directory needs corpus.jsonl[.gz], queries.jsonl and qrels/test.tsv")
+    corpus_table = read_table(corpus_path)
+    titles = corpus_table.column("title").to_pylist() if "title" in corpus_table.column_names else [""] * corpus_table.num_rows
+    corpus = {str(i): f"{t} {x}".strip() for i, t, x in zip(corpus_table.column("_id").to_pylist(), titles, corpus_table.column("text").to_pylist())}
+    queries_table = read_table(beir_dir / "queries.jsonl")
+    all_queries = dict(zip(map(str, queries_table.column("_id").to_pylist()), queries_table.column("text").to_pylist()))
+    relevant: dict[str, set[str]] = {}
+    with open(qrels_path, newline="") as f:
+        for row in csv.DictReader(f, delimiter="\t"):
+            if float(row["score"]) > 0:
+                relevant.setdefault(str(row["query-id"]), set()).add(str(row["corpus-id"]))
+    queries = {q: all_queries[q] for q in relevant if q in all_queries}
+    return InformationRetrievalEvaluator(
+        queries, corpus, relevant, name="beir", show_progress_bar=False, batch_size=32,
+        mrr_at_k=[10], ndcg_at_k=[10], accuracy_at_k=[1], precision_recall_at_k=[100], map_at_k=[100],
+    )
+
+
+def evaluate_model(model, sts: Path | None = None, beir: Path | None = None) -> dict[str, float]:
+    """Run the chosen evaluators; returns {metric: value} with short, stable metric names."""
+    results: dict[str, float] = {}
+    if sts is not None:
+        scores = sts_evaluator(sts)(model)
+        results["sts_spearman"] = scores["sts_spearman_cosine"]
+    if beir is not None:
+        scores = beir_evaluator(beir)(model)
+        results["beir_ndcg@10"] = scores["beir_cosine_ndcg@10"]
+        results["beir_mrr@10"] = scores["beir_cosine_mrr@10"]
+        results["beir_recall@100"] = scores["beir_cosine_recall@100"]
+    return results
+
+
+def training_evaluator(sts: Path | None = None, beir: Path | None = None):
+    """The evaluator the trainer runs every `eval_steps`: STS and/or BEIR (a SequentialEvaluator of both)."""
+    from sentence_transformers.sentence_transformer.evaluation import SequentialEvaluator
+
+    evaluators = ([sts_evaluator(sts)] if sts else []) + ([beir_evaluator(beir)] if beir else [])
+    return evaluators[0] if len(evaluators) == 1 else SequentialEvaluator(evaluators)

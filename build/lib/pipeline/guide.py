@@ -1,0 +1,312 @@
+"""Stage 1 encoding: run the guide once over every unique text, store embeddings and a FAISS index.
+
+Texts are encoded in fixed chunks (one Parquet row group each) by `SentenceTransformer.encode`,
+which sorts each chunk by length before batching. Every finished chunk is saved as its own part
+file, so a killed run resumes at the first missing chunk; the parts are then joined into
+`embeddings.parquet`. The chunk boundaries never change, so a resumed run writes the same bytes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import torch
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+from pipeline import GistError
+from pipeline.artifacts import atomic_path
+from pipeline.data import TrainingData
+
+EMBEDDINGS = "embeddings.parquet"
+INDEX = "index.faiss"
+FLAT_INDEX_MAX = 200_000  # above this many texts, "auto" builds an HNSW index instead of a flat one
+INDEX_KINDS = ("auto", "flat", "hnsw")
+
+
+def init_distributed() -> tuple[int, int]:
+    """(rank, world size). Under torchrun, join the process group: NCCL on GPUs, gloo on CPU."""
+    import os
+
+    import torch.distributed as dist
+
+    world_size = int(os.environ.get("WORLD_SIZE", 1))
+    if world_size > 1 and not dist.is_initialized():
+        if torch.cuda.is_available():
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    return (dist.get_rank(), world_size) if world_size > 1 else (0, 1)
+
+
+def _barrier(world_size: int) -> None:
+    if world_size > 1:
+        import torch.distributed as dist
+
+        dist.barrier()
+
+
+def resolve_device(device: str) -> str:
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise GistError(f"--device {device}: CUDA is not available on this machine")
+    return device
+
+
+def load_model(path: str, device: str = "auto", trust_remote_code: bool = False):
+    """Load a sentence-transformers model from a local directory, with a clear error if it is not one."""
+    from sentence_transformers import SentenceTransformer
+
+    model_dir = Path(path)
+    if not model_dir.is_dir():
+        raise GistError(f"{path}: no such model directory")
+    if not (model_dir / "modules.json").is_file() and not (model_dir / "config.json").is_file():
+        raise GistError(f"{path}: not a sentence-transformers model (no modules.json or config.json)")
+    try:
+        return SentenceTransformer(str(model_dir), device=resolve_device(device), trust_remote_code=trust_remote_code)
+    except (OSError, ValueError, KeyError) as e:
+        raise GistError(f"{path}: cannot load model ({str(e).splitlines()[0]})") from None
+
+
+def model_identity(path: str) -> dict:
+    """Name and content hash of a model directory, for the manifest: sha256 over every file that can
+    change its vectors (weights, configuration, tokenizer, pooling and normalization modules). Only
+    hidden files and README.md are left out."""
+    import hashlib
+
+    root = Path(path)
+    digest = hashlib.sha256()
+    for file in sorted(p for p in root.rglob("*") if p.is_file()):
+        relative = file.relative_to(root)
+        if file.name == "README.md" or any(part.startswith(".") for part in relative.parts):
+            continue
+        digest.update(relative.as_posix().encode() + b"\0")
+        digest.update(file.read_bytes())
+    return {"path": str(root.resolve()), "name": root.resolve().name, "sha256": digest.hexdigest()}
+
+
+# What decides a stored vector besides the text: the model's files and how it was run. Two passes
+# agreeing on these store the same vector for a text, so one can reuse or resume the other's work.
+ENCODING_KEYS = ("sha256", "dtype", "max_seq_length")
+
+
+def encoding_identity(identity: dict, model, dtype: str) -> dict:
+    """The model identity plus the encoding settings of ENCODING_KEYS, as stored in the manifest."""
+    max_len = model.max_seq_length
+    return {**identity, "dtype": dtype, "max_seq_length": int(max_len) if max_len is not None and math.isfinite(max_len) else None}
+
+
+def _progress() -> Progress:
+    return Progress(
+        TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(), transient=False
+    )
+
+
+def embeddings_schema(dim: int) -> pa.Schema:
+    return pa.schema([("text_id", pa.int64()), ("embedding", pa.list_(pa.float32(), dim))])
+
+
+class StoredEmbeddings:
+    """Embeddings of earlier guide passes (`--reuse DIR`), looked up by text, so no text is encoded twice.
+
+    Only passes of the same guide files and encoding settings (ENCODING_KEYS of `guide`) are
+    accepted: their vectors are what this guide would store. `key` identifies the sources (their embeddings' checksums) for the resume key.
+    """
+
+    def __init__(self, run_dirs: list[Path], guide: dict):
+        from pipeline.artifacts import read_manifest, verify_checksum
+        from pipeline.data import TEXTS
+
+        texts, vectors, self.key = [], [], []
+        for run_dir in run_dirs:
+            manifest = read_manifest(run_dir)
+            stored = manifest.get("guide", {})
+            if manifest.get("kind") != "guide-pass":
+                raise GistError(f"--reuse {run_dir}: not a precompute-guide directory")
+            differ = [key for key in ENCODING_KEYS if stored.get(key) != guide[key]]
+            if differ:
+                shown = ", ".join("model files differ" if key == "sha256" else f"{key} {stored.get(key)} != {guide[key]}" for key in differ)
+                raise GistError(
+                    f"--reuse {run_dir}: encoded by {stored.get('name')} otherwise than by this guide {guide['name']} ({shown}); its embeddings cannot be reused"
+                )
+            texts.append(pq.read_table(verify_checksum(run_dir, TEXTS, manifest)).column("text").cast(pa.large_string()))
+            vectors.append(read_embeddings(verify_checksum(run_dir, EMBEDDINGS, manifest)))
+            self.key.append(manifest["files"][EMBEDDINGS]["sha256"])
+        self.texts = pa.chunked_array([chunk for array in texts for chunk in array.chunks], pa.large_string()).combine_chunks()
+        self.vectors = np.concatenate(vectors) if vectors else np.zeros((0, 0), np.float32)
+
+    def lookup(self, texts: list[str]) -> np.ndarray:
+        """Row of each text in `vectors` (the first source holding it), -1 where none has it."""
+        rows = pc.index_in(pa.array(texts, pa.large_string()), value_set=self.texts)
+        return rows.fill_null(-1).to_numpy().astype(np.int64)
+
+
+def embed(model, texts: list[str], batch_size: int, stored: StoredEmbeddings | None = None, first_id: int = 0) -> tuple[np.ndarray, int]:
+    """Normalized float32 guide embeddings of `texts` (text ids from `first_id`); texts found in
+    `stored` are copied, not encoded. Returns the vectors and how many came from `stored`.
+    """
+    rows = stored.lookup(texts) if stored is not None else np.full(len(texts), -1, dtype=np.int64)
+    found, missing = np.flatnonzero(rows >= 0), np.flatnonzero(rows < 0)
+    vectors = np.empty((len(texts), model.get_embedding_dimension()), dtype=np.float32)
+    if len(found):
+        vectors[found] = stored.vectors[rows[found]]
+    if len(missing):
+        vectors[missing] = model.encode(
+            [texts[i] for i in missing], batch_size=batch_size, normalize_embeddings=True, convert_to_numpy=True, show_progress_bar=False
+        )
+    if not np.isfinite(vectors).all():
+        bad = np.flatnonzero(~np.isfinite(vectors).all(axis=1))[:5] + first_id
+        raise GistError(f"the guide produced NaN/inf embeddings for text ids {bad.tolist()}; check the model (fp16 overflow?)")
+    return vectors, len(found)
+
+
+PARTS = ".embeddings.parts"
+
+
+def encode_to_parquet(
+    model, texts: list[str], out_dir: Path, batch_size: int, run_key: dict, rows_per_group: int, rank: int = 0, world_size: int = 1,
+    stored: StoredEmbeddings | None = None,
+) -> dict | None:
+    """Encode `texts` (normalized) into `out_dir/embeddings.parquet`, resuming finished work.
+
+    `run_key` (guide identity and encoding settings, dataset fingerprint, encoding options) is
+    stored in `.embeddings.parts/`; parts left by a run with another key are discarded rather than
+    mixed in. Finished chunks are part files; once joined into `embeddings.parquet` the parts are
+    deleted but the key stays until the command has finished (`finish_encoding`), so a run that
+    fails later (indexing, planning, masks) keeps its embeddings and a re-run encodes nothing.
+    Texts held by `stored` are copied from there. Under torchrun, rank r encodes chunks r, r + W,
+    ...; rank 0 joins the parts and returns the counts for the manifest (encoded, reused from
+    `stored`, resumed), the other ranks return None.
+    """
+    parts_dir = out_dir / PARTS
+    key_file = parts_dir / "run_key.json"
+    run_key = {**run_key, "rows_per_group": rows_per_group, "batch_size": batch_size, "reuse": stored.key if stored else []}
+    if rank == 0:
+        if parts_dir.exists() and (not key_file.exists() or json.loads(key_file.read_text()) != run_key):
+            shutil.rmtree(parts_dir)
+            (out_dir / EMBEDDINGS).unlink(missing_ok=True)  # another run's join
+        parts_dir.mkdir(exist_ok=True)
+        if not key_file.exists():
+            (out_dir / EMBEDDINGS).unlink(missing_ok=True)  # no key: nothing says which run wrote it
+            with atomic_path(key_file) as tmp:
+                tmp.write_text(json.dumps(run_key, sort_keys=True))
+    _barrier(world_size)
+
+    dim = model.get_embedding_dimension()
+    counts = {"dim": dim, "encoded_texts": 0, "reused_texts": 0, "resumed_texts": len(texts), "encode_seconds": 0.0}
+    if (out_dir / EMBEDDINGS).exists():  # joined by an earlier run of this key: all finished
+        return counts if rank == 0 else None
+    schema = embeddings_schema(dim)
+    n_chunks = (len(texts) + rows_per_group - 1) // rows_per_group
+    resumed = reused = encoded = 0
+    encode_seconds = 0.0
+    with _progress() as progress:
+        mine = range(rank, n_chunks, world_size)
+        task = progress.add_task("guide: encoding texts" + (f" (rank {rank})" if world_size > 1 else ""), total=sum(min(len(texts), (c + 1) * rows_per_group) - c * rows_per_group for c in mine))
+        for chunk in mine:
+            start, stop = chunk * rows_per_group, min(len(texts), (chunk + 1) * rows_per_group)
+            part = parts_dir / f"part-{chunk:06d}.parquet"
+            if part.exists():
+                resumed += stop - start
+                progress.advance(task, stop - start)
+                continue
+            t0 = time.perf_counter()
+            vectors, from_stored = embed(model, texts[start:stop], batch_size, stored, first_id=start)
+            encode_seconds += time.perf_counter() - t0
+            table = pa.table(
+                {"text_id": np.arange(start, stop, dtype=np.int64), "embedding": pa.FixedSizeListArray.from_arrays(vectors.reshape(-1), dim)},
+                schema=schema,
+            )
+            with atomic_path(part) as tmp:
+                pq.write_table(table, tmp)
+            reused += from_stored
+            encoded += stop - start - from_stored
+            progress.advance(task, stop - start)
+
+    if world_size > 1:
+        import torch.distributed as dist
+
+        totals = torch.tensor([encoded, reused, resumed], dtype=torch.int64, device="cuda" if dist.get_backend() == "nccl" else "cpu")
+        dist.all_reduce(totals)
+        encoded, reused, resumed = totals.tolist()
+    _barrier(world_size)
+    if rank != 0:
+        return None
+    with atomic_path(out_dir / EMBEDDINGS) as tmp, pq.ParquetWriter(tmp, schema) as writer:
+        for chunk in range(n_chunks):
+            writer.write_table(pq.read_table(parts_dir / f"part-{chunk:06d}.parquet"), row_group_size=rows_per_group)
+    for part in parts_dir.glob("part-*.parquet"):
+        part.unlink()
+    return {**counts, "encoded_texts": encoded, "reused_texts": reused, "resumed_texts": resumed, "encode_seconds": round(encode_seconds, 3)}
+
+
+def finish_encoding(out_dir: Path) -> None:
+    """Drop the encoding's resume state once the guide pass is complete (its manifest written)."""
+    shutil.rmtree(Path(out_dir) / PARTS, ignore_errors=True)
+
+
+def read_embeddings(path: Path) -> np.ndarray:
+    """Read `embeddings.parquet` into a (num_texts, dim) float32 array ordered by text id."""
+    try:
+        table = pq.read_table(path)
+    except (pa.ArrowException, OSError) as e:
+        raise GistError(f"{path}: cannot read embeddings ({str(e).splitlines()[0]})") from None
+    ids = table.column("text_id").to_numpy()
+    if not np.array_equal(ids, np.arange(len(ids))):
+        raise GistError(f"{path}: text ids are not 0..n-1 in order; the file is not from gist")
+    emb = table.column("embedding").combine_chunks()
+    return emb.values.to_numpy().reshape(len(ids), emb.type.list_size)
+
+
+def load_guide_pass(run_dir: Path) -> tuple[dict, TrainingData, np.ndarray]:
+    """A finished precompute-guide directory: its manifest, data and embeddings, each file checked
+    against the manifest's checksum first. What `gist plan`, `gist mine` and `gist report` start from."""
+    from pipeline.artifacts import read_manifest, verify_checksum
+    from pipeline.data import read_data_tables
+
+    manifest = read_manifest(run_dir)
+    if manifest.get("kind") != "guide-pass":
+        raise GistError(f"{run_dir}: not a precompute-guide directory (kind {manifest.get('kind')!r})")
+    return manifest, read_data_tables(run_dir, manifest), read_embeddings(verify_checksum(run_dir, EMBEDDINGS, manifest))
+
+
+@contextlib.contextmanager
+def faiss_single_thread():
+    """Run FAISS on one thread inside the block (parallel k-means sums and HNSW insertion order are
+    not reproducible), restoring its thread count after."""
+    import faiss
+
+    threads = faiss.omp_get_max_threads()
+    faiss.omp_set_num_threads(1)
+    try:
+        yield
+    finally:
+        faiss.omp_set_num_threads(threads)
+
+
+def build_index(embeddings: np.ndarray, out_path: Path, kind: str = "auto") -> str:
+    """Write a FAISS inner-product index over the (normalized) embeddings; flat or HNSW."""
+    import faiss
+
+    if kind == "auto":
+        kind = "flat" if len(embeddings) <= FLAT_INDEX_MAX else "hnsw"
+    dim = embeddings.shape[1]
+    if kind == "flat":
+        index = faiss.IndexFlatIP(dim)
+    elif kind == "hnsw":
+        index = faiss.IndexHNSWFlat(dim, 32, faiss.METRIC_INNER_PRODUCT)
+    else:
+        raise GistError(f"--index {kind}: use one of {', '.join(INDEX_KINDS)}")
+    with faiss_single_thread():  # a flat index's add is a copy; HNSW's insertion order must not vary
+        index.add(np.ascontiguousarray(embeddings, dtype=np.float32))
+    with atomic_path(out_path) as tmp:
+        faiss.write_index(index, str(tmp))
+    return kind

@@ -1,0 +1,254 @@
+"""The false-negative mask rule and `masks.parquet`, the contract between stage 1 and stage 2.
+
+For planned batch of G examples, guide similarities g and thresholds t_i = g(a_i, p_i), a candidate
+x of row i is masked iff g(a_i, x) > t_i - m (absolute) or g(a_i, x) > t_i - |t_i| * m (relative),
+exactly as sentence-transformers `GISTEmbedLoss`. Blocks: `ap` (a_i vs p_j; the true pair (i, i)
+is never masked), `aa` (a_i vs a_j), `pp` (p_i vs p_j), `an` (a_i vs negative c of example j at
+column c * G + j). Each block is stored as the flat positions `i * ncols + j` of its masked entries.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+from rich.progress import Progress
+from threadpoolctl import threadpool_limits
+from transformers import TrainerCallback
+
+from pipeline import FORMAT_VERSION, GistError
+from pipeline.artifacts import atomic_path
+from pipeline.data import TrainingData
+
+MASKS = "masks.parquet"
+BLOCKS = ("ap", "aa", "pp", "an")
+MAX_CHUNK_BATCHES = 1024  # batches computed (and written as one row group) at once
+CHUNK_ENTRIES = 1 << 22  # similarity entries of all blocks per chunk: bounds memory for large batches
+METADATA_KEY = b"gist"
+INT32_MAX = np.iinfo(np.int32).max
+
+
+def chunk_batches(batch_size: int, num_negatives: int) -> int:
+    """Batches per chunk such that the chunk's similarity entries (ap, aa, pp, an) stay within
+    CHUNK_ENTRIES (at least one batch): the chunk's float32 similarities and boolean masks then take
+    ~80 MB at most (plus one batch's blocks), whatever the batch size."""
+    per_batch = batch_size * batch_size * (3 + num_negatives)
+    return max(1, min(MAX_CHUNK_BATCHES, CHUNK_ENTRIES // per_batch))
+
+
+def check_sparse_sizes(batch_size: int, num_negatives: int) -> None:
+    """Refuse a batch whose flat mask positions would overflow the int32 that masks.parquet stores them in."""
+    cols = batch_size * max(1, num_negatives)
+    if batch_size * cols > INT32_MAX:
+        raise GistError(
+            f"--batch-size {batch_size} with {num_negatives} negative column(s): a block has {batch_size * cols} entries, "
+            f"more than masks.parquet's int32 positions address ({INT32_MAX}); lower --batch-size"
+        )
+
+
+@dataclass(frozen=True)
+class PlanParams:
+    """Everything that decides the batches and their masks; stored in the masks' metadata."""
+
+    batch_size: int = 32
+    epochs: int = 1
+    seed: int = 0
+    strategy: str = "random"
+    margin_strategy: str = "absolute"
+    margin: float = 0.0
+    contrast_anchors: bool = True
+    contrast_positives: bool = True
+
+
+def false_negative_mask(guide_sim: np.ndarray, threshold: np.ndarray, margin_strategy: str, margin: float) -> np.ndarray:
+    """True where a candidate is a false negative: its guide similarity beats the row's threshold.
+
+    Args:
+        guide_sim: guide cosine similarities, rows = anchors (or positives for `pp`).
+        threshold: t_i = g(a_i, p_i), broadcastable against `guide_sim` (shape (..., G, 1)).
+        margin_strategy: "absolute" (mask iff g > t - m) or "relative" (mask iff g > t - |t| * m).
+        margin: m.
+    """
+    if margin_strategy == "absolute":
+        return guide_sim > threshold - np.float32(margin)
+    if margin_strategy == "relative":
+        return guide_sim > threshold - np.abs(threshold) * np.float32(margin)
+    raise GistError(f"--margin-strategy {margin_strategy}: use absolute or relative")
+
+
+def batch_masks(embeddings: np.ndarray, data: TrainingData, batches: np.ndarray, params: PlanParams) -> dict[str, np.ndarray]:
+    """Dense boolean masks of each block for a stack of batches (nb, G) of example ids.
+
+    Returns {"ap": (nb, G, G), "aa": ..., "pp": ..., "an": (nb, G, k*G)}; disabled blocks are all False.
+    """
+    nb, g = batches.shape
+    anchors = embeddings[data.anchor_ids[batches]]  # (nb, G, d)
+    positives = embeddings[data.positive_ids[batches]]
+    ap = anchors @ positives.transpose(0, 2, 1)
+    # t_i from the diagonal of the same product, as GISTEmbedLoss does: a candidate identical to the
+    # positive then has g == t exactly and is kept (strict >), not masked by float rounding.
+    threshold = ap[:, np.arange(g), np.arange(g)][..., None]
+
+    def rule(sim: np.ndarray) -> np.ndarray:
+        return false_negative_mask(sim, threshold, params.margin_strategy, params.margin)
+
+    masks = {"ap": rule(ap)}
+    masks["ap"][:, np.arange(g), np.arange(g)] = False
+    off = np.zeros((nb, g, g), dtype=bool)
+    masks["aa"] = rule(anchors @ anchors.transpose(0, 2, 1)) if params.contrast_anchors else off
+    masks["pp"] = rule(positives @ positives.transpose(0, 2, 1)) if params.contrast_positives else off
+    # Negative columns in column-major order: column c * G + j is negative c of example j.
+    negatives = embeddings[data.negative_ids[batches].transpose(0, 2, 1)].reshape(nb, -1, embeddings.shape[1])
+    masks["an"] = rule(anchors @ negatives.transpose(0, 2, 1))
+    return masks
+
+
+def masks_schema(meta: dict) -> pa.Schema:
+    fields = [("epoch", pa.int32()), ("step", pa.int64()), ("example_ids", pa.list_(pa.int64()))]
+    fields += [(block, pa.list_(pa.int32())) for block in BLOCKS]
+    return pa.schema(fields, metadata={METADATA_KEY: json.dumps(meta, sort_keys=True).encode()})
+
+
+def _sparse(dense: np.ndarray) -> pa.ListArray:
+    """(nb, rows, cols) bool -> list<int32> of flat masked positions per batch. Offsets restart in
+    every row group and a chunk holds at most max(CHUNK_ENTRIES, one block) entries, so they fit int32."""
+    flat = dense.reshape(len(dense), -1)
+    batch_of, position = np.nonzero(flat)
+    offsets = np.concatenate([[0], np.cumsum(np.bincount(batch_of, minlength=len(flat)))]).astype(np.int32)
+    return pa.ListArray.from_arrays(pa.array(offsets), pa.array(position.astype(np.int32)))
+
+
+def write_masks(out_path: Path, embeddings: np.ndarray, data: TrainingData, plan: np.ndarray, params: PlanParams, meta: dict) -> dict:
+    """Compute the masks of every planned batch and write `masks.parquet` (atomically, in row groups).
+
+    Returns counts of masked entries per block, for the manifest and reports.
+    """
+    epochs, steps, g = plan.shape
+    check_sparse_sizes(g, data.num_negatives)
+    batches = plan.reshape(-1, g)
+    per_chunk = chunk_batches(g, data.num_negatives)
+    schema = masks_schema({**meta, "format_version": FORMAT_VERSION, "plan": asdict(params), "num_negatives": data.num_negatives})
+    counts = {block: 0 for block in BLOCKS}
+    # The per-batch products are tiny (G x dim x G): multi-threaded BLAS spends more time waking
+    # threads than multiplying (100k examples x 768 dims: 9-32 s threaded, 1.4 s on one thread).
+    with atomic_path(out_path) as tmp, pq.ParquetWriter(tmp, schema) as writer, Progress(transient=True) as progress, threadpool_limits(1):
+        task = progress.add_task("masks", total=len(batches))
+        for start in range(0, len(batches), per_chunk):
+            chunk = batches[start : start + per_chunk]
+            dense = batch_masks(embeddings, data, chunk, params)
+            step = np.arange(start, start + len(chunk), dtype=np.int64)
+            columns = {
+                "epoch": pa.array((step // steps).astype(np.int32)),
+                "step": pa.array(step),
+                "example_ids": pa.ListArray.from_arrays(pa.array(np.arange(len(chunk) + 1, dtype=np.int32) * g), pa.array(chunk.reshape(-1))),
+            }
+            for block in BLOCKS:
+                columns[block] = _sparse(dense[block])
+                counts[block] += int(dense[block].sum())
+            writer.write_table(pa.table(columns, schema=schema))
+            progress.advance(task, len(chunk))
+    return counts
+
+
+class PlanCursor(TrainerCallback):
+    """The plan row the trainer trains next: its global step (one planned batch per optimizer step).
+
+    The planned batch sampler and the loss read `step` from here rather than trusting the epoch the
+    trainer hands to samplers: on resume under torchrun that epoch never reaches the sampler
+    (SkipBatchSampler -> BatchSamplerShard -> sampler), which then silently replays epoch 0. Add it
+    to the trainer's callbacks (`build_trainer` does); tests set `step` by hand.
+    """
+
+    def __init__(self) -> None:
+        self.step = 0
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if args.gradient_accumulation_steps != 1:
+            raise GistError(f"gradient_accumulation_steps {args.gradient_accumulation_steps}: a planned batch is one optimizer step; plan larger batches (use CachedGuidedMaskLoss for memory) instead")
+        self.step = state.global_step
+
+    def on_epoch_begin(self, args, state, control, **kwargs):
+        self.step = state.global_step
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        self.step = state.global_step
+
+
+class PlannedMasks:
+    """The planned batches and their masks, read from `masks.parquet`.
+
+    `meta` holds the plan parameters, dataset fingerprint and guide; `plan` is (epochs, steps, G),
+    `batches` the same as (epochs * steps, G): plan row r is the batch of global step r. `cursor`
+    follows the trainer's step, so the loss can check that each batch is the one planned for it.
+    """
+
+    def __init__(self, path: Path):
+        path = Path(path)
+        if not path.is_file():
+            raise GistError(f"{path}: no such masks file")
+        try:
+            table = pq.read_table(path)
+            meta = json.loads(table.schema.metadata[METADATA_KEY])
+        except (pa.ArrowException, OSError, KeyError, TypeError, json.JSONDecodeError) as e:
+            raise GistError(f"{path}: not a readable gist masks file; truncated or corrupt? ({str(e).splitlines()[0][:120]})") from None
+        if meta.get("format_version") != FORMAT_VERSION:
+            raise GistError(f"{path}: masks format version {meta.get('format_version')}, this gist reads {FORMAT_VERSION}; re-plan with `gist plan`")
+        self.path, self.meta = path, meta
+        self.params = PlanParams(**meta["plan"])
+        g = self.params.batch_size
+        # Chunk by chunk: one combined list array's int32 offsets would overflow on long plans.
+        self.batches = np.concatenate([chunk.flatten().to_numpy() for chunk in table.column("example_ids").chunks]).reshape(-1, g)
+        self.plan = self.batches.reshape(self.params.epochs, -1, g)
+        self.blocks = {block: table.column(block) for block in BLOCKS}
+        self.cursor = PlanCursor()
+
+    @property
+    def num_negatives(self) -> int:
+        return self.meta["num_negatives"]
+
+    def due_row(self, example_ids: np.ndarray) -> int:
+        """The plan row of the trainer's current step, after checking that `example_ids` is its batch."""
+        row = self.cursor.step
+        if row >= len(self.batches) or not np.array_equal(np.asarray(example_ids, dtype=np.int64), self.batches[row]):
+            raise GistError(
+                f"batch with example ids {list(example_ids)[:6]}... is not the batch planned for step {row + 1} in {self.path}; "
+                "train with the planned batch sampler and the same data, with `masks.cursor` among the trainer's callbacks "
+                "(an eval_dataset's batches have no masks: evaluate with an evaluator)"
+            )
+        return row
+
+    def dense(self, block: str, start: int, stop: int, rows: int, cols: int) -> np.ndarray:
+        """Boolean (stop - start, rows, cols) masks of `block` for plan rows start..stop."""
+        dense = np.zeros((stop - start, rows * cols), dtype=bool)
+        first = 0
+        for chunk in self.blocks[block].slice(start, stop - start).chunks:  # chunk by chunk: offsets restart per row group
+            offsets = chunk.offsets.to_numpy()
+            batch = first + np.repeat(np.arange(len(chunk)), np.diff(offsets))
+            dense[batch, chunk.values.to_numpy()[offsets[0] : offsets[-1]]] = True
+            first += len(chunk)
+        return dense.reshape(stop - start, rows, cols)
+
+
+def write_plan_masks(out_dir: Path, embeddings: np.ndarray, data: TrainingData, plan: np.ndarray, params: PlanParams, guide: dict) -> dict:
+    """Write the masks of a plan (from pipeline.plan) to `out_dir`; returns the plan summary for the manifest.
+
+    `guide` is the guide's identity (name, sha256) as recorded in the manifest.
+    """
+    meta = {
+        "dataset_fingerprint": data.fingerprint, "num_examples": data.num_examples, "columns": data.columns,
+        "guide": guide["name"], "guide_sha256": guide["sha256"],
+    }
+    counts = write_masks(out_dir / MASKS, embeddings, data, plan, params, meta)
+    epochs, steps, g = plan.shape
+    totals = {"ap": g * (g - 1), "aa": g * g, "pp": g * g, "an": g * g * data.num_negatives}
+    return {
+        "params": asdict(params),
+        "steps_per_epoch": steps,
+        "num_batches": epochs * steps,
+        "masked_entries": counts,
+        "masked_fraction": {b: counts[b] / (totals[b] * epochs * steps) if totals[b] else 0.0 for b in BLOCKS},
+    }

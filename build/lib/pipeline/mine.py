@@ -1,0 +1,238 @@
+"""Hard negatives from the stored guide pass: sentence-transformers' `mine_hard_negatives` without
+encoding the corpus again.
+
+`mine_hard_negatives` takes a model and always encodes the queries and the corpus; stage 1 already
+holds the guide's embeddings of every text, so this is its selection, run on stored vectors. The
+selection is that of `mine_hard_negatives(..., use_faiss=True, output_format="n-tuple")`:
+
+- queries are the unique anchors; the corpus is deduplicated and always contains the positives;
+- candidates are the `range_max + max_positives` nearest corpus texts (FAISS inner product);
+- a query's own positives are never its negatives; with a margin, a candidate scoring above the
+  query's hardest positive p minus the margin is skipped (absolute: s + m > p, relative:
+  s > p - |p| * m; relative 0.05 is NV-Retriever's TopK-PercPos 95%);
+- the survivors are ranked, the first `range_min` dropped, and `num_negatives` taken from the top
+  or sampled at random from the `range_max` window (`random.Random(seed)`, then re-sorted);
+- rows whose query lacks `num_negatives` negatives are dropped.
+
+One deliberate difference: a candidate that *is* the anchor's text is skipped (sentence-transformers
+mines the anchor as its own negative when it is in the corpus and no margin is set).
+
+Reference: NV-Retriever, arXiv 2407.15831 (positive-aware mining).
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from pipeline import GistError
+from pipeline.artifacts import atomic_path
+from pipeline.data import TrainingData
+
+SAMPLING = ("top", "random")
+SEARCH_CHUNK = 16384  # queries per FAISS search call, as mine_hard_negatives' faiss_batch_size
+
+
+@dataclass(frozen=True)
+class MiningParams:
+    """mine_hard_negatives' selection options, under the same names."""
+
+    num_negatives: int = 3
+    range_min: int = 0
+    range_max: int | None = None
+    absolute_margin: float | None = None
+    relative_margin: float | None = None
+    sampling_strategy: str = "top"
+    seed: int = 0
+
+
+@dataclass
+class MinedNegatives:
+    """Per example: mined negative text ids (-1: none found) and their guide scores (-inf: none)."""
+
+    negative_ids: np.ndarray  # (num_examples, num_negatives) int64
+    scores: np.ndarray  # (num_examples, num_negatives) float32
+    range_max: int
+    skipped: dict = field(default_factory=dict)  # candidates removed by each margin
+
+    @property
+    def complete(self) -> np.ndarray:
+        """Rows that got all their negatives (the others are dropped, as mine_hard_negatives does)."""
+        return (self.negative_ids >= 0).all(axis=1)
+
+
+def _unique_in_order(ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Unique values in order of first appearance, and each input's position among them."""
+    unique, first, inverse = np.unique(ids, return_index=True, return_inverse=True)
+    order = np.argsort(first, kind="stable")
+    position = np.empty_like(order)
+    position[order] = np.arange(len(order))
+    return unique[order], position[inverse]
+
+
+def default_range_max(params: MiningParams, max_positives: int) -> int:
+    """mine_hard_negatives' default window: room for skipped candidates when a margin is set."""
+    margin = params.absolute_margin is not None or params.relative_margin is not None
+    return params.range_min + params.num_negatives * (10 if margin else 1) + max_positives
+
+
+def check_params(params: MiningParams, range_max: int) -> None:
+    if params.num_negatives < 1:
+        raise GistError(f"--num-negatives {params.num_negatives}: need at least 1")
+    if params.sampling_strategy not in SAMPLING:
+        raise GistError(f"--sampling-strategy {params.sampling_strategy}: use top or random")
+    if params.range_min < 0:
+        raise GistError(f"--range-min {params.range_min}: must be non-negative")
+    if params.range_min >= range_max:
+        raise GistError(f"--range-min {params.range_min} must be smaller than --range-max {range_max}")
+    if params.num_negatives > range_max - params.range_min:
+        raise GistError(
+            f"cannot mine {params.num_negatives} negatives from the {range_max - params.range_min} candidates between "
+            f"--range-min {params.range_min} and --range-max {range_max}; lower --num-negatives or widen the range"
+        )
+
+
+def mine_negatives(
+    embeddings: np.ndarray, anchor_ids: np.ndarray, positive_ids: np.ndarray, corpus_ids: np.ndarray, params: MiningParams
+) -> MinedNegatives:
+    """Mine negatives for every example from unit guide embeddings indexed by text id.
+
+    Args:
+        embeddings: (num_texts, dim) float32 unit vectors (stage 1's embeddings, maybe extended).
+        anchor_ids, positive_ids: (num_examples,) text ids of each example's anchor and positive.
+        corpus_ids: text ids to draw negatives from; the positives are added, as mine_hard_negatives does.
+        params: the selection options.
+    """
+    import faiss
+
+    queries, query_of_row = _unique_in_order(anchor_ids)
+    corpus, _ = _unique_in_order(np.concatenate([corpus_ids, positive_ids]))
+    max_positives = int(np.bincount(query_of_row).max())  # rows per query, as mine_hard_negatives counts them
+    range_max = params.range_max if params.range_max is not None else default_range_max(params, max_positives)
+    check_params(params, range_max)
+
+    index = faiss.IndexFlatIP(embeddings.shape[1])
+    index.add(np.ascontiguousarray(embeddings[corpus], dtype=np.float32))
+    query_vectors = np.ascontiguousarray(embeddings[queries], dtype=np.float32)
+    found = [index.search(query_vectors[s : s + SEARCH_CHUNK], range_max + max_positives) for s in range(0, len(queries), SEARCH_CHUNK)]
+    scores = np.concatenate([f[0] for f in found])
+    candidates = np.concatenate([f[1] for f in found])
+    candidates = np.where(candidates >= 0, corpus[np.maximum(candidates, 0)], -1)  # corpus positions -> text ids
+
+    # Never a query's own positives, never the query itself, never FAISS's -1 padding.
+    num_texts = np.int64(len(embeddings))
+    positive_keys = np.unique(query_of_row * num_texts + positive_ids)
+    own = np.isin(np.arange(len(queries))[:, None] * num_texts + candidates, positive_keys)
+    scores[own | (candidates == queries[:, None]) | (candidates < 0)] = -np.inf
+
+    skipped = {}
+    if params.absolute_margin is not None or params.relative_margin is not None:
+        # The hardest (lowest-scoring) positive of each query sets its bar.
+        positive_scores = np.einsum("nd,nd->n", embeddings[anchor_ids], embeddings[positive_ids])
+        bar = np.full(len(queries), np.inf, dtype=np.float32)
+        np.minimum.at(bar, query_of_row, positive_scores)
+        bar = bar[:, None]
+        if params.absolute_margin is not None:
+            removed = scores + np.float32(params.absolute_margin) > bar
+            skipped["absolute_margin"] = int(removed.sum())
+            scores[removed] = -np.inf
+        if params.relative_margin is not None:
+            removed = scores > bar - np.abs(bar) * np.float32(params.relative_margin)
+            skipped["relative_margin"] = int(removed.sum())
+            scores[removed] = -np.inf
+
+    ranked = np.argsort(-scores, axis=1, kind="stable")[:, params.range_min : range_max]
+    scores = np.take_along_axis(scores, ranked, axis=1)
+    candidates = np.take_along_axis(candidates, ranked, axis=1)
+    if params.sampling_strategy == "top":
+        picked = np.broadcast_to(np.arange(params.num_negatives), (len(queries), params.num_negatives))
+    else:
+        rng = random.Random(params.seed)
+        options = np.maximum(np.isfinite(scores).sum(axis=1), params.num_negatives)
+        picked = np.array([rng.sample(range(n), k=params.num_negatives) for n in options.tolist()], dtype=np.int64)
+        picked = np.take_along_axis(picked, np.argsort(-np.take_along_axis(scores, picked, axis=1), axis=1, kind="stable"), axis=1)
+    scores = np.take_along_axis(scores, picked, axis=1)
+    candidates = np.where(np.isfinite(scores), np.take_along_axis(candidates, picked, axis=1), -1)
+    return MinedNegatives(candidates[query_of_row], scores[query_of_row], range_max, skipped)
+
+
+def write_mined(out_path: Path, texts: list[str], data: TrainingData, mined: MinedNegatives, meta: dict) -> int:
+    """Write the examples that got all their negatives as Parquet (anchor, positive, negative_1..k[, task]).
+
+    The columns are those `gist precompute-guide` reads; `meta` (options, source, counts) goes into
+    the file's metadata under b"gist". Returns the number of rows written.
+    """
+    keep = np.flatnonzero(mined.complete)
+    text_array = pa.array(texts, pa.string())
+    columns = {"anchor": text_array.take(data.anchor_ids[keep]), "positive": text_array.take(data.positive_ids[keep])}
+    for c in range(mined.negative_ids.shape[1]):
+        columns[f"negative_{c + 1}"] = text_array.take(mined.negative_ids[keep, c])
+    if data.tasks is not None:
+        columns["task"] = pa.array(data.tasks, pa.string()).take(keep)
+    table = pa.table(columns).replace_schema_metadata({b"gist": json.dumps(meta, sort_keys=True).encode()})
+    with atomic_path(out_path) as tmp:
+        pq.write_table(table, tmp)
+    return len(keep)
+
+
+def mine_from_pass(
+    guide_dir: str | Path, out: str | Path, params: MiningParams = MiningParams(), *, corpus: str = "positives",
+    corpus_column: str = "text", guide: str | None = None, encode_batch_size: int = 64, device: str = "auto", overwrite: bool = False,
+) -> dict:
+    """Mine hard negatives for every example of a stored guide pass and write them to `out` (.parquet).
+
+    `corpus`: "positives" (the data's positives, as mine_hard_negatives), "all" (every text of the
+    pass), or a Parquet/JSONL/CSV file whose texts not in the pass are encoded once with the guide
+    (`guide`, default the path in the pass's manifest). Returns the metadata written with the rows.
+    """
+    from pipeline import data as data_mod, guide as guide_mod
+
+    guide_dir, out = Path(guide_dir), Path(out)
+    if params.sampling_strategy not in SAMPLING:
+        raise GistError(f"--sampling-strategy {params.sampling_strategy}: use one of {', '.join(SAMPLING)}")
+    if out.suffix != ".parquet":
+        raise GistError(f"--out {out}: write a .parquet file")
+    if out.exists() and not overwrite:
+        raise GistError(f"{out} exists; pass --overwrite or choose another --out")
+    t_start = time.perf_counter()
+    manifest, training, embeddings = guide_mod.load_guide_pass(guide_dir)
+    texts = training.texts
+    if corpus == "positives":
+        corpus_ids = training.positive_ids
+    elif corpus == "all":
+        corpus_ids = np.arange(len(texts))
+    else:
+        # A corpus file: its texts already in the guide pass reuse their vectors, the rest are encoded once.
+        corpus_texts = data_mod.read_corpus(Path(corpus), corpus_column)
+        model_path = guide or manifest["guide"]["path"]
+        model = guide_mod.load_model(model_path, device)  # checks the directory before hashing its files
+        if guide_mod.model_identity(model_path)["sha256"] != manifest["guide"]["sha256"]:
+            raise GistError(f"--guide {model_path}: not the guide of {guide_dir} (model files differ); mining needs one guide's embeddings")
+        if manifest["guide"]["dtype"] == "float16":
+            model.half()
+        if manifest["guide"]["max_seq_length"] is not None:
+            model.max_seq_length = manifest["guide"]["max_seq_length"]  # encode as the guide pass did
+        rows = guide_mod.StoredEmbeddings([guide_dir], manifest["guide"]).lookup(corpus_texts)
+        new_texts = [corpus_texts[i] for i in np.flatnonzero(rows < 0)]
+        new_vectors, _ = guide_mod.embed(model, new_texts, encode_batch_size, first_id=len(texts))
+        rows[rows < 0] = len(texts) + np.arange(len(new_texts))
+        texts, embeddings, corpus_ids = texts + new_texts, np.concatenate([embeddings, new_vectors]), rows
+    t_load = time.perf_counter()
+    mined = mine_negatives(embeddings, training.anchor_ids, training.positive_ids, corpus_ids, params)
+    t_mine = time.perf_counter()
+    meta = {
+        "mining": {**asdict(params), "range_max": mined.range_max, "corpus": corpus if corpus in ("positives", "all") else str(Path(corpus).resolve())},
+        "guide_dir": str(guide_dir.resolve()), "guide": manifest["guide"], "dataset": manifest["dataset"],
+        "corpus_texts": len(np.unique(corpus_ids)), "encoded_texts": len(texts) - len(training.texts),
+        "examples": training.num_examples, "skipped_candidates": mined.skipped,
+        "timings": {"load_s": round(t_load - t_start, 3), "mine_s": round(t_mine - t_load, 3)},
+    }
+    meta["rows"] = write_mined(out, texts, training, mined, {**meta, "rows": int(mined.complete.sum())})
+    return meta

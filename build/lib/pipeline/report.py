@@ -1,0 +1,481 @@
+"""Data-quality report of a stage-1 (`precompute-guide`) or `gist plan` directory, without any model.
+
+`write_report` replays every planned batch from the stored guide embeddings: it reads the stored
+masks (what stage 2 trains with), recomputes the guide similarities of each block, checks that
+`pipeline.masks.batch_masks` (the one mask rule) reproduces the stored masks, and writes to OUT:
+
+- `report.json`: false-negative rates (masked / candidate entries) per block, per epoch and per
+  task of the anchor row; self-pair and identical-text counts; similarity histograms; the most
+  similar masked pairs.
+- `similarity.png`, `fn_rate_by_epoch.png`, `fn_rate_by_task.png`: the plots.
+- `report.md`: the numbers as tables, the plots, and the pairs, for a person to judge the guide's
+  vetoes and spot duplicated or mislabeled data.
+
+Candidates per row i: `ap` all p_j with j != i (the true pair is no candidate), `aa` all a_j and
+`pp` all p_j including the self-pair (as in `GISTEmbedLoss`, and as the manifest's masked
+fractions count them), `an` every negative of the batch. Histograms and pair lists leave the
+`aa`/`pp` self-pairs out: their guide similarity is 1 by construction. A pair is "identical"
+when the candidate's text is the row's own anchor or positive text (a repeated anchor, a
+duplicated example, or a negative that equals a positive). "Own negatives" are the `an` entries
+of a row's own mined negatives: a guide that masks many of them cannot tell them from positives.
+"""
+
+from __future__ import annotations
+
+import textwrap
+from pathlib import Path
+
+import numpy as np
+from threadpoolctl import threadpool_limits
+
+from pipeline import GistError
+from pipeline.artifacts import atomic_path, read_manifest, verify_checksum, write_json
+from pipeline.data import TrainingData
+from pipeline.guide import load_guide_pass
+from pipeline.masks import BLOCKS, MASKS, PlannedMasks, batch_masks, chunk_batches
+
+NBINS = 200  # similarity histogram bins over [-1, 1]
+MAX_TEXT = 200  # characters of a text shown in report.md
+NO_TASK = "(none)"
+PLOTS = {"similarity": "similarity.png", "epoch": "fn_rate_by_epoch.png", "task": "fn_rate_by_task.png"}
+COLORS = {"ap": "tab:blue", "aa": "tab:orange", "pp": "tab:green", "an": "tab:red"}
+BLOCK_TITLES = {"ap": "ap: a_i vs p_j (j≠i)", "aa": "aa: a_i vs a_j (j≠i)", "pp": "pp: p_i vs p_j (j≠i)", "an": "an: a_i vs every negative"}
+ROW_TEXT = {"ap": "anchor", "aa": "anchor", "pp": "positive", "an": "anchor"}
+
+
+def _enabled(masks: PlannedMasks, data: TrainingData) -> dict[str, bool]:
+    """Blocks that have candidates in this plan."""
+    p = masks.params
+    return {"ap": True, "aa": p.contrast_anchors, "pp": p.contrast_positives, "an": data.num_negatives > 0}
+
+
+def _load(run_dir: Path) -> tuple[dict, Path, PlannedMasks, TrainingData, np.ndarray]:
+    """Manifest, guide directory, stored masks, data and embeddings, every file checked against its checksum."""
+    manifest = read_manifest(run_dir)
+    kind = manifest.get("kind")
+    if kind == "guide-pass":
+        guide_dir = Path(run_dir)
+    elif kind == "plan":
+        guide_dir = Path(manifest["guide_dir"])
+    else:
+        raise GistError(f"{run_dir}: not a precompute-guide or plan directory (kind {kind!r})")
+    masks = PlannedMasks(verify_checksum(run_dir, MASKS, manifest))
+    _, data, embeddings = load_guide_pass(guide_dir)
+    if masks.meta["dataset_fingerprint"] != data.fingerprint:
+        raise GistError(f"{run_dir}/{MASKS} was planned for other data than {guide_dir} holds (fingerprint mismatch)")
+    return manifest, guide_dir, masks, data, embeddings
+
+
+def _chunk_blocks(embeddings: np.ndarray, data: TrainingData, rows: np.ndarray) -> dict[str, tuple]:
+    """Per block: (guide similarities (nb, G, cols), row text ids (nb, G), column text ids (nb, cols)).
+
+    The same products and column order as `masks.batch_masks` (negative column c * G + j).
+    """
+    nb, g = rows.shape
+    a_ids, p_ids = data.anchor_ids[rows], data.positive_ids[rows]
+    n_ids = data.negative_ids[rows].transpose(0, 2, 1).reshape(nb, -1)
+    a, p, n = embeddings[a_ids], embeddings[p_ids], embeddings[n_ids]
+    return {
+        "ap": (a @ p.transpose(0, 2, 1), a_ids, p_ids),
+        "aa": (a @ a.transpose(0, 2, 1), a_ids, a_ids),
+        "pp": (p @ p.transpose(0, 2, 1), p_ids, p_ids),
+        "an": (a @ n.transpose(0, 2, 1), a_ids, n_ids),
+    }
+
+
+def _bins(values: np.ndarray, mask: np.ndarray | None = None) -> np.ndarray:
+    """Histogram counts of `values` (where `mask`) over NBINS equal bins of [-1, 1]."""
+    if mask is not None:
+        values = values[mask]
+    index = np.clip(((values.ravel().astype(np.float64) + 1.0) * (NBINS / 2)).astype(np.int64), 0, NBINS - 1)
+    return np.bincount(index, minlength=NBINS)
+
+
+def _top_unique(pool: dict[str, np.ndarray], n: int) -> dict[str, np.ndarray]:
+    """The n most similar entries of `pool`, one per unordered text pair (its most similar occurrence)."""
+    order = np.lexsort((pool["col"], pool["i"], pool["block"], pool["row"], -pool["sim"]))
+    _, first = np.unique(pool["key"][order], return_index=True)
+    keep = order[np.sort(first)][:n]
+    return {k: v[keep] for k, v in pool.items()}
+
+
+def _merge(top: dict | None, new: dict, n: int) -> dict:
+    return _top_unique(new if top is None else {k: np.concatenate([top[k], new[k]]) for k in new}, n)
+
+
+def _cutoff(top: dict | None, n: int) -> float:
+    """Similarity an entry needs to enter a full top-n list."""
+    return -np.inf if top is None or len(top["sim"]) < n else float(top["sim"][-1])
+
+
+def _entries(select, sim, threshold, identical, row_ids, col_ids, start: int, code: int, num_texts: int) -> dict[str, np.ndarray]:
+    """The selected (batch, row, column) entries of one block of a chunk, as candidates for a top list."""
+    b, i, c = np.nonzero(select)
+    left, right = row_ids[b, i], col_ids[b, c]
+    return {
+        "sim": sim[b, i, c], "t": threshold[b, i], "row": b + start, "i": i, "col": c,
+        "block": np.full(len(b), code, dtype=np.int8), "identical": identical[b, i, c],
+        "key": np.minimum(left, right) * num_texts + np.maximum(left, right),  # the unordered text pair
+    }
+
+
+def _scan(masks: PlannedMasks, data: TrainingData, embeddings: np.ndarray, task_of: np.ndarray, ntasks: int, examples: int) -> dict:
+    """One pass over every planned batch: counts per block/epoch/task, histograms, mask check, top pairs."""
+    params, (epochs, steps, g) = masks.params, masks.plan.shape
+    k = data.num_negatives
+    cols = {"ap": g, "aa": g, "pp": g, "an": g * k}
+    enabled = _enabled(masks, data)
+
+    def zeros(*shape: int) -> dict[str, np.ndarray]:
+        return {b: np.zeros(shape, dtype=np.int64) for b in BLOCKS}
+
+    acc = {
+        "masked_epoch": zeros(epochs), "masked_task": zeros(ntasks), "self_masked": zeros(),
+        "identical_masked": zeros(), "identical_kept": zeros(), "mismatched": zeros(),
+        "hist_masked": zeros(NBINS), "hist_kept": zeros(NBINS), "hist_positive": np.zeros(NBINS, dtype=np.int64),
+        "threshold_sum": np.zeros(ntasks), "rows_task": np.zeros(ntasks, dtype=np.int64),
+    }
+    top = {"all": None, "distinct": None}
+    per_chunk = chunk_batches(g, k)
+    diagonal = np.eye(g, dtype=bool)
+    # Tiny per-batch products: one BLAS thread is fastest (see masks.write_masks) and leaves cores to others.
+    with threadpool_limits(1):
+        for start in range(0, len(masks.batches), per_chunk):
+            stop = min(start + per_chunk, len(masks.batches))
+            rows = masks.batches[start:stop]
+            epoch_of = np.arange(start, stop) // steps
+            tasks = task_of[rows]  # (nb, G)
+            recomputed = batch_masks(embeddings, data, rows, params)
+            a_ids, p_ids = data.anchor_ids[rows], data.positive_ids[rows]
+            threshold = np.einsum("bgd,bgd->bg", embeddings[a_ids], embeddings[p_ids])  # t_i, as batch_masks
+            acc["hist_positive"] += _bins(threshold)
+            acc["threshold_sum"] += np.bincount(tasks.ravel(), weights=threshold.ravel(), minlength=ntasks)
+            acc["rows_task"] += np.bincount(tasks.ravel(), minlength=ntasks)
+            pool = {"all": [], "distinct": []}
+            for code, (block, (sim, row_ids, col_ids)) in enumerate(_chunk_blocks(embeddings, data, rows).items()):
+                if not enabled[block]:
+                    continue
+                stored = masks.dense(block, start, stop, g, cols[block])
+                acc["mismatched"][block] += int((stored != recomputed[block]).sum())
+                acc["masked_epoch"][block] += np.bincount(epoch_of, weights=stored.sum(axis=(1, 2)), minlength=epochs).astype(np.int64)
+                acc["masked_task"][block] += np.bincount(tasks.ravel(), weights=stored.sum(axis=2).ravel(), minlength=ntasks).astype(np.int64)
+                candidate = np.ones(stored.shape, dtype=bool)
+                if block != "an":  # ap's true pair is no candidate; aa/pp self-pairs stay out of histograms and pairs
+                    candidate &= ~diagonal
+                    acc["self_masked"][block] += int(stored[:, diagonal].sum())
+                else:  # the row's own (mined) negatives: columns c * G + i
+                    acc["self_masked"][block] += int(stored.reshape(len(rows), g, k, g).transpose(0, 2, 1, 3)[:, :, diagonal].sum())
+                identical = (col_ids[:, None, :] == a_ids[:, :, None]) | (col_ids[:, None, :] == p_ids[:, :, None])
+                masked, kept = stored & candidate, ~stored & candidate
+                acc["identical_masked"][block] += int((identical & masked).sum())
+                acc["identical_kept"][block] += int((identical & kept).sum())
+                acc["hist_masked"][block] += _bins(sim, masked)
+                acc["hist_kept"][block] += _bins(sim, kept)
+                if examples > 0:
+                    for name, select in (("all", masked), ("distinct", masked & ~identical)):
+                        select = select & (sim >= _cutoff(top[name], examples))
+                        pool[name].append(_entries(select, sim, threshold, identical, row_ids, col_ids, start, code, len(data.texts)))
+            for name, parts in pool.items():
+                if parts:
+                    top[name] = _merge(top[name], {key: np.concatenate([p[key] for p in parts]) for key in parts[0]}, examples)
+    return {**acc, "top": top, "cols": cols}
+
+
+def _pairs(top: dict | None, masks: PlannedMasks, data: TrainingData) -> list[dict]:
+    """Materialize top entries as readable records: texts, block, threshold, epoch."""
+    if top is None:
+        return []
+    texts, (_, steps, g) = data.texts, masks.plan.shape
+    records = []
+    for sim, t, row, i, col, code, identical in zip(*(top[k].tolist() for k in ("sim", "t", "row", "i", "col", "block", "identical"))):
+        block = BLOCKS[code]
+        anchor_ex, cand_ex = int(masks.batches[row, i]), int(masks.batches[row, col % g])
+        if block == "an":
+            role, cand_text = f"negative_{col // g + 1}", data.negative_ids[cand_ex, col // g]
+        else:
+            role = "positive" if block in ("ap", "pp") else "anchor"
+            cand_text = data.positive_ids[cand_ex] if role == "positive" else data.anchor_ids[cand_ex]
+        records.append({
+            "block": block, "similarity": round(sim, 6), "threshold": round(t, 6), "similarity_minus_threshold": round(sim - t, 6),
+            "identical_text": bool(identical), "epoch": row // steps, "batch": row, "row_text": ROW_TEXT[block],
+            "anchor_example": anchor_ex, "task": data.tasks[anchor_ex] if data.tasks else None,
+            "anchor": texts[data.anchor_ids[anchor_ex]], "positive": texts[data.positive_ids[anchor_ex]],
+            "candidate_example": cand_ex, "candidate_role": role, "candidate": texts[cand_text],
+        })
+    return records
+
+
+def _rates(masked: dict, candidates: dict) -> dict:
+    return {b: (masked[b] / candidates[b] if candidates[b] else None) for b in BLOCKS}
+
+
+def _summarize(run_dir: Path, manifest: dict, guide_dir: Path, masks: PlannedMasks, data: TrainingData, scan: dict, task_names: list[str]) -> dict:
+    """The report's numbers as a JSON-ready dict."""
+    (epochs, steps, g), enabled = masks.plan.shape, _enabled(masks, data)
+    per_row = {b: (scan["cols"][b] - (b == "ap")) * enabled[b] for b in BLOCKS}  # candidates of one anchor row
+    batches = epochs * steps
+    blocks = {}
+    for b in BLOCKS:
+        masked, candidates = int(scan["masked_epoch"][b].sum()), per_row[b] * g * batches
+        blocks[b] = {
+            "enabled": enabled[b], "masked": masked, "candidates": candidates, "rate": masked / candidates if candidates else None,
+            "identical_text_masked": int(scan["identical_masked"][b]), "identical_text_kept": int(scan["identical_kept"][b]),
+            "mismatched_vs_rule": int(scan["mismatched"][b]),
+        }
+        if b in ("aa", "pp"):
+            self_candidates = g * batches if enabled[b] else 0
+            blocks[b].update(self_masked=int(scan["self_masked"][b]), self_candidates=self_candidates)
+            rest = candidates - self_candidates
+            blocks[b]["rate_without_self"] = (masked - blocks[b]["self_masked"]) / rest if rest else None
+        elif b == "an":
+            own = g * batches * data.num_negatives
+            blocks[b].update(own_negative_masked=int(scan["self_masked"][b]), own_negative_candidates=own)
+            blocks[b]["own_negative_rate"] = blocks[b]["own_negative_masked"] / own if own else None
+    by_epoch = [
+        {"epoch": e, "masked": {b: int(scan["masked_epoch"][b][e]) for b in BLOCKS},
+         "rate": _rates({b: int(scan["masked_epoch"][b][e]) for b in BLOCKS}, {b: per_row[b] * g * steps for b in BLOCKS})}
+        for e in range(epochs)
+    ]
+    by_task = {}
+    for t, name in enumerate(task_names):
+        rows = int(scan["rows_task"][t])
+        masked = {b: int(scan["masked_task"][b][t]) for b in BLOCKS}
+        by_task[name] = {
+            "anchor_rows": rows, "mean_threshold": float(scan["threshold_sum"][t] / rows) if rows else None,
+            "masked": masked, "rate": _rates(masked, {b: per_row[b] * rows for b in BLOCKS}),
+        }
+    edges = np.linspace(-1.0, 1.0, NBINS + 1)
+    return {
+        "run_dir": str(Path(run_dir).resolve()), "kind": manifest["kind"], "guide_dir": str(guide_dir.resolve()),
+        "guide": manifest.get("guide", {}).get("name"), "dataset_fingerprint": data.fingerprint, "plan": masks.meta["plan"],
+        "counts": {
+            "batches": batches, "epochs": epochs, "steps_per_epoch": steps, "batch_size": g, "examples": data.num_examples,
+            "examples_per_epoch": steps * g, "texts": len(data.texts), "negatives_per_example": data.num_negatives, "tasks": len(task_names),
+        },
+        "blocks": blocks, "by_epoch": by_epoch, "by_task": by_task,
+        "mask_check": {"mismatched_entries": sum(int(scan["mismatched"][b]) for b in BLOCKS)},
+        "similarity_histograms": {
+            "bin_edges": [round(x, 4) for x in edges.tolist()], "positive": scan["hist_positive"].tolist(),
+            "masked": {b: scan["hist_masked"][b].tolist() for b in BLOCKS}, "kept": {b: scan["hist_kept"][b].tolist() for b in BLOCKS},
+        },
+        "top_masked_pairs": _pairs(scan["top"]["all"], masks, data),
+        "top_masked_distinct_pairs": _pairs(scan["top"]["distinct"], masks, data),
+        "plots": dict(PLOTS),
+    }
+
+
+def _save(fig, path: Path) -> None:
+    """Render `fig` with the Agg backend (no pyplot, no display) to a PNG, atomically."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    FigureCanvasAgg(fig)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
+
+
+def _plot_similarity(report: dict, path: Path) -> None:
+    """One panel per block: kept negatives, masked candidates, and the true pairs' t_i; log counts."""
+    from matplotlib.figure import Figure
+
+    hist = report["similarity_histograms"]
+    edges = np.asarray(hist["bin_edges"])
+    shown = [b for b in BLOCKS if report["blocks"][b]["enabled"]]
+    every = np.asarray(hist["positive"]) + sum(np.asarray(hist[k][b]) for k in ("masked", "kept") for b in shown)
+    nonzero = np.flatnonzero(every)
+    lo, hi = edges[max(nonzero[0] - 2, 0)], edges[min(nonzero[-1] + 3, NBINS)] + 0.01
+    fig = Figure(figsize=(11, 3.2 * ((len(shown) + 1) // 2)), layout="constrained")
+    axes = fig.subplots((len(shown) + 1) // 2, 2, squeeze=False, sharex=True).ravel()
+    for ax, b in zip(axes, shown):
+        for counts, label, style in (
+            (hist["kept"][b], "kept in-batch negatives", {"color": "tab:blue", "fill": True, "alpha": 0.35}),
+            (hist["masked"][b], "masked (false negatives)", {"color": "tab:red", "fill": True, "alpha": 0.5}),
+            (hist["positive"], "true pairs t_i = g(a_i, p_i)", {"color": "black", "linestyle": "--", "linewidth": 1.3}),
+        ):
+            ax.stairs(counts, edges, label=f"{label} ({sum(counts):,})", **style)
+        ax.set_yscale("log")
+        ax.set_title(BLOCK_TITLES[b])
+        ax.set_xlim(lo, hi)
+        ax.set_ylabel("count (log)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8, loc="upper left")
+    for ax in axes[len(shown):]:
+        ax.set_visible(False)
+    for ax in axes[-2:]:
+        ax.set_xlabel("guide cosine similarity")
+    p = report["plan"]
+    fig.suptitle(f"Guide similarity of in-batch candidates: {report['counts']['batches']:,} planned batches, "
+                 f"{p['margin_strategy']} margin {p['margin']}, bins of {2 / NBINS:g}")
+    _save(fig, path)
+
+
+def _self_pair_note(fig, report: dict) -> None:
+    """Caption: how much of the aa/pp rates the always-similar self-pairs make up."""
+    parts = [f"{b} {100 * report['blocks'][b]['self_masked'] / report['blocks'][b]['candidates']:.1f}"
+             for b in ("aa", "pp") if report["blocks"][b]["enabled"]]
+    if parts:
+        note = ("aa and pp count the self-pair (a_i, a_i) as a candidate, as GISTEmbedLoss does; "
+                f"masked self-pairs make up {' and '.join(parts)} points of their rates.")
+        fig.text(0.01, 0.0, textwrap.fill(note, int(fig.get_figwidth() * 14)), fontsize=8, ha="left", va="top")
+
+
+def _plot_rates(ax, labels: list[str], rates: list[dict], horizontal: bool) -> None:
+    """Grouped bars of false-negative rate (%) per block for each label."""
+    blocks = [b for b in BLOCKS if any(r[b] is not None for r in rates)]
+    width = 0.8 / max(len(blocks), 1)
+    pos = np.arange(len(labels))
+    for n, b in enumerate(blocks):
+        values = [100 * (r[b] or 0.0) for r in rates]
+        offset = pos - 0.4 + width * (n + 0.5)
+        bar = ax.barh if horizontal else ax.bar
+        bar(offset, values, width, label=b, color=COLORS[b])
+    (ax.set_yticks if horizontal else ax.set_xticks)(pos, labels)
+    (ax.set_xlabel if horizontal else ax.set_ylabel)("false-negative rate (% of candidates masked)")
+    ax.grid(alpha=0.3, axis="x" if horizontal else "y")
+    ax.legend(title="block", fontsize=8)
+
+
+def _plot_epochs(report: dict, path: Path) -> None:
+    """Rate per block per epoch: bars for a few epochs, lines for many."""
+    from matplotlib.figure import Figure
+
+    rows = report["by_epoch"]
+    fig = Figure(figsize=(min(4 + 0.6 * len(rows), 12), 4), layout="constrained")
+    ax = fig.subplots()
+    if len(rows) <= 12:
+        _plot_rates(ax, [str(r["epoch"]) for r in rows], [r["rate"] for r in rows], horizontal=False)
+    else:
+        for b in BLOCKS:
+            if rows[0]["rate"][b] is not None:
+                ax.plot([r["epoch"] for r in rows], [100 * r["rate"][b] for r in rows], marker=".", label=b, color=COLORS[b])
+        ax.set_ylim(bottom=0)
+        ax.set_ylabel("false-negative rate (% of candidates masked)")
+        ax.grid(alpha=0.3)
+        ax.legend(title="block", fontsize=8)
+    ax.set_xlabel("epoch")
+    ax.set_title(f"False-negative rate per epoch (strategy {report['plan']['strategy']}, margin {report['plan']['margin']})")
+    _self_pair_note(fig, report)
+    _save(fig, path)
+
+
+def _plot_tasks(report: dict, path: Path) -> None:
+    """Rate per block per task of the anchor row, horizontal bars; tasks labelled with their row counts."""
+    from matplotlib.figure import Figure
+
+    tasks = sorted(report["by_task"].items(), key=lambda item: -item[1]["anchor_rows"])
+    fig = Figure(figsize=(9, 1.5 + 0.25 * len(tasks) * (1 + sum(report["blocks"][b]["enabled"] for b in BLOCKS) / 2)), layout="constrained")
+    ax = fig.subplots()
+    labels = [f"{name}\n({v['anchor_rows']:,} anchor rows)" for name, v in tasks]
+    _plot_rates(ax, labels, [v["rate"] for _, v in tasks], horizontal=True)
+    ax.invert_yaxis()
+    ax.set_title("False-negative rate per task of the anchor row (all epochs)")
+    _self_pair_note(fig, report)
+    _save(fig, path)
+
+
+def _cell(value, digits: int = 2) -> str:
+    """A Markdown table cell: percentages for rates, escaped and shortened text."""
+    if value is None:
+        return "–"
+    if isinstance(value, float):
+        return f"{100 * value:.{digits}f}%"
+    text = " ".join(str(value).split()).replace("|", "\\|")
+    return text if len(text) <= MAX_TEXT else text[: MAX_TEXT - 1] + "…"
+
+
+def _table(header: list[str], rows: list[list]) -> list[str]:
+    return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header), *("| " + " | ".join(map(str, r)) + " |" for r in rows), ""]
+
+
+def _pair_table(pairs: list[dict]) -> list[str]:
+    rows = [
+        [n + 1, p["block"], f"{p['similarity']:.4f}", f"{p['threshold']:.4f}", "**yes**" if p["identical_text"] else "",
+         _cell(p["task"] or NO_TASK), f"{p['anchor_example']} / {p['candidate_example']} ({p['candidate_role']})",
+         _cell(p["anchor"]), _cell(p["positive"]), _cell(p["candidate"])]
+        for n, p in enumerate(pairs)
+    ]
+    header = ["#", "block", "g", "t_i", "identical", "task", "examples i / j", "anchor a_i", "positive p_i", "candidate"]
+    return _table(header, rows) if rows else ["(no masked pairs)", ""]
+
+
+def _markdown(report: dict) -> str:
+    """report.md: overview, rate tables, plots (relative links) and the most similar masked pairs."""
+    c, p, blocks = report["counts"], report["plan"], report["blocks"]
+    shown = [b for b in BLOCKS if blocks[b]["enabled"]]
+    lines = [
+        f"# gist data-quality report: `{report['run_dir']}`", "",
+        f"Guide `{report['guide']}` (embeddings from `{report['guide_dir']}`), {report['kind']} directory. "
+        f"{c['examples']:,} examples, {c['texts']:,} unique texts, {c['negatives_per_example']} negative(s) per example, {c['tasks']} task(s). "
+        f"{c['batches']:,} planned batches = {c['epochs']} epoch(s) × {c['steps_per_epoch']:,} steps of {c['batch_size']} "
+        f"({c['examples_per_epoch']:,} examples per epoch). Plan: strategy `{p['strategy']}`, seed {p['seed']}, "
+        f"{p['margin_strategy']} margin {p['margin']}, contrast anchors {p['contrast_anchors']}, contrast positives {p['contrast_positives']}.", "",
+        "A candidate x of anchor row i is masked (a false negative) iff g(·, x) > t_i − m (absolute) or "
+        "> t_i − |t_i|·m (relative), with t_i = g(a_i, p_i). Rates are masked / candidate entries; `aa` and `pp` "
+        "count the self-pair (a_i, a_i) as a candidate, as `GISTEmbedLoss` does; the column without it shows genuine in-batch negatives.", "",
+    ]
+    mismatched = report["mask_check"]["mismatched_entries"]
+    lines += [
+        f"Mask check: the stored masks {'equal' if mismatched == 0 else f'**differ in {mismatched:,} entries from**'} "
+        "the mask rule applied to the stored embeddings.", "",
+        "## False-negative rate per block", "",
+        *_table(
+            ["block", "masked", "candidates", "rate", "self-pairs / own negatives masked", "rate without self-pairs", "identical texts masked", "identical texts kept as negatives"],
+            [[b, f"{blocks[b]['masked']:,}", f"{blocks[b]['candidates']:,}", _cell(blocks[b]["rate"]),
+              f"{blocks[b]['self_masked']:,} / {blocks[b]['self_candidates']:,}" if b in ("aa", "pp")
+              else f"{blocks[b]['own_negative_masked']:,} / {blocks[b]['own_negative_candidates']:,}" if b == "an" else "–",
+              _cell(blocks[b].get("rate_without_self", blocks[b]["rate"])), f"{blocks[b]['identical_text_masked']:,}", f"{blocks[b]['identical_text_kept']:,}"]
+             for b in shown],
+        ),
+        "Own negatives: the `an` entries of a row's own (mined) negatives; the guide vetoing many of them means it "
+        "cannot tell the hard negatives from the positives. \"Identical texts\": the candidate's text equals the row's own "
+        "anchor or positive — one anchor with several positives, a duplicated example, or a negative that is another row's "
+        "positive. Kept as negatives, identical texts are pushed apart; with margin 0 a duplicated positive has g = t_i "
+        "exactly and is not masked (the rule is strict).", "",
+        f"![guide similarity histograms]({PLOTS['similarity']})", "",
+        "Kept negatives (blue) and masked candidates (red) per block; the dashed line is the distribution of the "
+        "thresholds t_i. Self-pairs of `aa`/`pp` are left out.", "",
+        "## Per epoch", "",
+        *_table(["epoch", *shown], [[r["epoch"], *(_cell(r["rate"][b]) for b in shown)] for r in report["by_epoch"]]),
+        f"![false-negative rate per epoch]({PLOTS['epoch']})", "",
+        "## Per task (task of the anchor row)", "",
+        *_table(
+            ["task", "anchor rows", "mean t_i", *shown],
+            [[_cell(name), f"{v['anchor_rows']:,}", "–" if v["mean_threshold"] is None else f"{v['mean_threshold']:.3f}", *(_cell(v["rate"][b]) for b in shown)]
+             for name, v in sorted(report["by_task"].items(), key=lambda item: -item[1]["anchor_rows"])],
+        ),
+        f"![false-negative rate per task]({PLOTS['task']})", "",
+        "## Most similar masked pairs", "",
+        "The guide's strongest vetoes, one row per pair of texts (its most similar occurrence). g is the guide similarity of "
+        "the row text (a_i, or p_i for `pp`) and the candidate; t_i the row's threshold. Pairs with identical texts are "
+        "the same text in two examples of the batch; pairs with g far above t_i that are not paraphrases may be mislabeled "
+        "examples or guide errors.", "",
+        *_pair_table(report["top_masked_pairs"]),
+        "## Most similar masked pairs with different texts", "",
+        *_pair_table(report["top_masked_distinct_pairs"]),
+    ]
+    return "\n".join(lines)
+
+
+def write_report(run_dir: Path, out_dir: Path, examples: int = 20) -> dict:
+    """Write a data-quality report of a stage-1 or plan directory to `out_dir`; returns its numbers.
+
+    Loads no model: similarities come from the stored guide embeddings, masks from `masks.parquet`
+    (checked against `pipeline.masks.batch_masks`). Writes `report.json`, `report.md` and three PNG
+    plots, each atomically. `examples` is the length of each list of most similar masked pairs.
+    """
+    run_dir, out_dir = Path(run_dir), Path(out_dir)
+    manifest, guide_dir, masks, data, embeddings = _load(run_dir)
+    tasks = [NO_TASK if t is None else t for t in (data.tasks or [None] * data.num_examples)]
+    task_names, task_of = np.unique(np.asarray(tasks, dtype=object).astype(str), return_inverse=True)
+    scan = _scan(masks, data, embeddings, task_of.astype(np.int64), len(task_names), examples)
+    report = _summarize(run_dir, manifest, guide_dir, masks, data, scan, task_names.tolist())
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise GistError(f"{out_dir}: cannot create the report directory ({e.strerror})") from None
+    _plot_similarity(report, out_dir / PLOTS["similarity"])
+    _plot_epochs(report, out_dir / PLOTS["epoch"])
+    _plot_tasks(report, out_dir / PLOTS["task"])
+    with atomic_path(out_dir / "report.md") as tmp:
+        tmp.write_text(_markdown(report) + "\n")
+    write_json(out_dir / "report.json", report)
+    return report

@@ -1,0 +1,133 @@
+"""Stage 1 as functions: the guide pass (`precompute_guide`) and re-planning from it (`replan`).
+
+These are what `gist precompute-guide` and `gist plan` run; a training script calls them directly:
+
+    from pipeline import PlanParams, precompute_guide
+    guide_pass = precompute_guide("train.parquet", "models/mpnet", "runs/guide", plan=PlanParams(batch_size=64, epochs=3))
+    masks = PlannedMasks(guide_pass.masks)
+
+Every option is checked before the guide is loaded; finished work (encoded chunks, the joined
+embeddings) survives a failure and is reused by the same call run again.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from pipeline import GistError, artifacts, data as data_mod, guide as guide_mod, masks as masks_mod
+from pipeline.masks import PlanParams
+from pipeline.plan import check_plan, check_rule, plan_batches, rule_options
+
+
+@dataclass(frozen=True)
+class GuidePass:
+    """A finished guide pass (or plan) directory and its manifest."""
+
+    dir: Path
+    manifest: dict
+
+    @property
+    def masks(self) -> Path:
+        """Path of its `masks.parquet`, for `PlannedMasks` and `gist train --masks`."""
+        return self.dir / masks_mod.MASKS
+
+
+def precompute_guide(
+    data: str | Path, guide: str | Path, out: str | Path, plan: PlanParams = PlanParams(), *,
+    columns: str | None = None, encode_batch_size: int = 64, device: str = "auto", index: str = "auto",
+    guide_max_seq_length: int | None = None, rows_per_group: int = 4096, reuse: list[Path] | tuple = (),
+    trust_remote_code: bool = False, overwrite: bool = False,
+) -> GuidePass | None:
+    """Encode every unique text of DATA with the guide once, index it, plan the batches, store their masks.
+
+    Args:
+        data: Parquet, JSONL or CSV file, or a `datasets.save_to_disk` directory.
+        guide: the guide's sentence-transformers model directory.
+        out: the guide pass directory to write.
+        plan: batch size, epochs, seed, strategy and the mask rule's options.
+        guide_max_seq_length: truncate the guide's inputs at this many tokens (GISTEmbedLoss with a
+            guide sharing the student's tokenizer cuts them at the student's max_seq_length).
+        reuse: earlier guide passes of the same guide and settings whose vectors are copied.
+        Others as `gist precompute-guide --help`.
+
+    Returns the finished pass; under torchrun, ranks other than 0 (which only encode) get None.
+    """
+    out = Path(out)
+    t_start = time.perf_counter()
+    if index not in guide_mod.INDEX_KINDS:
+        raise GistError(f"--index {index}: use one of {', '.join(guide_mod.INDEX_KINDS)}")
+    check_rule(plan)
+    training = data_mod.load_training_data(Path(data), columns)
+    check_plan(training, plan.batch_size, plan.epochs, plan.strategy)  # every check that needs no guide, before the guide pass
+    t_data = time.perf_counter()
+    rank, world_size = guide_mod.init_distributed()  # under torchrun each rank encodes a share of the texts
+    model = guide_mod.load_model(str(guide), device, trust_remote_code)
+    with artifacts.exclusive(out) if rank == 0 else contextlib.nullcontext():  # rank 0 writes OUT; a second gist is refused
+        owned = [data_mod.TEXTS, data_mod.EXAMPLES, guide_mod.EMBEDDINGS, guide_mod.INDEX, masks_mod.MASKS]
+        if rank == 0:
+            artifacts.prepare_out_dir(out, overwrite, owned)
+        fp16 = model.device.type == "cuda"
+        if fp16:
+            model.half()
+        if guide_max_seq_length:
+            try:
+                model.max_seq_length = guide_max_seq_length
+            except AttributeError:
+                raise GistError(f"--guide-max-seq-length: {guide} takes no sequence length (a static embedding model?)") from None
+        identity = guide_mod.encoding_identity(guide_mod.model_identity(str(guide)), model, "float16" if fp16 else "float32")
+        stored = guide_mod.StoredEmbeddings(list(reuse), identity) if reuse else None
+        t_load = time.perf_counter()
+
+        if rank == 0:
+            data_mod.write_data_tables(out, training)
+        run_key = {"guide": {key: identity[key] for key in guide_mod.ENCODING_KEYS}, "fingerprint": training.fingerprint}
+        encoding = guide_mod.encode_to_parquet(model, training.texts, out, encode_batch_size, run_key, rows_per_group, rank, world_size, stored)
+        if rank != 0:
+            return None  # rank 0 joins the parts, builds the index and writes the plan
+        t_encode = time.perf_counter()
+        embeddings = guide_mod.read_embeddings(out / guide_mod.EMBEDDINGS)
+        index_kind = guide_mod.build_index(embeddings, out / guide_mod.INDEX, index)
+        t_index = time.perf_counter()
+        batch_plan = plan_batches(training, plan.batch_size, plan.epochs, plan.seed, plan.strategy, embeddings, **rule_options(plan))
+        t_plan = time.perf_counter()
+        summary = masks_mod.write_plan_masks(out, embeddings, training, batch_plan, plan, identity)
+        t_masks = time.perf_counter()
+        manifest = artifacts.write_manifest(
+            out, owned,
+            kind="guide-pass",
+            world_size=world_size,
+            guide={**identity, "dim": encoding["dim"], "device": str(model.device), "trust_remote_code": trust_remote_code},
+            dataset={"path": str(Path(data).resolve()), "fingerprint": training.fingerprint, "columns": training.columns, "num_examples": training.num_examples, "num_texts": len(training.texts), "num_negatives": training.num_negatives},
+            encoding={"batch_size": encode_batch_size, "rows_per_group": rows_per_group, "embedding_dtype": "float32", "reused_from": [str(Path(r).resolve()) for r in reuse], **encoding},
+            index={"kind": index_kind, "metric": "inner_product"},
+            plan=summary,
+            timings={"data_s": round(t_data - t_start, 3), "load_s": round(t_load - t_data, 3), "encode_s": round(t_encode - t_load, 3), "index_s": round(t_index - t_encode, 3), "plan_s": round(t_plan - t_index, 3), "masks_s": round(t_masks - t_plan, 3), "total_s": round(time.perf_counter() - t_start, 3)},
+        )
+        guide_mod.finish_encoding(out)
+        return GuidePass(out, manifest)
+
+
+def replan(guide_dir: str | Path, out: str | Path, plan: PlanParams = PlanParams(), *, overwrite: bool = False) -> GuidePass:
+    """Plan batches and write their masks from a stored guide pass, without loading the guide.
+
+    Writes `masks.parquet` and a manifest (kind "plan") pointing at `guide_dir` into `out`, which
+    must not be (or contain) the guide pass itself.
+    """
+    guide_dir, out = Path(guide_dir), Path(out)
+    check_rule(plan)
+    if out.resolve() == guide_dir.resolve() or out.resolve() in guide_dir.resolve().parents:
+        raise GistError(f"--out {out} is (or contains) the guide pass {guide_dir}; writing there would destroy it: choose another --out")
+    t_start = time.perf_counter()
+    manifest, training, embeddings = guide_mod.load_guide_pass(guide_dir)
+    with artifacts.exclusive(out):  # a second gist writing into OUT is refused while this one runs
+        batch_plan = plan_batches(training, plan.batch_size, plan.epochs, plan.seed, plan.strategy, embeddings, **rule_options(plan))
+        artifacts.prepare_out_dir(out, overwrite, [masks_mod.MASKS])
+        summary = masks_mod.write_plan_masks(out, embeddings, training, batch_plan, plan, manifest["guide"])
+        written = artifacts.write_manifest(
+            out, [masks_mod.MASKS], kind="plan", guide_dir=str(guide_dir.resolve()), guide=manifest["guide"],
+            dataset=manifest["dataset"], plan=summary, timings={"total_s": round(time.perf_counter() - t_start, 3)},
+        )
+        return GuidePass(out, written)

@@ -1,0 +1,326 @@
+"""Stage 2 wiring: the planned batch sampler, the trainer, and the checks against the masks.
+
+Training is sentence-transformers' `SentenceTransformerTrainer`; gist only supplies the loss
+(`GuidedMaskLoss`) and a batch sampler that replays the plan, so checkpointing, resume, logging,
+evaluators and torchrun are the trainer's own. A training script needs `planned_dataset`,
+`planned_training_args` and `masks.cursor` among its callbacks; `train_student` is `gist train`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import json
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+from datasets import Dataset
+from sentence_transformers.base.sampler import DefaultBatchSampler
+from transformers import TrainerCallback
+
+from pipeline import GistError
+from pipeline.data import TrainingData
+from pipeline.masks import PlannedMasks
+
+TRAIN_LOG = "train_log.jsonl"
+
+
+class PlannedBatchSampler(DefaultBatchSampler):
+    """Yields the planned batches of the epoch the trainer is in, in order.
+
+    The epoch is the trainer's global step (`masks.cursor`) divided by the steps per epoch, not the
+    one `set_epoch` passes: that one does not reach this sampler on a resume under torchrun.
+    Dataset row i must be example i of DATA. Pass it to the trainer with `planned_batch_sampler(masks)`.
+    """
+
+    def __init__(self, dataset, batch_size, drop_last, valid_label_columns=None, generator=None, seed=0, *, masks: PlannedMasks):
+        super().__init__(dataset, batch_size, drop_last, valid_label_columns, generator, seed)
+        self.masks = masks
+        # The planned (global) batch size: accelerate splits batches of exactly this size over the ranks.
+        self.batch_size = masks.params.batch_size
+
+    def __len__(self) -> int:
+        return self.masks.plan.shape[1]
+
+    def __iter__(self):
+        epochs, steps, _ = self.masks.plan.shape
+        epoch = self.masks.cursor.step // steps
+        if epoch >= epochs:
+            raise GistError(f"the trainer asked for epoch {epoch + 1}, the plan has {epochs}; re-plan with more --epochs")
+        for batch in self.masks.plan[epoch]:
+            yield batch.tolist()
+
+
+def planned_batch_sampler(masks: PlannedMasks):
+    """The `batch_sampler` training argument that makes the trainer replay the plan of `masks`
+    (with `masks.cursor` among the trainer's callbacks)."""
+    return functools.partial(PlannedBatchSampler, masks=masks)
+
+
+def training_dataset(data: TrainingData) -> Dataset:
+    """Text columns in canonical order plus `label` = example id, which GuidedMaskLoss receives."""
+    return Dataset.from_dict({**data.text_columns(), "label": np.arange(data.num_examples, dtype=np.int64)})
+
+
+def planned_dataset(data, masks: PlannedMasks, columns: str | None = None) -> Dataset:
+    """The training dataset for `masks` from the user's data: a `datasets.Dataset` or a DATA path.
+
+    Returns the text columns in canonical order (anchor, positive, negative_1..k) and `label` = the
+    example id the loss and sampler need; refuses data the masks were not planned for (content
+    fingerprint, example and negative counts). `columns` maps names as stage 1 did (default: the
+    mapping stored with the masks).
+    """
+    from pipeline.data import load_training_data
+
+    renames = ",".join(f"{k}={v}" for k, v in masks.meta["columns"].items() if k != v)  # as stage 1 mapped them
+    training = load_training_data(data, columns or renames)
+    check_masks_match(masks, training)
+    return training_dataset(training)
+
+
+def check_masks_match(masks: PlannedMasks, data: TrainingData) -> None:
+    """Refuse masks planned for other data: fingerprint, example count, negative count."""
+    meta = masks.meta
+    if meta["num_examples"] != data.num_examples:
+        raise GistError(f"{masks.path} was planned for {meta['num_examples']} examples, DATA has {data.num_examples}; re-run stage 1 on this data")
+    if meta["dataset_fingerprint"] != data.fingerprint:
+        raise GistError(f"{masks.path} was planned for other data (fingerprint {meta['dataset_fingerprint'][:12]} != {data.fingerprint[:12]}); re-run stage 1 on this data")
+    if masks.num_negatives != data.num_negatives:
+        raise GistError(f"{masks.path} has {masks.num_negatives} negative column(s), DATA has {data.num_negatives}")
+
+
+RUN_RECORD = "run.json"
+
+
+def claim_out_dir(out_dir: Path, record: dict, resume: bool) -> None:
+    """Tie OUT to one training run: write `record` (the run's data, masks, student and settings)
+    there on a fresh start, and on `--resume` refuse a record that differs, so a run never
+    continues from another run's checkpoints. A fresh start into an OUT that holds a run is refused.
+    """
+    from pipeline.artifacts import prepare_out_dir, write_json
+
+    out_dir = Path(out_dir)
+    path = out_dir / RUN_RECORD
+    if (out_dir / "final").exists():
+        raise GistError(f"{out_dir} already holds a finished training run (final/); choose another --out")
+    if resume:
+        if not path.is_file():
+            raise GistError(f"--resume: {out_dir} holds no {RUN_RECORD}; it is not a gist training run")
+        stored = json.loads(path.read_text())
+        differ = sorted(key for key in {**stored, **record} if stored.get(key) != record.get(key))
+        if differ:
+            shown = "; ".join(f"{key}: {stored.get(key)} -> {record.get(key)}" for key in differ)
+            raise GistError(f"--resume: {out_dir} holds a run with other settings ({shown}); resume with the same options or choose another --out")
+        return
+    if int(os.environ.get("RANK", 0)) != 0:
+        return  # under torchrun rank 0 claims OUT; the others would see its record and refuse
+    checkpoints = out_dir / "checkpoints"
+    if path.exists() or (checkpoints.is_dir() and any(checkpoints.iterdir())):
+        raise GistError(f"{out_dir} holds another training run's checkpoints; continue it with --resume or choose another --out")
+    prepare_out_dir(out_dir, overwrite=False, owned=[])
+    write_json(path, record)
+
+
+def last_complete_checkpoint(checkpoints_dir: Path) -> Path:
+    """The newest checkpoint that was completely written (the trainer writes trainer_state.json last).
+
+    transformers writes checkpoints in place, so a run killed while saving leaves a partial
+    `checkpoint-N` that the trainer's own `get_last_checkpoint` would pick and fail to load.
+    """
+    complete = [p for p in Path(checkpoints_dir).glob("checkpoint-*") if (p / "trainer_state.json").is_file()]
+    if not complete:
+        raise GistError(f"--resume: no complete checkpoint in {checkpoints_dir}")
+    return max(complete, key=lambda p: int(p.name.split("-")[1]))
+
+
+class JsonlLogCallback(TrainerCallback):
+    """Appends one JSON object per trainer log (step, epoch, loss, learning rate...) to a file.
+
+    On resume, lines after the checkpoint's step are dropped first so the log has each step once.
+    """
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if self.path.exists() and state.is_world_process_zero:
+            kept = [line for line in self.path.read_text().splitlines() if json.loads(line)["step"] <= state.global_step]
+            self.path.write_text("".join(line + "\n" for line in kept))
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if state.is_world_process_zero and logs:
+            with open(self.path, "a") as f:
+                f.write(json.dumps({"step": state.global_step, "epoch": state.epoch, **logs}) + "\n")
+
+
+def planned_training_args(masks: PlannedMasks, **training_args):
+    """SentenceTransformerTrainingArguments that replay the plan of `masks`; `training_args` (e.g.
+    output_dir, learning_rate) override the defaults. The plan fixes the batch size, the epochs and
+    the batch sampler; under torchrun every planned batch (G examples) is split across the W
+    ranks, G / W each, and each rank's loss gathers the others' candidates.
+    """
+    from sentence_transformers import SentenceTransformerTrainingArguments
+
+    world_size = int(os.environ.get("WORLD_SIZE", 1))  # set by torchrun; torch.distributed starts later
+    epochs, _, g = masks.plan.shape
+    if g % world_size:
+        raise GistError(f"the planned batch size {g} does not split over {world_size} processes; re-plan with a multiple")
+    defaults = dict(
+        output_dir="checkpoints",
+        learning_rate=5e-6,
+        warmup_steps=0.1,  # a float is a ratio of the total steps (transformers >= 5)
+        logging_steps=10,
+        save_strategy="steps",
+        save_steps=500,
+        report_to="none",
+        disable_tqdm=False,
+    )
+    planned = dict(
+        per_device_train_batch_size=g // world_size,
+        num_train_epochs=epochs,
+        dataloader_drop_last=True,
+        # Under torchrun the plan's batch is the global batch: each rank takes its contiguous slice.
+        accelerator_config={"split_batches": True},
+        batch_sampler=planned_batch_sampler(masks),
+    )
+    return SentenceTransformerTrainingArguments(**{**defaults, **training_args, **planned})
+
+
+def build_trainer(model, data: TrainingData, masks: PlannedMasks, loss, out_dir: Path, *, evaluator=None, callbacks=(), **training_args):
+    """A SentenceTransformerTrainer that replays the plan of `masks` with `loss`, checkpoints in
+    OUT/checkpoints; `training_args` override planned_training_args' defaults."""
+    from sentence_transformers import SentenceTransformerTrainer
+
+    args = planned_training_args(masks, **{"output_dir": str(Path(out_dir) / "checkpoints"), **training_args})
+    return SentenceTransformerTrainer(
+        model=model, args=args, train_dataset=training_dataset(data), loss=loss, evaluator=evaluator, callbacks=[masks.cursor, *callbacks]
+    )
+
+LOSSES = ("guided", "mnrl")
+PRECISIONS = ("fp32", "fp16", "bf16")
+
+
+@dataclass(frozen=True)
+class TrainSettings:
+    """Everything `gist train` sets beyond the trainer's defaults; recorded in OUT/run.json.
+
+    loss: "guided" (GuidedMaskLoss) or "mnrl" (MultipleNegativesRankingLoss on the same plan, the
+    baseline); mini_batch_size turns either into its GradCache variant (CachedGuidedMaskLoss,
+    CachedMultipleNegativesRankingLoss); matryoshka_dims wraps it in MatryoshkaLoss.
+    """
+
+    loss: str = "guided"
+    lr: float = 5e-6
+    warmup_ratio: float = 0.1
+    lr_scheduler: str = "linear"
+    weight_decay: float = 0.0
+    temperature: float = 0.01
+    mini_batch_size: int | None = None
+    matryoshka_dims: tuple[int, ...] = ()
+    max_seq_length: int | None = None
+    gradient_checkpointing: bool = False
+    max_steps: int = -1
+    logging_steps: int = 10
+    save_steps: int = 500
+    eval_steps: int | None = None
+    seed: int = 0
+    precision: str = "fp32"
+
+    def check(self, model_dim: int | None = None) -> None:
+        """Refuse settings that cannot train, before any model is loaded (model_dim: once it is)."""
+        if self.loss not in LOSSES:
+            raise GistError(f"--loss {self.loss}: use one of {', '.join(LOSSES)}")
+        if self.precision not in PRECISIONS:
+            raise GistError(f"--precision {self.precision}: use one of {', '.join(PRECISIONS)}")
+        if self.mini_batch_size is not None and self.mini_batch_size < 1:
+            raise GistError(f"--mini-batch-size {self.mini_batch_size}: must be at least 1")
+        if any(d < 1 for d in self.matryoshka_dims):
+            raise GistError(f"--matryoshka-dims {','.join(map(str, self.matryoshka_dims))}: dimensions must be positive")
+        if model_dim is not None and any(d > model_dim for d in self.matryoshka_dims):
+            raise GistError(f"--matryoshka-dims {','.join(map(str, self.matryoshka_dims))}: the student's embeddings have {model_dim} dimensions")
+
+
+def build_loss(model, masks: PlannedMasks, settings: TrainSettings):
+    """The loss of `settings` on `model`: guided or MNRL, cached when mini_batch_size is set, in MatryoshkaLoss when dims are given."""
+    from sentence_transformers.sentence_transformer.losses import (
+        CachedMultipleNegativesRankingLoss, MatryoshkaLoss, MultipleNegativesRankingLoss,
+    )
+
+    from pipeline.loss import CachedGuidedMaskLoss, GuidedMaskLoss
+
+    scale = 1.0 / settings.temperature
+    if settings.loss == "guided" and settings.mini_batch_size:
+        loss = CachedGuidedMaskLoss(model, masks, temperature=settings.temperature, mini_batch_size=settings.mini_batch_size)
+    elif settings.loss == "guided":
+        loss = GuidedMaskLoss(model, masks, temperature=settings.temperature)
+    elif settings.mini_batch_size:
+        loss = CachedMultipleNegativesRankingLoss(model, scale=scale, mini_batch_size=settings.mini_batch_size, gather_across_devices=True)
+    else:
+        loss = MultipleNegativesRankingLoss(model, scale=scale, gather_across_devices=True)
+    return MatryoshkaLoss(model, loss, list(settings.matryoshka_dims)) if settings.matryoshka_dims else loss
+
+
+def train_student(
+    data: str | Path, masks: str | Path | PlannedMasks, student: str | Path, out: str | Path, settings: TrainSettings = TrainSettings(), *,
+    columns: str | None = None, resume: bool = False, device: str = "auto", sts: Path | None = None, beir: Path | None = None,
+) -> Path | None:
+    """Stage 2: train `student` on DATA with the plan and masks of stage 1; the guide is never loaded.
+
+    With `settings.eval_steps`, the STS and/or BEIR evaluators run every that many steps through the
+    trainer (the best checkpoint by STS Spearman, else BEIR nDCG@10, is recorded in OUT/eval.json
+    with the final scores). Returns OUT/final (None on ranks other than 0 under torchrun).
+    """
+    from pipeline import artifacts, guide as guide_mod
+    from pipeline.data import load_training_data
+    from pipeline.evaluate import evaluate_model, training_evaluator
+
+    out = Path(out)
+    settings.check()
+    if settings.eval_steps and not (sts or beir):
+        raise GistError("--eval-steps needs --sts and/or --beir to evaluate on")
+    masks = masks if isinstance(masks, PlannedMasks) else PlannedMasks(Path(masks))
+    renames = ",".join(f"{k}={v}" for k, v in masks.meta["columns"].items() if k != v)  # as stage 1 mapped them
+    training = load_training_data(Path(data), columns or renames)
+    check_masks_match(masks, training)
+    if settings.max_steps > len(masks.batches):
+        raise GistError(f"--max-steps {settings.max_steps} exceeds the {len(masks.batches)} planned batches; re-plan with more --epochs")
+    evaluator = training_evaluator(sts, beir) if settings.eval_steps else None  # reads the files: fails before training
+    record = {
+        "data_fingerprint": training.fingerprint, "masks_sha256": artifacts.sha256_file(masks.path),
+        "student": guide_mod.model_identity(str(student))["sha256"], **asdict(settings),
+    }
+    record["matryoshka_dims"] = list(settings.matryoshka_dims)
+    rank0 = int(os.environ.get("RANK", 0)) == 0
+    with artifacts.exclusive(out) if rank0 else contextlib.nullcontext():  # a second gist writing into OUT is refused
+        claim_out_dir(out, record, resume)
+        checkpoint = last_complete_checkpoint(out / "checkpoints") if resume else None
+        model = guide_mod.load_model(str(student), device)
+        settings.check(model.get_embedding_dimension())
+        if settings.max_seq_length:
+            model.max_seq_length = settings.max_seq_length
+        metric = None
+        if evaluator is not None:
+            metric = "eval_sts_spearman_cosine" if sts else "eval_beir_cosine_ndcg@10"
+        trainer = build_trainer(
+            model, training, masks, build_loss(model, masks, settings), out, evaluator=evaluator, callbacks=[JsonlLogCallback(out / TRAIN_LOG)],
+            learning_rate=settings.lr, warmup_steps=settings.warmup_ratio, lr_scheduler_type=settings.lr_scheduler, weight_decay=settings.weight_decay,
+            max_steps=settings.max_steps, logging_steps=settings.logging_steps, save_steps=settings.save_steps, seed=settings.seed,
+            gradient_checkpointing=settings.gradient_checkpointing, use_cpu=model.device.type == "cpu",
+            fp16=settings.precision == "fp16", bf16=settings.precision == "bf16",
+            **({"eval_strategy": "steps", "eval_steps": settings.eval_steps, "metric_for_best_model": metric, "greater_is_better": True} if evaluator else {}),
+        )
+        trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+        if not trainer.is_world_process_zero():
+            return None
+        final = out / "final"
+        with artifacts.atomic_path(final) as tmp:
+            model.save(str(tmp))
+        if sts or beir:
+            results = evaluate_model(model, sts, beir)
+            if evaluator is not None:
+                results["best_checkpoint"] = trainer.state.best_model_checkpoint
+                results["best_metric"] = trainer.state.best_metric
+            artifacts.write_json(out / "eval.json", results)
+        return final
