@@ -186,7 +186,7 @@ def train_command(
     student: Annotated[str, typer.Option(help="Student model directory (sentence-transformers).")],
     out: Annotated[Path, typer.Option(help="Output directory: run.json, checkpoints/, final/, train_log.jsonl, eval.json.")],
     columns: Columns = None,
-    loss: Annotated[str, typer.Option(help="guided: GuidedMaskLoss with the stored masks; mnrl: MultipleNegativesRankingLoss on the same plan (the baseline: does guidance pay on your data?).")] = "guided",
+    loss: Annotated[str, typer.Option(help="guided: GuidedMaskLoss with the stored masks; unguided: the same candidates (ap, aa, pp, an) with only self-pairs masked, no guide vetoes (the ablation); mnrl: MultipleNegativesRankingLoss on the same plan (the baseline: does guidance pay on your data?).")] = "guided",
     mini_batch_size: Annotated[Optional[int], typer.Option(min=1, help="Train large batches with GradCache: CachedGuidedMaskLoss (or CachedMultipleNegativesRankingLoss with --loss mnrl) embedding N examples at a time. Memory follows N, not the batch size; the loss is unchanged.")] = None,
     matryoshka_dims: Annotated[Optional[str], typer.Option(help="Wrap the loss in MatryoshkaLoss with these dimensions, e.g. 384,256,128,64.")] = None,
     lr: Annotated[float, typer.Option(help="Peak learning rate.")] = 5e-6,

@@ -82,7 +82,7 @@ class BroadcastCosine(torch.autograd.Function):
 
 
 class GuidedMaskLoss(nn.Module):
-    def __init__(self, model, masks: PlannedMasks | str | Path, temperature: float = 0.01) -> None:
+    def __init__(self, model, masks: PlannedMasks | str | Path, temperature: float = 0.01, guided: bool = True) -> None:
         """
         In-batch contrastive loss with GISTEmbed false-negative filtering, where the guide's masks were
         computed ahead of time by ``gist precompute-guide`` (or ``gist plan``) for a fixed batch plan.
@@ -98,6 +98,9 @@ class GuidedMaskLoss(nn.Module):
             masks: a ``PlannedMasks`` or the path of a ``masks.parquet``; margin strategy, margin and
                 contrast flags are those recorded in it.
             temperature: divides the cosine similarities (inverse of MNRL's ``scale``). Default 0.01.
+            guided: False gives the ablation "unguided": the same candidates, with only the
+                ``aa``/``pp`` self-pairs masked and no guide veto, so that what guidance buys is
+                measured against the same candidate set (``gist train --loss unguided``).
 
         References:
             - GISTEmbed, https://arxiv.org/abs/2402.16829
@@ -129,6 +132,7 @@ class GuidedMaskLoss(nn.Module):
         self.temperature = temperature
         self.contrast_anchors = self.masks.params.contrast_anchors
         self.contrast_positives = self.masks.params.contrast_positives
+        self.guided = guided
 
     def sim_matrix(self, embed1: Tensor, embed2: Tensor) -> Tensor:
         """(len1, len2) cosine similarities, the values GISTEmbedLoss computes."""
@@ -169,7 +173,11 @@ class GuidedMaskLoss(nn.Module):
         rows = slice(offset + begin, offset + end)
 
         def masked(block: str, sims: Tensor, cols: int, keep_cols: slice = slice(None)) -> Tensor:
-            mask = torch.from_numpy(self.masks.dense(block, row, row + 1, g, cols)[0]).to(sims.device)[rows, keep_cols]
+            if self.guided:
+                mask = torch.from_numpy(self.masks.dense(block, row, row + 1, g, cols)[0])
+            else:  # unguided: only the self-pairs a_i-a_i and p_i-p_i leave the softmax
+                mask = torch.eye(g, dtype=torch.bool) if block in ("aa", "pp") else torch.zeros(g, cols, dtype=torch.bool)
+            mask = mask.to(sims.device)[rows, keep_cols]
             return sims.masked_fill(mask, -torch.inf)
 
         scores = [masked("ap", self.sim_matrix(anchor[begin:end], positive), g)]
@@ -182,7 +190,7 @@ class GuidedMaskLoss(nn.Module):
         return torch.cat(scores, dim=1) / self.temperature
 
     def get_config_dict(self) -> dict[str, Any]:
-        return {"masks": str(self.masks.path), "temperature": self.temperature, **self.masks.meta["plan"]}
+        return {"masks": str(self.masks.path), "temperature": self.temperature, "guided": self.guided, **self.masks.meta["plan"]}
 
     @property
     def citation(self) -> str:
@@ -199,7 +207,7 @@ class GuidedMaskLoss(nn.Module):
 
 
 class CachedGuidedMaskLoss(CachedLossMixin, GuidedMaskLoss):
-    def __init__(self, model, masks: PlannedMasks | str | Path, temperature: float = 0.01, mini_batch_size: int = 32) -> None:
+    def __init__(self, model, masks: PlannedMasks | str | Path, temperature: float = 0.01, mini_batch_size: int = 32, guided: bool = True) -> None:
         """
         GuidedMaskLoss with GradCache (as sentence-transformers ``CachedGISTEmbedLoss``): the batch is
         embedded in mini-batches without gradients, the loss is computed over the whole batch in
@@ -223,7 +231,7 @@ class CachedGuidedMaskLoss(CachedLossMixin, GuidedMaskLoss):
 
                 loss = CachedGuidedMaskLoss(student, "runs/guide/masks.parquet", mini_batch_size=64)
         """
-        super().__init__(model, masks, temperature)
+        super().__init__(model, masks, temperature, guided)
         self.mini_batch_size = mini_batch_size
 
     def forward(self, sentence_features: Iterable[dict[str, Tensor]], labels: Tensor) -> Tensor:

@@ -198,7 +198,7 @@ def build_trainer(model, data: TrainingData, masks: PlannedMasks, loss, out_dir:
         model=model, args=args, train_dataset=training_dataset(data), loss=loss, evaluator=evaluator, callbacks=[masks.cursor, *callbacks]
     )
 
-LOSSES = ("guided", "mnrl")
+LOSSES = ("guided", "unguided", "mnrl")
 PRECISIONS = ("fp32", "fp16", "bf16")
 
 
@@ -206,8 +206,8 @@ PRECISIONS = ("fp32", "fp16", "bf16")
 class TrainSettings:
     """Everything `gist train` sets beyond the trainer's defaults; recorded in OUT/run.json.
 
-    loss: "guided" (GuidedMaskLoss) or "mnrl" (MultipleNegativesRankingLoss on the same plan, the
-    baseline); mini_batch_size turns either into its GradCache variant (CachedGuidedMaskLoss,
+    loss: "guided" (GuidedMaskLoss), "unguided" (its candidates with only self-pairs masked: the
+    ablation) or "mnrl" (MultipleNegativesRankingLoss on the same plan, the baseline); mini_batch_size turns either into its GradCache variant (CachedGuidedMaskLoss,
     CachedMultipleNegativesRankingLoss); matryoshka_dims wraps it in MatryoshkaLoss.
     """
 
@@ -251,10 +251,11 @@ def build_loss(model, masks: PlannedMasks, settings: TrainSettings):
     from pipeline.loss import CachedGuidedMaskLoss, GuidedMaskLoss
 
     scale = 1.0 / settings.temperature
-    if settings.loss == "guided" and settings.mini_batch_size:
-        loss = CachedGuidedMaskLoss(model, masks, temperature=settings.temperature, mini_batch_size=settings.mini_batch_size)
-    elif settings.loss == "guided":
-        loss = GuidedMaskLoss(model, masks, temperature=settings.temperature)
+    guided = settings.loss == "guided"
+    if settings.loss != "mnrl" and settings.mini_batch_size:
+        loss = CachedGuidedMaskLoss(model, masks, temperature=settings.temperature, mini_batch_size=settings.mini_batch_size, guided=guided)
+    elif settings.loss != "mnrl":
+        loss = GuidedMaskLoss(model, masks, temperature=settings.temperature, guided=guided)
     elif settings.mini_batch_size:
         loss = CachedMultipleNegativesRankingLoss(model, scale=scale, mini_batch_size=settings.mini_batch_size, gather_across_devices=True)
     else:

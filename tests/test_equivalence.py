@@ -184,3 +184,30 @@ def test_student_shorter_than_guide_reproduced_with_guide_max_seq_length(tmp_pat
         loss_ref, grads_ref = loss_and_grads(student, reference, dataset, example_ids)
         assert abs(loss_ours - loss_ref) < TOL, (loss_ours, loss_ref)
         assert_grads_close(grads_ours, grads_ref)
+
+
+@pytest.mark.parametrize("contrast_anchors", [False, True], ids=["ap+an", "ap+aa+an"])
+def test_unguided_equals_mnrl_over_the_same_candidates(tmp_path, guide_run, triplets, contrast_anchors):
+    """The "unguided" ablation (GuidedMaskLoss's candidates, only self-pairs masked, no guide veto)
+    is sentence-transformers' MultipleNegativesRankingLoss over those candidates: plain MNRL for
+    ap + an, MNRL with the query_to_query direction (self-pairs removed) when aa is on. MNRL's
+    normalize-and-matmul similarities differ from the broadcast cosine by float32 noise, which the
+    temperature amplifies: compared to 1e-4."""
+    from sentence_transformers.sentence_transformer.losses import MultipleNegativesRankingLoss
+
+    plan_command(guide_run, out=tmp_path, batch_size=16, margin=0.05, contrast_anchors=contrast_anchors, contrast_positives=False)
+    masks = PlannedMasks(tmp_path / MASKS)
+    dataset = training_dataset(load_training_data(triplets))
+    student = load_student()
+    directions = ("query_to_doc", "query_to_query") if contrast_anchors else ("query_to_doc",)
+    unguided, guided = GuidedMaskLoss(student, masks, guided=False), GuidedMaskLoss(student, masks)
+    reference = MultipleNegativesRankingLoss(student, scale=100.0, directions=directions)
+    differs = 0
+    for row, example_ids in enumerate(masks.batches[:2]):
+        masks.cursor.step = row
+        loss_ours, grads_ours = loss_and_grads(student, unguided, dataset, example_ids)
+        loss_ref, grads_ref = loss_and_grads(student, reference, dataset, example_ids)
+        assert abs(loss_ours - loss_ref) < 1e-4, (loss_ours, loss_ref)
+        assert_grads_close(grads_ours, grads_ref, tol=1e-4)
+        differs += abs(loss_and_grads(student, guided, dataset, example_ids)[0] - loss_ours) > 1e-4
+    assert differs, "the guide's vetoes change the loss on these batches"

@@ -121,10 +121,12 @@ def test_build_loss_follows_the_settings(guide_run):
 
     masks, student = PlannedMasks(guide_run / "masks.parquet"), load_student()
     expected = {("guided", None): GuidedMaskLoss, ("guided", 8): CachedGuidedMaskLoss,
+                ("unguided", None): GuidedMaskLoss, ("unguided", 8): CachedGuidedMaskLoss,
                 ("mnrl", None): MultipleNegativesRankingLoss, ("mnrl", 8): CachedMultipleNegativesRankingLoss}
     for (loss, mini_batch), cls in expected.items():
         built = build_loss(student, masks, TrainSettings(loss=loss, mini_batch_size=mini_batch, temperature=0.02))
         assert type(built) is cls
+        assert getattr(built, "guided", None) == {"guided": True, "unguided": False, "mnrl": None}[loss]
         assert getattr(built, "mini_batch_size", None) == mini_batch
         assert (built.scale if loss == "mnrl" else 1 / built.temperature) == pytest.approx(50)
     wrapped = build_loss(student, masks, TrainSettings(matryoshka_dims=(32, 16)))
