@@ -123,13 +123,23 @@ def claim_out_dir(out_dir: Path, record: dict, resume: bool) -> None:
     write_json(path, record)
 
 
+def _readable_json(path: Path) -> bool:
+    """True if `path` holds a whole JSON document (the trainer writes trainer_state.json in place, so a
+    run killed while writing it leaves a partial one)."""
+    try:
+        json.loads(path.read_text())
+    except (OSError, ValueError):
+        return False
+    return True
+
+
 def last_complete_checkpoint(checkpoints_dir: Path) -> Path:
     """The newest checkpoint that was completely written (the trainer writes trainer_state.json last).
 
     transformers writes checkpoints in place, so a run killed while saving leaves a partial
     `checkpoint-N` that the trainer's own `get_last_checkpoint` would pick and fail to load.
     """
-    complete = [p for p in Path(checkpoints_dir).glob("checkpoint-*") if (p / "trainer_state.json").is_file()]
+    complete = [p for p in Path(checkpoints_dir).glob("checkpoint-*") if _readable_json(p / "trainer_state.json")]
     if not complete:
         raise GistError(f"--resume: no complete checkpoint in {checkpoints_dir}")
     return max(complete, key=lambda p: int(p.name.split("-")[1]))
@@ -138,7 +148,8 @@ def last_complete_checkpoint(checkpoints_dir: Path) -> Path:
 class JsonlLogCallback(TrainerCallback):
     """Appends one JSON object per trainer log (step, epoch, loss, learning rate...) to a file.
 
-    On resume, lines after the checkpoint's step are dropped first so the log has each step once.
+    On resume, lines after the checkpoint's step (and a line cut short by a kill) are dropped first,
+    so the log has each step once.
     """
 
     def __init__(self, path: Path):
@@ -146,7 +157,13 @@ class JsonlLogCallback(TrainerCallback):
 
     def on_train_begin(self, args, state, control, **kwargs):
         if self.path.exists() and state.is_world_process_zero:
-            kept = [line for line in self.path.read_text().splitlines() if json.loads(line)["step"] <= state.global_step]
+            kept = []
+            for line in self.path.read_text().splitlines():
+                try:
+                    if json.loads(line)["step"] <= state.global_step:
+                        kept.append(line)
+                except ValueError:
+                    pass  # the last line of a run killed while writing it
             self.path.write_text("".join(line + "\n" for line in kept))
 
     def on_log(self, args, state, control, logs=None, **kwargs):

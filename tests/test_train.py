@@ -187,3 +187,21 @@ def test_planned_dataset_from_a_users_dataset(guide_run, triplets):
     assert dataset["label"] == list(range(len(users))) and dataset["anchor"] == users["anchor"]
     with pytest.raises(GistError, match="planned for"):
         planned_dataset(users.shuffle(seed=0), masks)  # the same rows in another order are other examples
+
+
+def test_a_checkpoint_or_log_line_cut_by_a_kill_is_skipped(tmp_path):
+    """transformers writes trainer_state.json in place: a run killed while writing it leaves a
+    partial one, and the JSONL log may end in half a line. Resume uses the newest whole checkpoint."""
+    from types import SimpleNamespace
+
+    from pipeline.train import JsonlLogCallback, last_complete_checkpoint
+
+    for step, state in ((2, '{"global_step": 2}'), (4, '{"global_st'), (6, None)):
+        (tmp_path / f"checkpoint-{step}").mkdir()
+        if state is not None:
+            (tmp_path / f"checkpoint-{step}" / "trainer_state.json").write_text(state)
+    assert last_complete_checkpoint(tmp_path).name == "checkpoint-2"
+    log = tmp_path / "train_log.jsonl"
+    log.write_text('{"step": 1, "loss": 1.0}\n{"step": 2, "loss": 0.9}\n{"step": 3, "lo')
+    JsonlLogCallback(log).on_train_begin(None, SimpleNamespace(global_step=2, is_world_process_zero=True), None)
+    assert [json.loads(line)["step"] for line in log.read_text().splitlines()] == [1, 2]
