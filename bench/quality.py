@@ -356,7 +356,7 @@ def mask_breakdown(masks, training) -> dict:
         same_p = (p[:, None] == p[None, :]) & ~np.eye(g, dtype=bool)
         s["duplicate_positive_pairs"] += int(same_p.sum())
         s["same_anchor_pairs"] += int(((a[:, None] == a[None, :]) & ~np.eye(g, dtype=bool)).sum())
-        pos = masks.blocks["ap"][row].values.to_numpy()
+        pos = masks.positions("ap", row)
         i, j = pos // g, pos % g
         s["ap_masked"] += len(pos)
         sa = a[i] == a[j]
@@ -366,9 +366,9 @@ def mask_breakdown(masks, training) -> dict:
         s["ap_other"] += int((~sa & ~sp).sum())
         s["anchors_with_masked_ap"] += len(np.unique(i))
         for block in ("aa", "pp"):
-            q = masks.blocks[block][row].values.to_numpy()
+            q = masks.positions(block, row)
             s[f"{block}_masked_offdiag"] += int((q // g != q % g).sum())
-        s["an_masked"] += len(masks.blocks["an"][row].values)
+        s["an_masked"] += len(masks.positions("an", row))
     for s in out.values():
         s["ap_masked_fraction"] = round(s["ap_masked"] / s["ap_candidates"], 5)
         s["anchors_with_masked_ap_fraction"] = round(s["anchors_with_masked_ap"] / (s["batches"] * g), 4)

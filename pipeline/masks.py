@@ -179,11 +179,14 @@ class PlanCursor(TrainerCallback):
 
 
 class PlannedMasks:
-    """The planned batches and their masks, read from `masks.parquet`.
+    """The planned batches and their masks in `masks.parquet`, read lazily.
 
-    `meta` holds the plan parameters, dataset fingerprint and guide; `plan` is (epochs, steps, G),
-    `batches` the same as (epochs * steps, G): plan row r is the batch of global step r. `cursor`
-    follows the trainer's step, so the loss can check that each batch is the one planned for it.
+    Opening reads only the file's metadata: `meta` (plan parameters, dataset fingerprint, guide),
+    `params`, `num_batches`. The training path (sampler, loss) reads the row group holding the batch
+    it needs (one cached per column), so a training process never holds the whole plan or all the
+    masks. Plan row r is the batch of global step r; `cursor` follows the trainer's step, so the
+    loss can check that each batch is the one planned for it. `plan` (epochs, steps, G) and
+    `batches` (epochs * steps, G) read the whole plan, for tools and tests.
     """
 
     def __init__(self, path: Path):
@@ -191,29 +194,60 @@ class PlannedMasks:
         if not path.is_file():
             raise GistError(f"{path}: no such masks file")
         try:
-            table = pq.read_table(path)
-            meta = json.loads(table.schema.metadata[METADATA_KEY])
+            self._file = pq.ParquetFile(path)
+            meta = json.loads(self._file.schema_arrow.metadata[METADATA_KEY])
         except (pa.ArrowException, OSError, KeyError, TypeError, json.JSONDecodeError) as e:
             raise GistError(f"{path}: not a readable gist masks file; truncated or corrupt? ({str(e).splitlines()[0][:120]})") from None
         if meta.get("format_version") != FORMAT_VERSION:
             raise GistError(f"{path}: masks format version {meta.get('format_version')}, this gist reads {FORMAT_VERSION}; re-plan with `gist plan`")
         self.path, self.meta = path, meta
         self.params = PlanParams(**meta["plan"])
-        g = self.params.batch_size
-        # Chunk by chunk: one combined list array's int32 offsets would overflow on long plans.
-        self.batches = np.concatenate([chunk.flatten().to_numpy() for chunk in table.column("example_ids").chunks]).reshape(-1, g)
-        self.plan = self.batches.reshape(self.params.epochs, -1, g)
-        self.blocks = {block: table.column(block) for block in BLOCKS}
+        sizes = [self._file.metadata.row_group(i).num_rows for i in range(self._file.num_row_groups)]
+        self._starts = np.concatenate([[0], np.cumsum(sizes, dtype=np.int64)])
+        self.num_batches = int(self._starts[-1])
+        self.steps_per_epoch = self.num_batches // self.params.epochs
+        self._cached: dict[str, tuple[int, pa.ListArray]] = {}
         self.cursor = PlanCursor()
+
+    def __reduce__(self):
+        # Pickled (e.g. in the trainer's training_args.bin) as its path: no open file, no cached row groups.
+        return (PlannedMasks, (self.path,))
 
     @property
     def num_negatives(self) -> int:
         return self.meta["num_negatives"]
 
+    def _chunks(self, column: str, start: int, stop: int):
+        """The list arrays of `column` for plan rows start..stop, row group by row group (each one's
+        offsets restart, so no combined array overflows int32); the last group read is cached."""
+        group = int(np.searchsorted(self._starts, start, side="right")) - 1
+        while start < stop:
+            first, end = int(self._starts[group]), int(self._starts[group + 1])
+            cached = self._cached.get(column)
+            if cached is None or cached[0] != group:
+                cached = (group, self._file.read_row_group(group, columns=[column]).column(0).combine_chunks())
+                self._cached[column] = cached
+            take = min(stop, end) - start
+            yield cached[1].slice(start - first, take)
+            start, group = start + take, group + 1
+
+    def batch_rows(self, start: int, stop: int) -> np.ndarray:
+        """Example ids of plan rows start..stop, (stop - start, G) int64."""
+        ids = [chunk.flatten().to_numpy() for chunk in self._chunks("example_ids", start, stop)]
+        return np.concatenate(ids).reshape(-1, self.params.batch_size) if ids else np.zeros((0, self.params.batch_size), np.int64)
+
+    @property
+    def batches(self) -> np.ndarray:
+        return self.batch_rows(0, self.num_batches)
+
+    @property
+    def plan(self) -> np.ndarray:
+        return self.batches.reshape(self.params.epochs, -1, self.params.batch_size)
+
     def due_row(self, example_ids: np.ndarray) -> int:
         """The plan row of the trainer's current step, after checking that `example_ids` is its batch."""
         row = self.cursor.step
-        if row >= len(self.batches) or not np.array_equal(np.asarray(example_ids, dtype=np.int64), self.batches[row]):
+        if row >= self.num_batches or not np.array_equal(np.asarray(example_ids, dtype=np.int64), self.batch_rows(row, row + 1)[0]):
             raise GistError(
                 f"batch with example ids {list(example_ids)[:6]}... is not the batch planned for step {row + 1} in {self.path}; "
                 "train with the planned batch sampler and the same data, with `masks.cursor` among the trainer's callbacks "
@@ -221,11 +255,16 @@ class PlannedMasks:
             )
         return row
 
+    def positions(self, block: str, row: int) -> np.ndarray:
+        """Flat positions `i * ncols + j` of the masked entries of `block` in plan row `row`."""
+        (chunk,) = self._chunks(block, row, row + 1)
+        return chunk.flatten().to_numpy()
+
     def dense(self, block: str, start: int, stop: int, rows: int, cols: int) -> np.ndarray:
         """Boolean (stop - start, rows, cols) masks of `block` for plan rows start..stop."""
         dense = np.zeros((stop - start, rows * cols), dtype=bool)
         first = 0
-        for chunk in self.blocks[block].slice(start, stop - start).chunks:  # chunk by chunk: offsets restart per row group
+        for chunk in self._chunks(block, start, stop):
             offsets = chunk.offsets.to_numpy()
             batch = first + np.repeat(np.arange(len(chunk)), np.diff(offsets))
             dense[batch, chunk.values.to_numpy()[offsets[0] : offsets[-1]]] = True

@@ -121,7 +121,7 @@ def _entries(select, sim, threshold, identical, row_ids, col_ids, start: int, co
 
 def _scan(masks: PlannedMasks, data: TrainingData, embeddings: np.ndarray, task_of: np.ndarray, ntasks: int, examples: int) -> dict:
     """One pass over every planned batch: counts per block/epoch/task, histograms, mask check, top pairs."""
-    params, (epochs, steps, g) = masks.params, masks.plan.shape
+    params, epochs, steps, g = masks.params, masks.params.epochs, masks.steps_per_epoch, masks.params.batch_size
     k = data.num_negatives
     cols = {"ap": g, "aa": g, "pp": g, "an": g * k}
     enabled = _enabled(masks, data)
@@ -140,9 +140,9 @@ def _scan(masks: PlannedMasks, data: TrainingData, embeddings: np.ndarray, task_
     diagonal = np.eye(g, dtype=bool)
     # Tiny per-batch products: one BLAS thread is fastest (see masks.write_masks) and leaves cores to others.
     with threadpool_limits(1):
-        for start in range(0, len(masks.batches), per_chunk):
-            stop = min(start + per_chunk, len(masks.batches))
-            rows = masks.batches[start:stop]
+        for start in range(0, masks.num_batches, per_chunk):
+            stop = min(start + per_chunk, masks.num_batches)
+            rows = masks.batch_rows(start, stop)
             epoch_of = np.arange(start, stop) // steps
             tasks = task_of[rows]  # (nb, G)
             recomputed = batch_masks(embeddings, data, rows, params)
@@ -185,11 +185,12 @@ def _pairs(top: dict | None, masks: PlannedMasks, data: TrainingData) -> list[di
     """Materialize top entries as readable records: texts, block, threshold, epoch."""
     if top is None:
         return []
-    texts, (_, steps, g) = data.texts, masks.plan.shape
+    texts, steps, g = data.texts, masks.steps_per_epoch, masks.params.batch_size
     records = []
     for sim, t, row, i, col, code, identical in zip(*(top[k].tolist() for k in ("sim", "t", "row", "i", "col", "block", "identical"))):
         block = BLOCKS[code]
-        anchor_ex, cand_ex = int(masks.batches[row, i]), int(masks.batches[row, col % g])
+        batch = masks.batch_rows(row, row + 1)[0]
+        anchor_ex, cand_ex = int(batch[i]), int(batch[col % g])
         if block == "an":
             role, cand_text = f"negative_{col // g + 1}", data.negative_ids[cand_ex, col // g]
         else:
@@ -211,7 +212,8 @@ def _rates(masked: dict, candidates: dict) -> dict:
 
 def _summarize(run_dir: Path, manifest: dict, guide_dir: Path, masks: PlannedMasks, data: TrainingData, scan: dict, task_names: list[str]) -> dict:
     """The report's numbers as a JSON-ready dict."""
-    (epochs, steps, g), enabled = masks.plan.shape, _enabled(masks, data)
+    epochs, steps, g = masks.params.epochs, masks.steps_per_epoch, masks.params.batch_size
+    enabled = _enabled(masks, data)
     per_row = {b: (scan["cols"][b] - (b == "ap")) * enabled[b] for b in BLOCKS}  # candidates of one anchor row
     batches = epochs * steps
     blocks = {}

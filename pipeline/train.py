@@ -42,15 +42,15 @@ class PlannedBatchSampler(DefaultBatchSampler):
         self.batch_size = masks.params.batch_size
 
     def __len__(self) -> int:
-        return self.masks.plan.shape[1]
+        return self.masks.steps_per_epoch
 
     def __iter__(self):
-        epochs, steps, _ = self.masks.plan.shape
+        epochs, steps = self.masks.params.epochs, self.masks.steps_per_epoch
         epoch = self.masks.cursor.step // steps
         if epoch >= epochs:
             raise GistError(f"the trainer asked for epoch {epoch + 1}, the plan has {epochs}; re-plan with more --epochs")
-        for batch in self.masks.plan[epoch]:
-            yield batch.tolist()
+        for row in range(epoch * steps, (epoch + 1) * steps):  # read row group by row group, never the whole plan
+            yield self.masks.batch_rows(row, row + 1)[0].tolist()
 
 
 def planned_batch_sampler(masks: PlannedMasks):
@@ -181,7 +181,7 @@ def planned_training_args(masks: PlannedMasks, **training_args):
     from sentence_transformers import SentenceTransformerTrainingArguments
 
     world_size = int(os.environ.get("WORLD_SIZE", 1))  # set by torchrun; torch.distributed starts later
-    epochs, _, g = masks.plan.shape
+    epochs, g = masks.params.epochs, masks.params.batch_size
     if g % world_size:
         raise GistError(f"the planned batch size {g} does not split over {world_size} processes; re-plan with a multiple")
     defaults = dict(
@@ -302,8 +302,8 @@ def train_student(
     renames = ",".join(f"{k}={v}" for k, v in masks.meta["columns"].items() if k != v)  # as stage 1 mapped them
     training = load_training_data(Path(data), columns or renames)
     check_masks_match(masks, training)
-    if settings.max_steps > len(masks.batches):
-        raise GistError(f"--max-steps {settings.max_steps} exceeds the {len(masks.batches)} planned batches; re-plan with more --epochs")
+    if settings.max_steps > masks.num_batches:
+        raise GistError(f"--max-steps {settings.max_steps} exceeds the {masks.num_batches} planned batches; re-plan with more --epochs")
     evaluator = training_evaluator(sts, beir) if settings.eval_steps else None  # reads the files: fails before training
     record = {
         "data_fingerprint": training.fingerprint, "masks_sha256": artifacts.sha256_file(masks.path),

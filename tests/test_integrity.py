@@ -75,9 +75,8 @@ def test_masks_are_computed_in_chunks_bounded_by_entries(tmp_path, monkeypatch):
     write_masks(tmp_path / "masks.parquet", embeddings, data, plan, params, {})
     assert sum(chunks) == steps and len(chunks) > 1
     assert max(chunks) * g * g * 4 <= CHUNK_ENTRIES, chunks  # ap, aa, pp and one negative column
-    stored = masks_mod.PlannedMasks.__new__(masks_mod.PlannedMasks)  # read back without format metadata checks
-    table = pq.read_table(tmp_path / "masks.parquet")
-    stored.blocks = {block: table.column(block) for block in masks_mod.BLOCKS}
+    stored = masks_mod.PlannedMasks(tmp_path / "masks.parquet")
+    assert stored.num_batches == steps and pq.ParquetFile(tmp_path / "masks.parquet").num_row_groups == len(chunks)
     for row in (0, steps // 2, steps - 1):
         expected = batch_masks(embeddings, data, plan[0, row : row + 1], params)
         for block in masks_mod.BLOCKS:

@@ -135,7 +135,7 @@ def test_broadcast_cosine_float32_unchanged_under_autocast():
 def planned(guide_run, triplets):
     masks = PlannedMasks(guide_run / MASKS)
     rows = [1]  # one batch (bf16 on CPU is slow); plan row 1, so the loss checks the batch against cursor step 1
-    assert sum(len(masks.blocks[b][r]) for b in ("ap", "an") for r in rows) > 0, "the test batches mask nothing"
+    assert sum(len(masks.positions(b, r)) for b in ("ap", "an") for r in rows) > 0, "the test batches mask nothing"
     return masks, training_dataset(load_training_data(triplets)), rows
 
 

@@ -39,7 +39,7 @@ MINI_BATCH = 6  # cached losses: 16 rows in mini-batches of 6, the last one part
 @pytest.fixture(scope="module")
 def planned(guide_run, triplets):
     masks = PlannedMasks(guide_run / MASKS)
-    assert sum(len(masks.blocks[b][r]) for b in ("ap", "an") for r in ROWS) > 0, "the test batches mask nothing"
+    assert sum(len(masks.positions(b, r)) for b in ("ap", "an") for r in ROWS) > 0, "the test batches mask nothing"
     return masks, training_dataset(load_training_data(triplets))
 
 
