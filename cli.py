@@ -38,9 +38,9 @@ Columns = Annotated[Optional[str], typer.Option(help="Map column names, e.g. 'an
 
 def _print_versions(value: bool) -> None:
     if value:
-        from pipeline.artifacts import package_versions
+        from pipeline.artifacts import versions_text
 
-        print(" ".join(f"{name} {version}" for name, version in package_versions().items()))
+        print(versions_text())
         raise typer.Exit()
 
 
@@ -53,13 +53,13 @@ def main_options(
 
 
 def _plan_params(batch_size, epochs, seed, strategy, margin_strategy, margin, contrast_anchors, contrast_positives):
-    from pipeline.masks import PlanParams
+    from pipeline.masks import MARGIN_STRATEGIES, PlanParams
     from pipeline.plan import STRATEGIES
 
     if strategy not in STRATEGIES:
         raise typer.BadParameter(f"use one of {', '.join(STRATEGIES)}", param_hint="--strategy")
-    if margin_strategy not in ("absolute", "relative"):
-        raise typer.BadParameter("use absolute or relative", param_hint="--margin-strategy")
+    if margin_strategy not in MARGIN_STRATEGIES:
+        raise typer.BadParameter(f"use one of {', '.join(MARGIN_STRATEGIES)}", param_hint="--margin-strategy")
     return PlanParams(batch_size, epochs, seed, strategy, margin_strategy, margin, contrast_anchors, contrast_positives)
 
 

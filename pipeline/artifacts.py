@@ -58,6 +58,11 @@ def package_versions() -> dict[str, str]:
     return versions
 
 
+def versions_text() -> str:
+    """`package_versions()` one per line, as `gist --version` and `python -m pipeline` print them."""
+    return "\n".join(f"{name} {version}" for name, version in package_versions().items())
+
+
 def write_manifest(out_dir: Path, files: list[str], **fields) -> dict:
     """Write `manifest.json` last: format version, package versions, checksums of `files`, `fields`."""
     manifest = {
@@ -133,19 +138,13 @@ def exclusive(out_dir: Path) -> Iterator[None]:
 
 
 def prepare_out_dir(out_dir: Path, overwrite: bool, owned: list[str]) -> None:
-    """Create `out_dir`; refuse a non-empty one that holds a finished run unless `overwrite`.
+    """Refuse an `out_dir` that holds a finished run unless `overwrite`. Called inside
+    `exclusive(out_dir)`, which has created it and shown it writable.
 
     A directory holding only the temporary parts of an interrupted run is reused (resume).
     With `overwrite`, only files gist writes (`owned`) are removed, never the user's other files.
     """
     out_dir = Path(out_dir)
-    try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        probe = out_dir / f".gist-write-test-{os.getpid()}"
-        probe.touch()
-        probe.unlink()
-    except OSError as e:
-        raise GistError(f"{out_dir}: output directory is not writable ({e.strerror})") from None
     if (out_dir / MANIFEST).exists():
         if not overwrite:
             raise GistError(f"{out_dir} already holds a finished run; pass --overwrite or choose another --out")

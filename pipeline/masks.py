@@ -29,6 +29,7 @@ BLOCKS = ("ap", "aa", "pp", "an")
 MAX_CHUNK_BATCHES = 1024  # batches computed (and written as one row group) at once
 CHUNK_ENTRIES = 1 << 22  # similarity entries of all blocks per chunk: bounds memory for large batches
 METADATA_KEY = b"gist"
+MARGIN_STRATEGIES = ("absolute", "relative")
 INT32_MAX = np.iinfo(np.int32).max
 
 
@@ -77,7 +78,7 @@ def false_negative_mask(guide_sim: np.ndarray, threshold: np.ndarray, margin_str
         return guide_sim > threshold - np.float32(margin)
     if margin_strategy == "relative":
         return guide_sim > threshold - np.abs(threshold) * np.float32(margin)
-    raise GistError(f"--margin-strategy {margin_strategy}: use absolute or relative")
+    raise GistError(f"--margin-strategy {margin_strategy}: use one of {', '.join(MARGIN_STRATEGIES)}")
 
 
 def batch_masks(embeddings: np.ndarray, data: TrainingData, batches: np.ndarray, params: PlanParams) -> dict[str, np.ndarray]:
@@ -166,16 +167,15 @@ class PlanCursor(TrainerCallback):
     def __init__(self) -> None:
         self.step = 0
 
+    def _follow(self, args, state, control, **kwargs):
+        self.step = state.global_step
+
+    on_epoch_begin = on_step_begin = _follow
+
     def on_train_begin(self, args, state, control, **kwargs):
         if args.gradient_accumulation_steps != 1:
             raise GistError(f"gradient_accumulation_steps {args.gradient_accumulation_steps}: a planned batch is one optimizer step; plan larger batches (use CachedGuidedMaskLoss for memory) instead")
-        self.step = state.global_step
-
-    def on_epoch_begin(self, args, state, control, **kwargs):
-        self.step = state.global_step
-
-    def on_step_begin(self, args, state, control, **kwargs):
-        self.step = state.global_step
+        self._follow(args, state, control)
 
 
 class PlannedMasks:

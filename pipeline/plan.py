@@ -31,7 +31,7 @@ from pipeline import GistError
 from pipeline.conflicts import conflict_graph
 from pipeline.data import TrainingData
 from pipeline.guide import faiss_single_thread
-from pipeline.masks import check_sparse_sizes
+from pipeline.masks import MARGIN_STRATEGIES, check_sparse_sizes
 
 STRATEGIES = ("random", "no-duplicates", "by-task", "clustered", "fn-aware")
 EXAMPLES_PER_CLUSTER_BATCHES = 4  # k-means clusters hold about this many batches
@@ -181,11 +181,10 @@ def check_plan(data: TrainingData, batch_size: int, epochs: int, strategy: str) 
 
 
 def check_rule(params) -> None:
-    """The plan's strategy and mask-rule options, checked before any data or model is read."""
-    if params.strategy not in STRATEGIES:
-        raise GistError(f"--strategy {params.strategy}: use one of {', '.join(STRATEGIES)}")
-    if params.margin_strategy not in ("absolute", "relative"):
-        raise GistError(f"--margin-strategy {params.margin_strategy}: use absolute or relative")
+    """The mask rule's margin strategy, checked before any data or model is read (the strategy is
+    check_plan's)."""
+    if params.margin_strategy not in MARGIN_STRATEGIES:
+        raise GistError(f"--margin-strategy {params.margin_strategy}: use one of {', '.join(MARGIN_STRATEGIES)}")
 
 
 def rule_options(params) -> dict:

@@ -72,12 +72,17 @@ def planned_dataset(data, masks: PlannedMasks, columns: str | None = None) -> Da
     fingerprint, example and negative counts). `columns` maps names as stage 1 did (default: the
     mapping stored with the masks).
     """
+    return training_dataset(planned_training_data(data, masks, columns))
+
+
+def planned_training_data(data, masks: PlannedMasks, columns: str | None = None) -> TrainingData:
+    """DATA loaded with the column mapping stage 1 used (unless `columns`), refused unless the masks were planned for it."""
     from pipeline.data import load_training_data
 
     renames = ",".join(f"{k}={v}" for k, v in masks.meta["columns"].items() if k != v)  # as stage 1 mapped them
     training = load_training_data(data, columns or renames)
     check_masks_match(masks, training)
-    return training_dataset(training)
+    return training
 
 
 def check_masks_match(masks: PlannedMasks, data: TrainingData) -> None:
@@ -291,7 +296,6 @@ def train_student(
     with the final scores). Returns OUT/final (None on ranks other than 0 under torchrun).
     """
     from pipeline import artifacts, guide as guide_mod
-    from pipeline.data import load_training_data
     from pipeline.evaluate import evaluate_model, training_evaluator
 
     out = Path(out)
@@ -299,14 +303,12 @@ def train_student(
     if settings.eval_steps and not (sts or beir):
         raise GistError("--eval-steps needs --sts and/or --beir to evaluate on")
     masks = masks if isinstance(masks, PlannedMasks) else PlannedMasks(Path(masks))
-    renames = ",".join(f"{k}={v}" for k, v in masks.meta["columns"].items() if k != v)  # as stage 1 mapped them
-    training = load_training_data(Path(data), columns or renames)
-    check_masks_match(masks, training)
+    training = planned_training_data(data, masks, columns)
     if settings.max_steps > masks.num_batches:
         raise GistError(f"--max-steps {settings.max_steps} exceeds the {masks.num_batches} planned batches; re-plan with more --epochs")
     evaluator = training_evaluator(sts, beir) if settings.eval_steps else None  # reads the files: fails before training
     record = {
-        "data_fingerprint": training.fingerprint, "masks_sha256": artifacts.sha256_file(masks.path),
+        "data_fingerprint": training.fingerprint, "masks_plan": masks.meta["plan"], "masks_guide": masks.meta["guide_sha256"],
         "student": guide_mod.model_identity(str(student))["sha256"], **asdict(settings),
     }
     record["matryoshka_dims"] = list(settings.matryoshka_dims)

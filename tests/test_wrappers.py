@@ -82,32 +82,20 @@ def test_matryoshka_loss(planned, guide, options, cached):
     assert_wrapped_equal(student, masks, dataset, ours, reference)
 
 
-ADAPTIVE = [
-    pytest.param(dict(), id="defaults"),  # one sampled prior layer, KL to the last layer
-    pytest.param(dict(n_layers_per_step=-1, layer_weighting="linear", last_layer_weight=2.0, kl_temperature=0.5), id="all-layers-linear"),
-    pytest.param(dict(n_layers_per_step=-1, kl_temperature=0.0, layer_weighting="log"), id="no-kl-log"),
+LAYER_WRAPPERS = [  # the wrappers sentence-transformers accepts only around uncached losses
+    pytest.param(AdaptiveLayerLoss, dict(), id="adaptive-defaults"),  # one sampled prior layer, KL to the last layer
+    pytest.param(AdaptiveLayerLoss, dict(n_layers_per_step=-1, layer_weighting="linear", last_layer_weight=2.0, kl_temperature=0.5), id="adaptive-all-layers-linear"),
+    pytest.param(AdaptiveLayerLoss, dict(n_layers_per_step=-1, kl_temperature=0.0, layer_weighting="log"), id="adaptive-no-kl-log"),
+    pytest.param(Matryoshka2dLoss, dict(matryoshka_dims=[64, 32, 16]), id="2d-defaults"),  # one layer and one dimension sampled per step
+    pytest.param(Matryoshka2dLoss, dict(matryoshka_dims=[64, 16], n_layers_per_step=-1, n_dims_per_step=-1, kl_temperature=0.0), id="2d-all"),
 ]
 
 
-@pytest.mark.parametrize("options", ADAPTIVE)
-def test_adaptive_layer_loss(planned, guide, options):
+@pytest.mark.parametrize("wrapper, options", LAYER_WRAPPERS)
+def test_layer_wrappers(planned, guide, wrapper, options):
     masks, dataset = planned
     student = load_student()
-    ours, reference = (AdaptiveLayerLoss(student, inner, **options) for inner in inner_losses(student, masks, guide, cached=False))
-    assert_wrapped_equal(student, masks, dataset, ours, reference)
-
-
-MATRYOSHKA_2D = [
-    pytest.param(dict(matryoshka_dims=[64, 32, 16]), id="defaults"),  # one layer and one dimension sampled per step
-    pytest.param(dict(matryoshka_dims=[64, 16], n_layers_per_step=-1, n_dims_per_step=-1, kl_temperature=0.0), id="all"),
-]
-
-
-@pytest.mark.parametrize("options", MATRYOSHKA_2D)
-def test_matryoshka_2d_loss(planned, guide, options):
-    masks, dataset = planned
-    student = load_student()
-    ours, reference = (Matryoshka2dLoss(student, inner, **options) for inner in inner_losses(student, masks, guide, cached=False))
+    ours, reference = (wrapper(student, inner, **options) for inner in inner_losses(student, masks, guide, cached=False))
     assert_wrapped_equal(student, masks, dataset, ours, reference)
 
 
