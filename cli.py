@@ -165,16 +165,39 @@ def mine_command(
     )
 
 
+@app.command("filter")
+def filter_command(
+    guide_dir: Annotated[Path, typer.Argument(metavar="GUIDE_DIR", help="A finished precompute-guide directory.")],
+    out: Annotated[Path, typer.Option(help="The kept examples, in DATA's format (.parquet, .jsonl, .csv, or a directory for save_to_disk) with its original columns.")],
+    top_k: Annotated[Optional[int], typer.Option(min=1, help="Keep an example if the guide ranks its positive within the top K candidates for its anchor.")] = None,
+    min_score: Annotated[Optional[float], typer.Option(help="Keep an example if the guide's similarity of its anchor and positive is at least S.")] = None,
+    among: Annotated[str, typer.Option(help="Candidates the positive is ranked among: positives (every distinct positive text) or all (every stored text).")] = "positives",
+    data_path: Annotated[Optional[Path], typer.Option("--data", help="The pass's training data, if it moved (default: the path in GUIDE_DIR's manifest).")] = None,
+    overwrite: Overwrite = False,
+) -> None:
+    """Consistency filtering from the stored guide pass: drop pairs whose positive the guide does not rank near the top. Loads no model."""
+    from pipeline.filter import FilterParams, filter_pass, summary_path
+
+    with console.status("ranking every positive for its anchor"):
+        summary = filter_pass(guide_dir, out, FilterParams(top_k, min_score, among), data=data_path, overwrite=overwrite)
+    dropped = ", ".join(f"{t} {v['dropped']}/{v['examples']}" for t, v in summary["per_task"].items())
+    console.print(
+        f"[green]done[/] {out}: kept {summary['kept']} of {summary['examples']} examples (dropped per task: {dropped}); "
+        f"summary {summary_path(out)}; next: gist precompute-guide {out} --reuse {guide_dir} ... (encodes nothing)"
+    )
+
+
 @app.command("report")
 def report_command(
     guide_dir: Annotated[Path, typer.Argument(metavar="GUIDE_DIR", help="A finished precompute-guide or plan directory.")],
     out: Annotated[Path, typer.Option(help="Output directory for report.md, report.json and the plots.")],
     examples: Annotated[int, typer.Option(min=0, help="Most similar masked pairs to list.")] = 20,
+    filter_summary: Annotated[Optional[Path], typer.Option("--filter", help="A `gist filter` summary (CLEAN.filter.json) to add: what the filter dropped, per task, the worst pairs.")] = None,
 ) -> None:
     """Data-quality report: false-negative rates, guide-similarity plots, the guide's strongest vetoes. Loads no model."""
     from pipeline.report import write_report
 
-    report = write_report(guide_dir, out, examples)
+    report = write_report(guide_dir, out, examples, filter_summary)
     rates = ", ".join(f"{b} {v['rate']:.2%}" for b, v in report["blocks"].items() if v["rate"] is not None)
     console.print(f"[green]done[/] {out / 'report.md'}: {report['counts']['batches']} batches, masked {rates}")
 

@@ -8,7 +8,9 @@ columns in canonical order; stage 2 compares it with the one stored in the masks
 
 from __future__ import annotations
 
+import gzip
 import hashlib
+import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -112,6 +114,32 @@ def read_table(path) -> pa.Table:
     except (pa.ArrowException, OSError, ValueError) as e:
         raise GistError(f"{path}: cannot read ({str(e).splitlines()[0]})") from None
     raise GistError(f"{path}: unknown format {path.suffix!r}; use .parquet, .jsonl, .csv or a save_to_disk directory")
+
+
+def write_table(table: pa.Table, path: Path) -> None:
+    """Write `table` where read_table reads it back: .parquet, .jsonl, .csv (optionally .gz), or else a
+    `datasets.save_to_disk` directory; written to a temporary name and renamed when complete."""
+    from pipeline.artifacts import atomic_path
+
+    path = Path(path)
+    suffix = "".join(path.suffixes[-2:]) if path.suffix == ".gz" else path.suffix
+    with atomic_path(path) as tmp:
+        if suffix == ".parquet":
+            pq.write_table(table, tmp)
+        elif suffix in (".jsonl", ".json", ".jsonl.gz", ".json.gz"):
+            lines = "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in table.to_pylist())
+            opener = gzip.open if suffix.endswith(".gz") else open
+            with opener(tmp, "wt", encoding="utf-8") as f:
+                f.write(lines)
+        elif suffix in (".csv", ".csv.gz"):
+            with pa.CompressedOutputStream(str(tmp), "gzip") if suffix.endswith(".gz") else pa.OSFile(str(tmp), "wb") as f:
+                pyarrow.csv.write_csv(table, f)
+        elif suffix == "":
+            import datasets
+
+            datasets.Dataset(table).save_to_disk(str(tmp))
+        else:
+            raise GistError(f"{path}: cannot write {suffix!r}; use .parquet, .jsonl, .csv or a directory name (save_to_disk)")
 
 
 def _select_columns(table: pa.Table, mapping: dict[str, str]) -> dict[str, str]:

@@ -22,6 +22,7 @@ of a row's own mined negatives: a guide that masks many of them cannot tell them
 
 from __future__ import annotations
 
+import json
 import textwrap
 from pathlib import Path
 
@@ -454,15 +455,46 @@ def _markdown(report: dict) -> str:
         "## Most similar masked pairs with different texts", "",
         *_pair_table(report["top_masked_distinct_pairs"]),
     ]
+    if "filter" in report:
+        lines += _filter_section(report["filter"])
     return "\n".join(lines)
 
 
-def write_report(run_dir: Path, out_dir: Path, examples: int = 20) -> dict:
+def _filter_section(f: dict) -> list[str]:
+    """The `gist filter` summary: what the consistency filter dropped, per task, and its worst pairs."""
+    rule = " and ".join(([f"rank <= {f['params']['top_k']}"] if f["params"]["top_k"] else [])
+                        + ([f"g(a_i, p_i) >= {f['params']['min_score']}"] if f["params"]["min_score"] is not None else []))
+    return [
+        "## Consistency filter (`gist filter`)", "",
+        f"Kept {f['kept']:,} of {f['examples']:,} examples ({f['dropped']:,} dropped) into `{f['out']}`: keep iff {rule}, the "
+        f"positive's rank among the {f['params']['among']} for its anchor (other positives of the same anchor text not counted). "
+        f"Rank quantiles: median {f['rank_quantiles']['p50']}, p90 {f['rank_quantiles']['p90']}, p99 {f['rank_quantiles']['p99']}.", "",
+        *_table(["task", "examples", "dropped", "share dropped"],
+                [[_cell(t), f"{v['examples']:,}", f"{v['dropped']:,}", _cell(v["dropped"] / max(1, v["examples"]))] for t, v in f["per_task"].items()]),
+        "Lowest-scored pairs (g = the guide's similarity of anchor and positive):", "",
+        *_table(["example", "task", "g", "rank", "kept", "anchor", "positive"],
+                [[w["example_id"], _cell(w["task"]), f"{w['score']:.4f}", f"{w['rank']}" + ("" if w["rank_exact"] else "+"),
+                  "yes" if w["kept"] else "**no**", _cell(w["anchor"]), _cell(w["positive"])] for w in f["worst"]]),
+    ]
+
+
+def _read_filter_summary(path: Path) -> dict:
+    try:
+        summary = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise GistError(f"--filter {path}: cannot read ({e})") from None
+    if not isinstance(summary, dict) or summary.get("kind") != "filter":
+        raise GistError(f"--filter {path}: not a `gist filter` summary (*.filter.json)")
+    return summary
+
+
+def write_report(run_dir: Path, out_dir: Path, examples: int = 20, filter_summary: Path | None = None) -> dict:
     """Write a data-quality report of a stage-1 or plan directory to `out_dir`; returns its numbers.
 
     Loads no model: similarities come from the stored guide embeddings, masks from `masks.parquet`
     (checked against `pipeline.masks.batch_masks`). Writes `report.json`, `report.md` and three PNG
-    plots, each atomically. `examples` is the length of each list of most similar masked pairs.
+    plots, each atomically. `examples` is the length of each list of most similar masked pairs;
+    `filter_summary` (a `gist filter` summary, `*.filter.json`) adds its section.
     """
     run_dir, out_dir = Path(run_dir), Path(out_dir)
     manifest, guide_dir, masks, data, embeddings = _load(run_dir)
@@ -470,6 +502,8 @@ def write_report(run_dir: Path, out_dir: Path, examples: int = 20) -> dict:
     task_names, task_of = np.unique(np.asarray(tasks, dtype=object).astype(str), return_inverse=True)
     scan = _scan(masks, data, embeddings, task_of.astype(np.int64), len(task_names), examples)
     report = _summarize(run_dir, manifest, guide_dir, masks, data, scan, task_names.tolist())
+    if filter_summary is not None:
+        report["filter"] = _read_filter_summary(Path(filter_summary))
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
     except OSError as e:
