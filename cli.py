@@ -209,7 +209,7 @@ def train_command(
     student: Annotated[str, typer.Option(help="Student model directory (sentence-transformers).")],
     out: Annotated[Path, typer.Option(help="Output directory: run.json, checkpoints/, final/, train_log.jsonl, eval.json.")],
     columns: Columns = None,
-    loss: Annotated[str, typer.Option(help="guided: GuidedMaskLoss with the stored masks; unguided: the same candidates (ap, aa, pp, an) with only self-pairs masked, no guide vetoes (the ablation); mnrl: MultipleNegativesRankingLoss on the same plan (the baseline: does guidance pay on your data?).")] = "guided",
+    loss: Annotated[str, typer.Option(help="guided: GuidedMaskLoss with the stored masks; unguided: the same candidates (ap, aa, pp, an) with only self-pairs masked, no guide vetoes (the ablation); mnrl: MultipleNegativesRankingLoss on the same plan (the baseline: does guidance pay on your data?); none: only the --distill term.")] = "guided",
     mini_batch_size: Annotated[Optional[int], typer.Option(min=1, help="Train large batches with GradCache: CachedGuidedMaskLoss (or CachedMultipleNegativesRankingLoss with --loss mnrl) embedding N examples at a time. Memory follows N, not the batch size; the loss is unchanged.")] = None,
     matryoshka_dims: Annotated[Optional[str], typer.Option(help="Wrap the loss in MatryoshkaLoss with these dimensions, e.g. 384,256,128,64.")] = None,
     lr: Annotated[float, typer.Option(help="Peak learning rate.")] = 5e-6,
@@ -229,6 +229,8 @@ def train_command(
     beir: Annotated[Optional[Path], typer.Option(help="BEIR directory to evaluate on (after training, and with --eval-steps during it).")] = None,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda.")] = "auto",
     precision: Annotated[str, typer.Option(help="fp32, or the trainer's mixed precision: bf16 (CPU or GPU) or fp16 (GPU).")] = "fp32",
+    distill: Annotated[Optional[str], typer.Option(help="Add distillation from the guide pass's stored embeddings (found beside --masks): embed (EmbedDistillLoss, cosine, projected when dims differ) or kl (in-batch score distillation over the loss's candidates, masked ones left out).")] = None,
+    distill_weight: Annotated[float, typer.Option(help="Weight of the --distill term (the contrastive loss has weight 1; with --loss none, 0).")] = 1.0,
 ) -> None:
     """Stage 2: train the student with the stored masks; the guide is never loaded."""
     import json
@@ -247,6 +249,7 @@ def train_command(
         loss=loss, lr=lr, warmup_ratio=warmup_ratio, lr_scheduler=lr_scheduler, weight_decay=weight_decay, temperature=temperature,
         mini_batch_size=mini_batch_size, matryoshka_dims=dims, max_seq_length=max_seq_length, gradient_checkpointing=gradient_checkpointing,
         max_steps=max_steps, logging_steps=logging_steps, save_steps=save_steps, eval_steps=eval_steps, seed=seed, precision=precision,
+        distill=distill, distill_weight=distill_weight,
     )
     final = train_student(data_path, masks_path, student, out, settings, columns=columns, resume=resume, device=device, sts=sts, beir=beir)
     if final is None:

@@ -22,6 +22,7 @@ from transformers import TrainerCallback
 
 from pipeline import GistError
 from pipeline.data import TrainingData
+from pipeline.distill import DISTILL_KINDS
 from pipeline.masks import PlannedMasks
 
 TRAIN_LOG = "train_log.jsonl"
@@ -220,7 +221,7 @@ def build_trainer(model, data: TrainingData, masks: PlannedMasks, loss, out_dir:
         model=model, args=args, train_dataset=training_dataset(data), loss=loss, evaluator=evaluator, callbacks=[masks.cursor, *callbacks]
     )
 
-LOSSES = ("guided", "unguided", "mnrl")
+LOSSES = ("guided", "unguided", "mnrl", "none")
 PRECISIONS = ("fp32", "fp16", "bf16")
 
 
@@ -229,8 +230,11 @@ class TrainSettings:
     """Everything `gist train` sets beyond the trainer's defaults; recorded in OUT/run.json.
 
     loss: "guided" (GuidedMaskLoss), "unguided" (its candidates with only self-pairs masked: the
-    ablation) or "mnrl" (MultipleNegativesRankingLoss on the same plan, the baseline); mini_batch_size turns either into its GradCache variant (CachedGuidedMaskLoss,
-    CachedMultipleNegativesRankingLoss); matryoshka_dims wraps it in MatryoshkaLoss.
+    ablation), "mnrl" (MultipleNegativesRankingLoss on the same plan, the baseline) or "none" (only
+    the distillation term); mini_batch_size turns either into its GradCache variant (CachedGuidedMaskLoss,
+    CachedMultipleNegativesRankingLoss); matryoshka_dims wraps it in MatryoshkaLoss. distill ("embed"
+    or "kl") adds distill_weight x a distillation term from the guide pass's stored embeddings
+    (pipeline.distill.DistilledLoss).
     """
 
     loss: str = "guided"
@@ -249,6 +253,8 @@ class TrainSettings:
     eval_steps: int | None = None
     seed: int = 0
     precision: str = "fp32"
+    distill: str | None = None
+    distill_weight: float = 1.0
 
     def check(self, model_dim: int | None = None) -> None:
         """Refuse settings that cannot train, before any model is loaded (model_dim: once it is)."""
@@ -256,6 +262,17 @@ class TrainSettings:
             raise GistError(f"--loss {self.loss}: use one of {', '.join(LOSSES)}")
         if self.precision not in PRECISIONS:
             raise GistError(f"--precision {self.precision}: use one of {', '.join(PRECISIONS)}")
+        if self.distill is not None:
+            if self.distill not in DISTILL_KINDS:
+                raise GistError(f"--distill {self.distill}: use one of {', '.join(DISTILL_KINDS)}")
+            if self.loss == "mnrl":
+                raise GistError("--distill combines with --loss guided, unguided or none (its in-batch targets use GuidedMaskLoss's candidates and masks)")
+            if self.mini_batch_size or self.matryoshka_dims:
+                raise GistError("--distill does not combine with --mini-batch-size or --matryoshka-dims")
+            if not self.distill_weight > 0:
+                raise GistError(f"--distill-weight {self.distill_weight}: must be positive")
+        elif self.loss == "none":
+            raise GistError("--loss none trains only a distillation term: give --distill embed or kl")
         if self.mini_batch_size is not None and self.mini_batch_size < 1:
             raise GistError(f"--mini-batch-size {self.mini_batch_size}: must be at least 1")
         if any(d < 1 for d in self.matryoshka_dims):
@@ -265,7 +282,8 @@ class TrainSettings:
 
 
 def build_loss(model, masks: PlannedMasks, settings: TrainSettings):
-    """The loss of `settings` on `model`: guided or MNRL, cached when mini_batch_size is set, in MatryoshkaLoss when dims are given."""
+    """The loss of `settings` on `model`: guided or MNRL, cached when mini_batch_size is set, in MatryoshkaLoss when dims are
+    given; with distill, GuidedMaskLoss (weight 0 for loss "none") plus the distillation term."""
     from sentence_transformers.sentence_transformer.losses import (
         CachedMultipleNegativesRankingLoss, MatryoshkaLoss, MultipleNegativesRankingLoss,
     )
@@ -273,7 +291,13 @@ def build_loss(model, masks: PlannedMasks, settings: TrainSettings):
     from pipeline.loss import CachedGuidedMaskLoss, GuidedMaskLoss
 
     scale = 1.0 / settings.temperature
-    guided = settings.loss == "guided"
+    guided = settings.loss in ("guided", "none")
+    if settings.distill:
+        from pipeline.distill import DistilledLoss, GuideTeacher
+
+        contrastive = GuidedMaskLoss(model, masks, temperature=settings.temperature, guided=guided)
+        return DistilledLoss(contrastive, GuideTeacher.for_masks(masks), settings.distill, settings.distill_weight,
+                             contrastive_weight=0.0 if settings.loss == "none" else 1.0)
     if settings.loss != "mnrl" and settings.mini_batch_size:
         loss = CachedGuidedMaskLoss(model, masks, temperature=settings.temperature, mini_batch_size=settings.mini_batch_size, guided=guided)
     elif settings.loss != "mnrl":

@@ -1,0 +1,190 @@
+"""Teacher distillation from the stored guide pass: the guide's embeddings as labels, by example id.
+
+sentence-transformers' distillation losses (`EmbedDistillLoss`, `MSELoss`, `DistillKLDivLoss`, ...)
+expect teacher outputs precomputed into the dataset's labels. A gist guide pass already holds the
+guide's embedding of every text, so the labels are a lookup: `GuideTeacher` maps the example ids
+that the planned dataset carries as labels to the stored embeddings of each example's columns. No
+guide is loaded, nothing is re-encoded, the dataset keeps its example ids (the masks need them).
+
+- `TeacherLabelLoss(loss, teacher)`: any sentence-transformers loss that takes teacher embeddings as
+  labels, fed from the pass (distillation alone, `gist train --loss none --distill embed`).
+- `DistilledLoss(contrastive, teacher, kind, weight)`: GuidedMaskLoss (guided or unguided) plus
+  `weight` x a distillation term from one student forward: `embed` (EmbedDistillLoss, cosine, with
+  a learned projection when the dimensions differ) or `kl` (in-batch score distillation: the KL
+  divergence from the guide's softmax over the batch's candidates [ap, aa, pp, an] to the student's,
+  both at the loss temperature, with the masked candidates left out of both).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from sentence_transformers.base.losses.merged_forward import embed_columns
+from torch import Tensor, nn
+
+from pipeline import GistError
+from pipeline.masks import PlannedMasks
+
+DISTILL_KINDS = ("embed", "kl")
+
+
+class GuideTeacher:
+    """The stored guide embeddings of every example's texts, looked up by example id (no model loaded).
+
+    Args:
+        guide_dir: a finished `precompute-guide` directory; its examples must be the training data's
+            (their fingerprint is checked against the masks' by `for_masks`).
+    """
+
+    def __init__(self, guide_dir: str | Path):
+        from pipeline.guide import load_guide_pass
+
+        self.guide_dir = Path(guide_dir)
+        manifest, data, embeddings = load_guide_pass(self.guide_dir)
+        self.fingerprint = data.fingerprint
+        self.embeddings = embeddings  # (texts, dim) float32, read-only
+        self.text_ids = np.column_stack([data.anchor_ids, data.positive_ids, data.negative_ids])  # (N, columns)
+        self.dim = int(embeddings.shape[1])
+
+    @classmethod
+    def for_masks(cls, masks: PlannedMasks) -> GuideTeacher:
+        """The guide pass that `masks` were planned from: its own directory, or a plan's `guide_dir`."""
+        from pipeline.artifacts import read_manifest
+
+        where = Path(masks.path).parent
+        try:
+            manifest = read_manifest(where)
+        except GistError:
+            raise GistError(f"--distill needs the guide pass of {masks.path}: no manifest.json beside it") from None
+        teacher = cls(where if manifest.get("kind") == "guide-pass" else manifest["guide_dir"])
+        if teacher.fingerprint != masks.meta["dataset_fingerprint"]:
+            raise GistError(f"{teacher.guide_dir}: its examples are not the data the masks were planned on (fingerprints differ)")
+        return teacher
+
+    def labels(self, example_ids: Tensor, columns: int) -> Tensor:
+        """(batch, columns, dim) float32 guide embeddings of the examples' first `columns` texts."""
+        ids = np.asarray(example_ids.cpu() if isinstance(example_ids, Tensor) else example_ids, dtype=np.int64)
+        return torch.from_numpy(self.embeddings[self.text_ids[ids, :columns]])
+
+
+class TeacherLabelLoss(nn.Module):
+    def __init__(self, loss: nn.Module, teacher: GuideTeacher) -> None:
+        """
+        Feeds a sentence-transformers distillation loss the guide's stored embeddings as its labels.
+
+        The training dataset's ``label`` column holds example ids (as for GuidedMaskLoss); each batch's
+        ids are replaced by the (batch, columns, dim) teacher embeddings that ``loss`` expects, as if
+        they had been precomputed into the dataset with ``teacher.encode``.
+
+        Args:
+            loss: e.g. ``EmbedDistillLoss(student, projection_dim=teacher.dim)`` or ``MSELoss(student)``.
+            teacher: the guide pass's embeddings (``GuideTeacher``).
+
+        Example:
+            ::
+
+                teacher = GuideTeacher("runs/guide")
+                loss = TeacherLabelLoss(EmbedDistillLoss(student, projection_dim=teacher.dim), teacher)
+        """
+        super().__init__()
+        self.loss = loss
+        self.model = loss.model
+        self.teacher = teacher
+
+    def forward(self, sentence_features: Iterable[dict[str, Tensor]], labels: Tensor) -> Tensor:
+        sentence_features = list(sentence_features)
+        return self.loss(sentence_features, self.teacher.labels(labels, len(sentence_features)))
+
+    def get_config_dict(self) -> dict[str, Any]:
+        return {"loss": type(self.loss).__name__, **self.loss.get_config_dict(), "teacher": str(self.teacher.guide_dir)}
+
+
+def embed_distill_loss(model, teacher: GuideTeacher):
+    """sentence-transformers' EmbedDistillLoss (cosine), projecting the student into the guide's space when the dims differ."""
+    from sentence_transformers.sentence_transformer.losses import EmbedDistillLoss
+
+    dim = model.get_embedding_dimension()
+    return EmbedDistillLoss(model, distance_metric="cosine", projection_dim=None if dim == teacher.dim else teacher.dim)
+
+
+def masked_kl(teacher_logits: Tensor, student_logits: Tensor) -> Tensor:
+    """Mean over rows of KL(softmax(teacher) || softmax(student)); -inf (masked) entries are left out of both."""
+    keep = torch.isfinite(teacher_logits)
+    log_p = torch.log_softmax(teacher_logits, dim=1)
+    log_q = torch.log_softmax(student_logits, dim=1)
+    terms = torch.where(keep, log_p.exp() * (log_p - log_q), torch.zeros((), device=log_q.device, dtype=log_q.dtype))
+    return terms.sum(dim=1).mean()
+
+
+class DistilledLoss(nn.Module):
+    def __init__(self, contrastive, teacher: GuideTeacher, kind: str = "kl", weight: float = 1.0, contrastive_weight: float = 1.0) -> None:
+        """
+        GuidedMaskLoss plus distillation from the stored guide pass, from one student forward.
+
+        loss = contrastive_weight * GuidedMaskLoss + weight * distillation, where distillation is
+
+        - ``embed``: sentence-transformers ``EmbedDistillLoss`` (cosine distance, averaged over the
+          columns) between the student's embeddings (projected by a learned linear layer when its
+          dimension differs from the guide's) and the guide's stored ones;
+        - ``kl``: in-batch score distillation: per anchor, KL(guide || student) over the softmax of the
+          candidates GuidedMaskLoss scores ([ap, aa, pp, an], divided by its temperature), the
+          candidates the guide masked (or, unguided, the self-pairs) left out of both.
+
+        Args:
+            contrastive: a ``GuidedMaskLoss`` (guided or unguided); it also supplies the candidate set and masks.
+            teacher: ``GuideTeacher.for_masks(contrastive.masks)``.
+            kind: ``embed`` or ``kl``.
+            weight: the distillation term's weight.
+            contrastive_weight: the contrastive term's weight (0: distillation alone, the masks still
+                checking that every batch is the planned one).
+
+        References:
+            - EmbedDistill, https://arxiv.org/abs/2301.12005
+            - Hinton et al., Distilling the Knowledge in a Neural Network, https://arxiv.org/abs/1503.02531
+
+        Inputs:
+            as GuidedMaskLoss: (anchor, positive[, negatives...]) texts, example ids as labels.
+
+        Example:
+            ::
+
+                guided = GuidedMaskLoss(student, masks)
+                loss = DistilledLoss(guided, GuideTeacher.for_masks(masks), kind="kl", weight=1.0)
+        """
+        super().__init__()
+        if kind not in DISTILL_KINDS:
+            raise GistError(f"--distill {kind}: use one of {', '.join(DISTILL_KINDS)}")
+        self.contrastive = contrastive
+        self.model = contrastive.model
+        self.teacher = teacher
+        self.kind = kind
+        self.weight = weight
+        self.contrastive_weight = contrastive_weight
+        self.embed_distill = embed_distill_loss(self.model, teacher) if kind == "embed" else None
+
+    def forward(self, sentence_features: Iterable[dict[str, Tensor]], labels: Tensor) -> Tensor:
+        sentence_features = list(sentence_features)
+        embeddings = embed_columns(self.model, sentence_features)
+        anchor, positive, *negatives = embeddings
+        local = anchor.size(0)
+        positive, negatives, row, offset = self.contrastive.global_batch(positive, negatives, labels)
+        scores = self.contrastive.scores(anchor, positive, negatives, row, offset, 0, local)
+        target = torch.arange(offset, offset + local, device=anchor.device)
+        loss = self.contrastive_weight * nn.functional.cross_entropy(scores, target)
+        if self.kind == "embed":
+            guide = self.teacher.labels(labels, len(embeddings)).to(anchor.device)
+            return loss + self.weight * self.embed_distill.compute_loss_from_embeddings(embeddings, list(guide.unbind(1)))
+        planned = self.contrastive.masks.batch_rows(row, row + 1)[0]  # the whole (global) batch's ids
+        with torch.no_grad():
+            guide = self.teacher.labels(planned, len(embeddings)).to(device=anchor.device, dtype=anchor.dtype)
+            g_anchor, g_positive, *g_negatives = guide.unbind(1)
+            guide_scores = self.contrastive.scores(g_anchor[offset : offset + local], g_positive, g_negatives, row, offset, 0, local)
+        return loss + self.weight * masked_kl(guide_scores, scores)
+
+    def get_config_dict(self) -> dict[str, Any]:
+        return {**self.contrastive.get_config_dict(), "distill": self.kind, "distill_weight": self.weight,
+                "contrastive_weight": self.contrastive_weight, "teacher": str(self.teacher.guide_dir)}
