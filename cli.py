@@ -120,13 +120,14 @@ def plan_command(
     margin: Margin = 0.0,
     contrast_anchors: ContrastAnchors = True,
     contrast_positives: ContrastPositives = True,
+    device: Annotated[str, typer.Option(help="Where the masks are computed: auto (CUDA when present), cpu (every core), cuda, cuda:N.")] = "auto",
     overwrite: Overwrite = False,
 ) -> None:
     """Re-plan batches and masks from stored guide embeddings, without loading the guide."""
     from pipeline.stage1 import replan
 
     params = _plan_params(batch_size, epochs, seed, strategy, margin_strategy, margin, contrast_anchors, contrast_positives)
-    plan = replan(guide_dir, out, params, overwrite=overwrite).manifest["plan"]
+    plan = replan(guide_dir, out, params, device=device, overwrite=overwrite).manifest["plan"]
     console.print(f"[green]done[/] {out / 'masks.parquet'}: {plan['num_batches']} batches, masked ap {plan['masked_fraction']['ap']:.2%}")
 
 

@@ -17,7 +17,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 from rich.progress import Progress
-from threadpoolctl import threadpool_limits
+import torch
 from transformers import TrainerCallback
 
 from pipeline import FORMAT_VERSION, GistError
@@ -65,8 +65,11 @@ class PlanParams:
     contrast_positives: bool = True
 
 
-def false_negative_mask(guide_sim: np.ndarray, threshold: np.ndarray, margin_strategy: str, margin: float) -> np.ndarray:
+def false_negative_mask(guide_sim, threshold, margin_strategy: str, margin: float):
     """True where a candidate is a false negative: its guide similarity beats the row's threshold.
+
+    The one mask rule: stage 1, `gist plan`, planning and the report call it, on numpy arrays or
+    torch tensors alike (the same float32 arithmetic).
 
     Args:
         guide_sim: guide cosine similarities, rows = anchors (or positives for `pp`).
@@ -77,35 +80,41 @@ def false_negative_mask(guide_sim: np.ndarray, threshold: np.ndarray, margin_str
     if margin_strategy == "absolute":
         return guide_sim > threshold - np.float32(margin)
     if margin_strategy == "relative":
-        return guide_sim > threshold - np.abs(threshold) * np.float32(margin)
+        return guide_sim > threshold - abs(threshold) * np.float32(margin)
     raise GistError(f"--margin-strategy {margin_strategy}: use one of {', '.join(MARGIN_STRATEGIES)}")
 
 
-def batch_masks(embeddings: np.ndarray, data: TrainingData, batches: np.ndarray, params: PlanParams) -> dict[str, np.ndarray]:
+def _gather(embeddings: np.ndarray, ids: np.ndarray, device: str) -> torch.Tensor:
+    """float32 vectors of `ids` (any shape) on `device`; stored float16 vectors are widened here."""
+    return torch.from_numpy(np.ascontiguousarray(embeddings[ids], dtype=np.float32)).to(device)
+
+
+def batch_masks(embeddings: np.ndarray, data: TrainingData, batches: np.ndarray, params: PlanParams, device: str = "cpu") -> dict[str, np.ndarray]:
     """Dense boolean masks of each block for a stack of batches (nb, G) of example ids.
 
+    The similarities are batched matrix products in torch on `device` (every CPU core, or the GPU).
     Returns {"ap": (nb, G, G), "aa": ..., "pp": ..., "an": (nb, G, k*G)}; disabled blocks are all False.
     """
     nb, g = batches.shape
-    anchors = embeddings[data.anchor_ids[batches]]  # (nb, G, d)
-    positives = embeddings[data.positive_ids[batches]]
-    ap = anchors @ positives.transpose(0, 2, 1)
+    anchors = _gather(embeddings, data.anchor_ids[batches], device)  # (nb, G, d)
+    positives = _gather(embeddings, data.positive_ids[batches], device)
+    ap = torch.bmm(anchors, positives.transpose(1, 2))
     # t_i from the diagonal of the same product, as GISTEmbedLoss does: a candidate identical to the
     # positive then has g == t exactly and is kept (strict >), not masked by float rounding.
-    threshold = ap[:, np.arange(g), np.arange(g)][..., None]
+    threshold = ap.diagonal(dim1=1, dim2=2).unsqueeze(-1)
 
-    def rule(sim: np.ndarray) -> np.ndarray:
+    def rule(sim: torch.Tensor) -> torch.Tensor:
         return false_negative_mask(sim, threshold, params.margin_strategy, params.margin)
 
+    off = torch.zeros((nb, g, g), dtype=torch.bool, device=device)
     masks = {"ap": rule(ap)}
-    masks["ap"][:, np.arange(g), np.arange(g)] = False
-    off = np.zeros((nb, g, g), dtype=bool)
-    masks["aa"] = rule(anchors @ anchors.transpose(0, 2, 1)) if params.contrast_anchors else off
-    masks["pp"] = rule(positives @ positives.transpose(0, 2, 1)) if params.contrast_positives else off
+    masks["ap"].diagonal(dim1=1, dim2=2).fill_(False)
+    masks["aa"] = rule(torch.bmm(anchors, anchors.transpose(1, 2))) if params.contrast_anchors else off
+    masks["pp"] = rule(torch.bmm(positives, positives.transpose(1, 2))) if params.contrast_positives else off
     # Negative columns in column-major order: column c * G + j is negative c of example j.
-    negatives = embeddings[data.negative_ids[batches].transpose(0, 2, 1)].reshape(nb, -1, embeddings.shape[1])
-    masks["an"] = rule(anchors @ negatives.transpose(0, 2, 1))
-    return masks
+    negatives = _gather(embeddings, data.negative_ids[batches].transpose(0, 2, 1).reshape(nb, -1), device)
+    masks["an"] = rule(torch.bmm(anchors, negatives.transpose(1, 2)))
+    return {block: mask.cpu().numpy() for block, mask in masks.items()}
 
 
 def masks_schema(meta: dict) -> pa.Schema:
@@ -123,10 +132,9 @@ def _sparse(dense: np.ndarray) -> pa.ListArray:
     return pa.ListArray.from_arrays(pa.array(offsets), pa.array(position.astype(np.int32)))
 
 
-def write_masks(out_path: Path, embeddings: np.ndarray, data: TrainingData, plan: np.ndarray, params: PlanParams, meta: dict) -> dict:
-    """Compute the masks of every planned batch and write `masks.parquet` (atomically, in row groups).
-
-    Returns counts of masked entries per block, for the manifest and reports.
+def write_masks(out_path: Path, embeddings: np.ndarray, data: TrainingData, plan: np.ndarray, params: PlanParams, meta: dict, device: str = "cpu") -> dict:
+    """Compute the masks of every planned batch (torch on `device`) and write `masks.parquet`
+    (atomically, in row groups). Returns counts of masked entries per block, for the manifest and reports.
     """
     epochs, steps, g = plan.shape
     check_sparse_sizes(g, data.num_negatives)
@@ -134,13 +142,11 @@ def write_masks(out_path: Path, embeddings: np.ndarray, data: TrainingData, plan
     per_chunk = chunk_batches(g, data.num_negatives)
     schema = masks_schema({**meta, "format_version": FORMAT_VERSION, "plan": asdict(params), "num_negatives": data.num_negatives})
     counts = {block: 0 for block in BLOCKS}
-    # The per-batch products are tiny (G x dim x G): multi-threaded BLAS spends more time waking
-    # threads than multiplying (100k examples x 768 dims: 9-32 s threaded, 1.4 s on one thread).
-    with atomic_path(out_path) as tmp, pq.ParquetWriter(tmp, schema) as writer, Progress(transient=True) as progress, threadpool_limits(1):
+    with atomic_path(out_path) as tmp, pq.ParquetWriter(tmp, schema) as writer, Progress(transient=True) as progress:
         task = progress.add_task("masks", total=len(batches))
         for start in range(0, len(batches), per_chunk):
             chunk = batches[start : start + per_chunk]
-            dense = batch_masks(embeddings, data, chunk, params)
+            dense = batch_masks(embeddings, data, chunk, params, device)
             step = np.arange(start, start + len(chunk), dtype=np.int64)
             columns = {
                 "epoch": pa.array((step // steps).astype(np.int32)),
@@ -272,20 +278,20 @@ class PlannedMasks:
         return dense.reshape(stop - start, rows, cols)
 
 
-def write_plan_masks(out_dir: Path, embeddings: np.ndarray, data: TrainingData, plan: np.ndarray, params: PlanParams, guide: dict) -> dict:
-    """Write the masks of a plan (from pipeline.plan) to `out_dir`; returns the plan summary for the manifest.
-
-    `guide` is the guide's identity (name, sha256) as recorded in the manifest.
+def write_plan_masks(out_dir: Path, embeddings: np.ndarray, data: TrainingData, plan: np.ndarray, params: PlanParams, guide: dict, device: str = "cpu") -> dict:
+    """Write the masks of a plan (from pipeline.plan) to `out_dir`, computed on `device`; returns the
+    plan summary for the manifest. `guide` is the guide's identity (name, sha256) as recorded in the manifest.
     """
     meta = {
         "dataset_fingerprint": data.fingerprint, "num_examples": data.num_examples, "columns": data.columns,
         "guide": guide["name"], "guide_sha256": guide["sha256"],
     }
-    counts = write_masks(out_dir / MASKS, embeddings, data, plan, params, meta)
+    counts = write_masks(out_dir / MASKS, embeddings, data, plan, params, meta, device)
     epochs, steps, g = plan.shape
     totals = {"ap": g * (g - 1), "aa": g * g, "pp": g * g, "an": g * g * data.num_negatives}
     return {
         "params": asdict(params),
+        "masks_device": device,
         "steps_per_epoch": steps,
         "num_batches": epochs * steps,
         "masked_entries": counts,

@@ -93,7 +93,7 @@ def precompute_guide(
         t_index = time.perf_counter()
         batch_plan = plan_batches(training, plan.batch_size, plan.epochs, plan.seed, plan.strategy, embeddings, **rule_options(plan))
         t_plan = time.perf_counter()
-        summary = masks_mod.write_plan_masks(out, embeddings, training, batch_plan, plan, identity)
+        summary = masks_mod.write_plan_masks(out, embeddings, training, batch_plan, plan, identity, str(model.device))
         t_masks = time.perf_counter()
         manifest = artifacts.write_manifest(
             out, owned,
@@ -110,8 +110,9 @@ def precompute_guide(
         return GuidePass(out, manifest)
 
 
-def replan(guide_dir: str | Path, out: str | Path, plan: PlanParams = PlanParams(), *, overwrite: bool = False) -> GuidePass:
-    """Plan batches and write their masks from a stored guide pass, without loading the guide.
+def replan(guide_dir: str | Path, out: str | Path, plan: PlanParams = PlanParams(), *, device: str = "auto", overwrite: bool = False) -> GuidePass:
+    """Plan batches and write their masks from a stored guide pass, without loading the guide;
+    the masks are computed on `device` (auto: CUDA when present).
 
     Writes `masks.parquet` and a manifest (kind "plan") pointing at `guide_dir` into `out`, which
     must not be (or contain) the guide pass itself.
@@ -125,7 +126,7 @@ def replan(guide_dir: str | Path, out: str | Path, plan: PlanParams = PlanParams
     with artifacts.exclusive(out):  # a second gist writing into OUT is refused while this one runs
         batch_plan = plan_batches(training, plan.batch_size, plan.epochs, plan.seed, plan.strategy, embeddings, **rule_options(plan))
         artifacts.prepare_out_dir(out, overwrite, [masks_mod.MASKS])
-        summary = masks_mod.write_plan_masks(out, embeddings, training, batch_plan, plan, manifest["guide"])
+        summary = masks_mod.write_plan_masks(out, embeddings, training, batch_plan, plan, manifest["guide"], guide_mod.resolve_device(device))
         written = artifacts.write_manifest(
             out, [masks_mod.MASKS], kind="plan", guide_dir=str(guide_dir.resolve()), guide=manifest["guide"],
             dataset=manifest["dataset"], plan=summary, timings={"total_s": round(time.perf_counter() - t_start, 3)},

@@ -67,9 +67,9 @@ def test_masks_are_computed_in_chunks_bounded_by_entries(tmp_path, monkeypatch):
     params = PlanParams(batch_size=g, margin=0.1)
     chunks = []
 
-    def recording(embeddings, data, batches, params):
+    def recording(embeddings, data, batches, params, device):
         chunks.append(len(batches))
-        return batch_masks(embeddings, data, batches, params)
+        return batch_masks(embeddings, data, batches, params, device)
 
     monkeypatch.setattr(masks_mod, "batch_masks", recording)
     write_masks(tmp_path / "masks.parquet", embeddings, data, plan, params, {})

@@ -154,3 +154,34 @@ def test_candidate_identical_to_the_positive_is_kept_at_margin_zero():
                         negative_ids=np.zeros((n, 0), dtype=np.int64), tasks=None, fingerprint="", columns={})
     masks = batch_masks(emb, data, np.arange(n)[None, :], PlanParams(batch_size=n))
     assert not masks["ap"].any()  # every candidate is the row's own positive text
+
+
+@pytest.mark.parametrize("margin_strategy", ["absolute", "relative"])
+def test_torch_masks_equal_the_rule_in_float64_up_to_1e6_of_the_threshold(tmp_path, static_run, margin_strategy):
+    """The stored masks (torch batched products, all cores) against the mask rule evaluated in float64
+    with numpy: an entry may differ only where the guide similarity lies within 1e-6 of its threshold."""
+    from pipeline.guide import load_guide_pass
+    from pipeline.masks import BLOCKS
+    from pipeline.stage1 import replan
+
+    params = PlanParams(batch_size=16, epochs=2, seed=3, strategy="random", margin_strategy=margin_strategy, margin=0.05)
+    replan(static_run, tmp_path, params, device="cpu")
+    stored = PlannedMasks(tmp_path / "masks.parquet")
+    _, data, emb = load_guide_pass(static_run)
+    e64 = emb.astype(np.float64)
+    batches = stored.batches
+    a, p = e64[data.anchor_ids[batches]], e64[data.positive_ids[batches]]
+    n = e64[data.negative_ids[batches].transpose(0, 2, 1).reshape(len(batches), -1)]
+    t = np.einsum("bgd,bgd->bg", a, p)[..., None]
+    cut = t - 0.05 if margin_strategy == "absolute" else t - np.abs(t) * 0.05
+    sims = {"ap": a @ p.transpose(0, 2, 1), "aa": a @ a.transpose(0, 2, 1), "pp": p @ p.transpose(0, 2, 1), "an": a @ n.transpose(0, 2, 1)}
+    differing = 0
+    for block in BLOCKS:
+        expected = sims[block] > cut
+        if block == "ap":
+            expected[:, np.arange(16), np.arange(16)] = False
+        got = stored.dense(block, 0, stored.num_batches, 16, sims[block].shape[2])
+        wrong = got != expected
+        assert (np.abs(sims[block] - cut)[wrong] < 1e-6).all(), block
+        differing += int(wrong.sum())
+    print(f"entries differing from the float64 rule (all within 1e-6 of the threshold): {differing}")
