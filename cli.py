@@ -81,6 +81,7 @@ def precompute_guide(
     device: Annotated[str, typer.Option(help="auto (CUDA with fp16 when present), cpu, cuda, cuda:N.")] = "auto",
     index: Annotated[str, typer.Option(help="FAISS index: auto (flat up to 200k texts, HNSW above), flat or hnsw.")] = "auto",
     guide_max_seq_length: Annotated[Optional[int], typer.Option(min=1, help="Truncate the guide's inputs at N tokens (default: the guide's own max_seq_length). GISTEmbedLoss with a guide that shares the student's tokenizer feeds the guide the student's tokens, cut at the student's max_seq_length: set N to that length to reproduce its masks exactly.")] = None,
+    embedding_dtype: Annotated[str, typer.Option(help="Storage of the guide's vectors: float32 (exact) or float16 (half the disk and page cache; similarities change by ~1e-3).")] = "float32",
     rows_per_group: Annotated[int, typer.Option(min=1, help="Texts per embeddings row group: the unit a killed run resumes from.")] = 4096,
     reuse: Annotated[Optional[list[Path]], typer.Option(help="An earlier precompute-guide directory of the same guide (repeatable): its texts are copied, not encoded again (e.g. after `gist mine`).")] = None,
     trust_remote_code: Annotated[bool, typer.Option(help="Allow the guide's own Python code to run.")] = False,
@@ -95,7 +96,7 @@ def precompute_guide(
         raise typer.BadParameter(f"use one of {', '.join(INDEX_KINDS)}", param_hint="--index")
     done = run_stage1(
         data_path, guide, out, params, columns=columns, encode_batch_size=encode_batch_size, device=device, index=index,
-        guide_max_seq_length=guide_max_seq_length, rows_per_group=rows_per_group, reuse=reuse or [], trust_remote_code=trust_remote_code,
+        guide_max_seq_length=guide_max_seq_length, embedding_dtype=embedding_dtype, rows_per_group=rows_per_group, reuse=reuse or [], trust_remote_code=trust_remote_code,
         overwrite=overwrite,
     )
     if done is None:

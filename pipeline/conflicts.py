@@ -13,7 +13,7 @@ from __future__ import annotations
 import numpy as np
 
 from pipeline.data import TrainingData
-from pipeline.guide import faiss_single_thread
+from pipeline.guide import faiss_single_thread, gather
 from pipeline.masks import false_negative_mask
 
 RADIUS_SLACK = 1e-3  # FAISS radius below a chunk's lowest bound: FAISS rounding (~1e-5) cannot lose a candidate
@@ -31,7 +31,7 @@ def _pair_dots(embeddings: np.ndarray, left: np.ndarray, right: np.ndarray) -> n
     step = max(1, GATHER_VALUES // embeddings.shape[1])
     for start in range(0, len(left), step):
         end = start + step
-        out[start:end] = np.einsum("ij,ij->i", embeddings[left[start:end]], embeddings[right[start:end]])
+        out[start:end] = np.einsum("ij,ij->i", gather(embeddings, left[start:end]), gather(embeddings, right[start:end]))
     return out
 
 
@@ -80,7 +80,7 @@ def _flagged_texts(
     """
     import faiss
 
-    vectors = np.ascontiguousarray(embeddings[candidates], dtype=np.float32)
+    vectors = gather(embeddings, candidates)
     flat = faiss.IndexFlatIP(vectors.shape[1])
     flat.add(vectors)
     # Exhaustive search costs queries x texts x dim; above EXACT_SEARCH_MADDS only the rows with the
@@ -98,7 +98,7 @@ def _flagged_texts(
     while start < len(order):
         chunk = order[start : start + min(size, max(exhaustive_rows - start, 0) or size)]
         radius = float(thresholds[chunk[0]]) - abs(margin) - RADIUS_SLACK
-        queries = np.ascontiguousarray(embeddings[query_ids[chunk]], dtype=np.float32)
+        queries = gather(embeddings, query_ids[chunk])
         lims, _, found = (flat if start < exhaustive_rows else ivf).range_search(queries, radius)
         local = np.repeat(np.arange(len(chunk)), np.diff(lims).astype(np.int64))
         rows, texts = chunk[local], candidates[found]

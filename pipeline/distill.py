@@ -27,6 +27,7 @@ from sentence_transformers.base.losses.merged_forward import embed_columns
 from torch import Tensor, nn
 
 from pipeline import GistError
+from pipeline.guide import gather
 from pipeline.masks import PlannedMasks
 
 DISTILL_KINDS = ("embed", "kl")
@@ -68,7 +69,7 @@ class GuideTeacher:
     def labels(self, example_ids: Tensor, columns: int) -> Tensor:
         """(batch, columns, dim) float32 guide embeddings of the examples' first `columns` texts."""
         ids = np.asarray(example_ids.cpu() if isinstance(example_ids, Tensor) else example_ids, dtype=np.int64)
-        return torch.from_numpy(self.embeddings[self.text_ids[ids, :columns]])
+        return torch.from_numpy(gather(self.embeddings, self.text_ids[ids, :columns]))
 
 
 class TeacherLabelLoss(nn.Module):

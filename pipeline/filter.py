@@ -82,12 +82,12 @@ def positive_ranks(embeddings: np.ndarray, data: data_mod.TrainingData, depth: i
 
     candidates = np.unique(data.positive_ids) if among == "positives" else np.arange(len(data.texts))
     index = faiss.IndexFlatIP(embeddings.shape[1])
-    index.add(np.ascontiguousarray(embeddings[candidates], dtype=np.float32))
+    index.add(guide_mod.gather(embeddings, candidates))
     groups = _same_anchor_positives(data)
     anchors = np.unique(data.anchor_ids)
     # Excluded texts (the anchor itself, its positives) can fill the top of a search: search past them.
     k = int(min(len(candidates), depth + 1 + max(len(g) for g in groups.values())))
-    scores = np.einsum("ij,ij->i", embeddings[data.anchor_ids], embeddings[data.positive_ids]).astype(np.float32)
+    scores = np.einsum("ij,ij->i", guide_mod.gather(embeddings, data.anchor_ids), guide_mod.gather(embeddings, data.positive_ids))
     ranks = np.empty(data.num_examples, dtype=np.int64)
     exact = np.empty(data.num_examples, dtype=bool)
     example_order = np.argsort(data.anchor_ids, kind="stable")
@@ -96,7 +96,7 @@ def positive_ranks(embeddings: np.ndarray, data: data_mod.TrainingData, depth: i
     with guide_mod.faiss_single_thread():  # the same results on any thread count
         for start in range(0, len(anchors), SEARCH_ROWS):
             block = anchors[start : start + SEARCH_ROWS]
-            found_scores, found = index.search(np.ascontiguousarray(embeddings[block], dtype=np.float32), k)
+            found_scores, found = index.search(guide_mod.gather(embeddings, block), k)
             for row, anchor in enumerate(block):
                 texts = candidates[found[row]]
                 others = found_scores[row][(texts != anchor) & ~np.isin(texts, groups[int(anchor)])]

@@ -3,7 +3,12 @@
 Texts are encoded in fixed chunks (one Parquet row group each) by `SentenceTransformer.encode`,
 which sorts each chunk by length before batching. Every finished chunk is saved as its own part
 file, so a killed run resumes at the first missing chunk; the parts are then joined into
-`embeddings.parquet`. The chunk boundaries never change, so a resumed run writes the same bytes.
+`embeddings.parquet` (the interchange format) and `embeddings.npy`, the same vectors as one raw
+array that every later step memory-maps: random access to the vectors (masks, planning, mining,
+reports, --reuse) then reads file pages, and no second copy is made in anonymous memory. The chunk
+boundaries never change, so a resumed run writes the same bytes. Vectors are stored in float32
+(exact, the default) or float16 (`embedding_dtype`: half the disk and page cache; every consumer
+widens the rows it reads to float32).
 """
 
 from __future__ import annotations
@@ -27,6 +32,8 @@ from pipeline.artifacts import atomic_path
 from pipeline.data import TrainingData
 
 EMBEDDINGS = "embeddings.parquet"
+VECTORS = "embeddings.npy"  # the same vectors as a raw array, memory-mapped by every consumer
+EMBEDDING_DTYPES = ("float32", "float16")
 INDEX = "index.faiss"
 FLAT_INDEX_MAX = 200_000  # above this many texts, "auto" builds an HNSW index instead of a flat one
 INDEX_KINDS = ("auto", "flat", "hnsw")
@@ -110,8 +117,13 @@ def _progress() -> Progress:
     )
 
 
-def embeddings_schema(dim: int) -> pa.Schema:
-    return pa.schema([("text_id", pa.int64()), ("embedding", pa.list_(pa.float32(), dim))])
+def embeddings_schema(dim: int, dtype: str = "float32") -> pa.Schema:
+    return pa.schema([("text_id", pa.int64()), ("embedding", pa.list_(pa.from_numpy_dtype(np.dtype(dtype)), dim))])
+
+
+def gather(embeddings: np.ndarray, ids: np.ndarray) -> np.ndarray:
+    """float32 rows `ids` (any shape) of stored embeddings (a float16 or float32 memory map)."""
+    return np.asarray(embeddings[ids], dtype=np.float32)
 
 
 class StoredEmbeddings:
@@ -121,16 +133,18 @@ class StoredEmbeddings:
     accepted: their vectors are what this guide would store. `key` identifies the sources (their embeddings' checksums) for the resume key.
     """
 
-    def __init__(self, run_dirs: list[Path], guide: dict):
+    def __init__(self, run_dirs: list[Path], guide: dict, embedding_dtype: str = "float32"):
         from pipeline.artifacts import read_manifest, verify_checksum
         from pipeline.data import TEXTS
 
-        texts, vectors, self.key = [], [], []
+        texts, self.sources, self.key = [], [], []
         for run_dir in run_dirs:
             manifest = read_manifest(run_dir)
             stored = manifest.get("guide", {})
             if manifest.get("kind") != "guide-pass":
                 raise GistError(f"--reuse {run_dir}: not a precompute-guide directory")
+            if manifest["encoding"].get("embedding_dtype") != embedding_dtype:
+                raise GistError(f"--reuse {run_dir}: stores {manifest['encoding'].get('embedding_dtype')} embeddings, this pass {embedding_dtype}; use the same --embedding-dtype")
             differ = [key for key in ENCODING_KEYS if stored.get(key) != guide[key]]
             if differ:
                 shown = ", ".join("model files differ" if key == "sha256" else f"{key} {stored.get(key)} != {guide[key]}" for key in differ)
@@ -138,15 +152,24 @@ class StoredEmbeddings:
                     f"--reuse {run_dir}: encoded by {stored.get('name')} otherwise than by this guide {guide['name']} ({shown}); its embeddings cannot be reused"
                 )
             texts.append(pq.read_table(verify_checksum(run_dir, TEXTS, manifest)).column("text").cast(pa.large_string()))
-            vectors.append(read_embeddings(verify_checksum(run_dir, EMBEDDINGS, manifest)))
-            self.key.append(manifest["files"][EMBEDDINGS]["sha256"])
+            self.sources.append(open_embeddings(verify_checksum(run_dir, VECTORS, manifest)))
+            self.key.append(manifest["files"][VECTORS]["sha256"])
         self.texts = pa.chunked_array([chunk for array in texts for chunk in array.chunks], pa.large_string()).combine_chunks()
-        self.vectors = np.concatenate(vectors) if vectors else np.zeros((0, 0), np.float32)
+        self.starts = np.cumsum([0] + [len(v) for v in self.sources])
 
     def lookup(self, texts: list[str]) -> np.ndarray:
-        """Row of each text in `vectors` (the first source holding it), -1 where none has it."""
+        """Row of each text in the sources laid end to end (the first source holding it), -1 where none has it."""
         rows = pc.index_in(pa.array(texts, pa.large_string()), value_set=self.texts)
         return rows.fill_null(-1).to_numpy().astype(np.int64)
+
+    def take(self, rows: np.ndarray) -> np.ndarray:
+        """float32 vectors of `rows` (from `lookup`), read from each source's memory map."""
+        out = np.empty((len(rows), self.sources[0].shape[1]), dtype=np.float32)
+        source = np.searchsorted(self.starts, rows, side="right") - 1
+        for s, vectors in enumerate(self.sources):
+            here = source == s
+            out[here] = gather(vectors, rows[here] - self.starts[s])
+        return out
 
 
 def embed(model, texts: list[str], batch_size: int, stored: StoredEmbeddings | None = None, first_id: int = 0) -> tuple[np.ndarray, int]:
@@ -157,7 +180,7 @@ def embed(model, texts: list[str], batch_size: int, stored: StoredEmbeddings | N
     found, missing = np.flatnonzero(rows >= 0), np.flatnonzero(rows < 0)
     vectors = np.empty((len(texts), model.get_embedding_dimension()), dtype=np.float32)
     if len(found):
-        vectors[found] = stored.vectors[rows[found]]
+        vectors[found] = stored.take(rows[found])
     if len(missing):
         vectors[missing] = model.encode(
             [texts[i] for i in missing], batch_size=batch_size, normalize_embeddings=True, convert_to_numpy=True, show_progress_bar=False
@@ -173,9 +196,10 @@ PARTS = ".embeddings.parts"
 
 def encode_to_parquet(
     model, texts: list[str], out_dir: Path, batch_size: int, run_key: dict, rows_per_group: int, rank: int = 0, world_size: int = 1,
-    stored: StoredEmbeddings | None = None,
+    stored: StoredEmbeddings | None = None, embedding_dtype: str = "float32",
 ) -> dict | None:
-    """Encode `texts` (normalized) into `out_dir/embeddings.parquet`, resuming finished work.
+    """Encode `texts` (normalized) into `out_dir/embeddings.parquet` and `embeddings.npy`, stored as
+    `embedding_dtype`, resuming finished work.
 
     `run_key` (guide identity and encoding settings, dataset fingerprint, encoding options) is
     stored in `.embeddings.parts/`; parts left by a run with another key are discarded rather than
@@ -188,23 +212,27 @@ def encode_to_parquet(
     """
     parts_dir = out_dir / PARTS
     key_file = parts_dir / "run_key.json"
-    run_key = {**run_key, "rows_per_group": rows_per_group, "batch_size": batch_size, "reuse": stored.key if stored else []}
+    run_key = {**run_key, "rows_per_group": rows_per_group, "batch_size": batch_size, "reuse": stored.key if stored else [],
+               "embedding_dtype": embedding_dtype}
+    joined = [out_dir / EMBEDDINGS, out_dir / VECTORS]
     if rank == 0:
         if parts_dir.exists() and (not key_file.exists() or json.loads(key_file.read_text()) != run_key):
             shutil.rmtree(parts_dir)
-            (out_dir / EMBEDDINGS).unlink(missing_ok=True)  # another run's join
+            for path in joined:
+                path.unlink(missing_ok=True)  # another run's join
         parts_dir.mkdir(exist_ok=True)
         if not key_file.exists():
-            (out_dir / EMBEDDINGS).unlink(missing_ok=True)  # no key: nothing says which run wrote it
+            for path in joined:
+                path.unlink(missing_ok=True)  # no key: nothing says which run wrote it
             with atomic_path(key_file) as tmp:
                 tmp.write_text(json.dumps(run_key, sort_keys=True))
     _barrier(world_size)
 
     dim = model.get_embedding_dimension()
     counts = {"dim": dim, "encoded_texts": 0, "reused_texts": 0, "resumed_texts": len(texts), "encode_seconds": 0.0}
-    if (out_dir / EMBEDDINGS).exists():  # joined by an earlier run of this key: all finished
+    if all(path.exists() for path in joined):  # joined by an earlier run of this key: all finished
         return counts if rank == 0 else None
-    schema = embeddings_schema(dim)
+    schema = embeddings_schema(dim, embedding_dtype)
     n_chunks = (len(texts) + rows_per_group - 1) // rows_per_group
     resumed = reused = encoded = 0
     encode_seconds = 0.0
@@ -222,7 +250,8 @@ def encode_to_parquet(
             vectors, from_stored = embed(model, texts[start:stop], batch_size, stored, first_id=start)
             encode_seconds += time.perf_counter() - t0
             table = pa.table(
-                {"text_id": np.arange(start, stop, dtype=np.int64), "embedding": pa.FixedSizeListArray.from_arrays(vectors.reshape(-1), dim)},
+                {"text_id": np.arange(start, stop, dtype=np.int64),
+                 "embedding": pa.FixedSizeListArray.from_arrays(vectors.reshape(-1).astype(embedding_dtype), dim)},
                 schema=schema,
             )
             with atomic_path(part) as tmp:
@@ -240,9 +269,15 @@ def encode_to_parquet(
     _barrier(world_size)
     if rank != 0:
         return None
-    with atomic_path(out_dir / EMBEDDINGS) as tmp, pq.ParquetWriter(tmp, schema) as writer:
+    with atomic_path(out_dir / EMBEDDINGS) as tmp, pq.ParquetWriter(tmp, schema) as writer, atomic_path(out_dir / VECTORS) as raw:
+        array = np.lib.format.open_memmap(raw, mode="w+", dtype=embedding_dtype, shape=(len(texts), dim))
         for chunk in range(n_chunks):
-            writer.write_table(pq.read_table(parts_dir / f"part-{chunk:06d}.parquet"), row_group_size=rows_per_group)
+            table = pq.read_table(parts_dir / f"part-{chunk:06d}.parquet")
+            writer.write_table(table, row_group_size=rows_per_group)
+            values = table.column("embedding").combine_chunks().values.to_numpy()
+            array[chunk * rows_per_group : chunk * rows_per_group + table.num_rows] = values.reshape(-1, dim)
+        array.flush()
+        del array
     for part in parts_dir.glob("part-*.parquet"):
         part.unlink()
     return {**counts, "encoded_texts": encoded, "reused_texts": reused, "resumed_texts": resumed, "encode_seconds": round(encode_seconds, 3)}
@@ -253,8 +288,19 @@ def finish_encoding(out_dir: Path) -> None:
     shutil.rmtree(Path(out_dir) / PARTS, ignore_errors=True)
 
 
+def open_embeddings(path: Path) -> np.ndarray:
+    """Memory-map `embeddings.npy`: a read-only (num_texts, dim) float16/float32 array by text id."""
+    try:
+        array = np.load(path, mmap_mode="r")
+    except (OSError, ValueError) as e:
+        raise GistError(f"{path}: cannot map the embeddings ({str(e).splitlines()[0]})") from None
+    if array.ndim != 2 or array.dtype.name not in EMBEDDING_DTYPES:
+        raise GistError(f"{path}: not a gist embeddings array ({array.dtype} {array.shape})")
+    return array
+
+
 def read_embeddings(path: Path) -> np.ndarray:
-    """Read `embeddings.parquet` into a (num_texts, dim) float32 array ordered by text id."""
+    """Read `embeddings.parquet` (the interchange format) into a (num_texts, dim) array ordered by text id."""
     try:
         table = pq.read_table(path)
     except (pa.ArrowException, OSError) as e:
@@ -267,15 +313,15 @@ def read_embeddings(path: Path) -> np.ndarray:
 
 
 def load_guide_pass(run_dir: Path) -> tuple[dict, TrainingData, np.ndarray]:
-    """A finished precompute-guide directory: its manifest, data and embeddings, each file checked
-    against the manifest's checksum first. What `gist plan`, `gist mine` and `gist report` start from."""
+    """A finished precompute-guide directory: its manifest, data and embeddings (memory-mapped), each
+    file checked against the manifest's checksum first. What `gist plan`, `gist mine` and `gist report` start from."""
     from pipeline.artifacts import read_manifest, verify_checksum
     from pipeline.data import read_data_tables
 
     manifest = read_manifest(run_dir)
     if manifest.get("kind") != "guide-pass":
         raise GistError(f"{run_dir}: not a precompute-guide directory (kind {manifest.get('kind')!r})")
-    return manifest, read_data_tables(run_dir, manifest), read_embeddings(verify_checksum(run_dir, EMBEDDINGS, manifest))
+    return manifest, read_data_tables(run_dir, manifest), open_embeddings(verify_checksum(run_dir, VECTORS, manifest))
 
 
 @contextlib.contextmanager

@@ -23,6 +23,7 @@ from transformers import TrainerCallback
 from pipeline import FORMAT_VERSION, GistError
 from pipeline.artifacts import atomic_path
 from pipeline.data import TrainingData
+from pipeline.guide import gather
 
 MASKS = "masks.parquet"
 BLOCKS = ("ap", "aa", "pp", "an")
@@ -86,7 +87,7 @@ def false_negative_mask(guide_sim, threshold, margin_strategy: str, margin: floa
 
 def _gather(embeddings: np.ndarray, ids: np.ndarray, device: str) -> torch.Tensor:
     """float32 vectors of `ids` (any shape) on `device`; stored float16 vectors are widened here."""
-    return torch.from_numpy(np.ascontiguousarray(embeddings[ids], dtype=np.float32)).to(device)
+    return torch.from_numpy(gather(embeddings, ids)).to(device)
 
 
 def batch_masks(embeddings: np.ndarray, data: TrainingData, batches: np.ndarray, params: PlanParams, device: str = "cpu") -> dict[str, np.ndarray]:

@@ -35,6 +35,7 @@ import pyarrow.parquet as pq
 from pipeline import GistError
 from pipeline.artifacts import atomic_path
 from pipeline.data import TrainingData
+from pipeline.guide import gather
 
 SAMPLING = ("top", "random")
 SEARCH_CHUNK = 16384  # queries per FAISS search call, as mine_hard_negatives' faiss_batch_size
@@ -119,8 +120,8 @@ def mine_negatives(
     check_params(params, range_max)
 
     index = faiss.IndexFlatIP(embeddings.shape[1])
-    index.add(np.ascontiguousarray(embeddings[corpus], dtype=np.float32))
-    query_vectors = np.ascontiguousarray(embeddings[queries], dtype=np.float32)
+    index.add(gather(embeddings, corpus))
+    query_vectors = gather(embeddings, queries)
     found = [index.search(query_vectors[s : s + SEARCH_CHUNK], range_max + max_positives) for s in range(0, len(queries), SEARCH_CHUNK)]
     scores = np.concatenate([f[0] for f in found])
     candidates = np.concatenate([f[1] for f in found])
@@ -135,7 +136,7 @@ def mine_negatives(
     skipped = {}
     if params.absolute_margin is not None or params.relative_margin is not None:
         # The hardest (lowest-scoring) positive of each query sets its bar.
-        positive_scores = np.einsum("nd,nd->n", embeddings[anchor_ids], embeddings[positive_ids])
+        positive_scores = np.einsum("nd,nd->n", gather(embeddings, anchor_ids), gather(embeddings, positive_ids))
         bar = np.full(len(queries), np.inf, dtype=np.float32)
         np.minimum.at(bar, query_of_row, positive_scores)
         bar = bar[:, None]
@@ -219,7 +220,7 @@ def mine_from_pass(
             model.half()
         if manifest["guide"]["max_seq_length"] is not None:
             model.max_seq_length = manifest["guide"]["max_seq_length"]  # encode as the guide pass did
-        rows = guide_mod.StoredEmbeddings([guide_dir], manifest["guide"]).lookup(corpus_texts)
+        rows = guide_mod.StoredEmbeddings([guide_dir], manifest["guide"], manifest["encoding"]["embedding_dtype"]).lookup(corpus_texts)
         new_texts = [corpus_texts[i] for i in np.flatnonzero(rows < 0)]
         new_vectors, _ = guide_mod.embed(model, new_texts, encode_batch_size, first_id=len(texts))
         rows[rows < 0] = len(texts) + np.arange(len(new_texts))

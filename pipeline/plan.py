@@ -30,7 +30,7 @@ import torch
 from pipeline import GistError
 from pipeline.conflicts import conflict_graph
 from pipeline.data import TrainingData
-from pipeline.guide import faiss_single_thread
+from pipeline.guide import faiss_single_thread, gather
 from pipeline.masks import MARGIN_STRATEGIES, check_sparse_sizes
 
 STRATEGIES = ("random", "no-duplicates", "by-task", "clustered", "fn-aware")
@@ -91,7 +91,7 @@ def _cluster_groups(data: TrainingData, embeddings: np.ndarray, batch_size: int,
 
     groups = {}
     for (task, _), members in _task_groups(data).items():
-        vectors = np.ascontiguousarray(embeddings[data.anchor_ids[members]], dtype=np.float32)
+        vectors = gather(embeddings, data.anchor_ids[members])
         k = max(1, len(members) // (EXAMPLES_PER_CLUSTER_BATCHES * batch_size))
         if k == 1:
             groups[(task, 0)] = members

@@ -32,7 +32,7 @@ from threadpoolctl import threadpool_limits
 from pipeline import GistError
 from pipeline.artifacts import atomic_path, read_manifest, verify_checksum, write_json
 from pipeline.data import TrainingData
-from pipeline.guide import load_guide_pass
+from pipeline.guide import gather, load_guide_pass
 from pipeline.masks import BLOCKS, MASKS, PlannedMasks, batch_masks, chunk_batches
 
 NBINS = 200  # similarity histogram bins over [-1, 1]
@@ -75,7 +75,7 @@ def _chunk_blocks(embeddings: np.ndarray, data: TrainingData, rows: np.ndarray) 
     nb, g = rows.shape
     a_ids, p_ids = data.anchor_ids[rows], data.positive_ids[rows]
     n_ids = data.negative_ids[rows].transpose(0, 2, 1).reshape(nb, -1)
-    a, p, n = embeddings[a_ids], embeddings[p_ids], embeddings[n_ids]
+    a, p, n = gather(embeddings, a_ids), gather(embeddings, p_ids), gather(embeddings, n_ids)
     return {
         "ap": (a @ p.transpose(0, 2, 1), a_ids, p_ids),
         "aa": (a @ a.transpose(0, 2, 1), a_ids, a_ids),
@@ -148,7 +148,7 @@ def _scan(masks: PlannedMasks, data: TrainingData, embeddings: np.ndarray, task_
             tasks = task_of[rows]  # (nb, G)
             recomputed = batch_masks(embeddings, data, rows, params)
             a_ids, p_ids = data.anchor_ids[rows], data.positive_ids[rows]
-            threshold = np.einsum("bgd,bgd->bg", embeddings[a_ids], embeddings[p_ids])  # t_i, as batch_masks
+            threshold = np.einsum("bgd,bgd->bg", gather(embeddings, a_ids), gather(embeddings, p_ids))  # t_i, as batch_masks
             acc["hist_positive"] += _bins(threshold)
             acc["threshold_sum"] += np.bincount(tasks.ravel(), weights=threshold.ravel(), minlength=ntasks)
             acc["rows_task"] += np.bincount(tasks.ravel(), minlength=ntasks)

@@ -38,7 +38,7 @@ class GuidePass:
 def precompute_guide(
     data: str | Path, guide: str | Path, out: str | Path, plan: PlanParams = PlanParams(), *,
     columns: str | None = None, encode_batch_size: int = 64, device: str = "auto", index: str = "auto",
-    guide_max_seq_length: int | None = None, rows_per_group: int = 4096, reuse: list[Path] | tuple = (),
+    guide_max_seq_length: int | None = None, embedding_dtype: str = "float32", rows_per_group: int = 4096, reuse: list[Path] | tuple = (),
     trust_remote_code: bool = False, overwrite: bool = False,
 ) -> GuidePass | None:
     """Encode every unique text of DATA with the guide once, index it, plan the batches, store their masks.
@@ -50,6 +50,7 @@ def precompute_guide(
         plan: batch size, epochs, seed, strategy and the mask rule's options.
         guide_max_seq_length: truncate the guide's inputs at this many tokens (GISTEmbedLoss with a
             guide sharing the student's tokenizer cuts them at the student's max_seq_length).
+        embedding_dtype: float32 (exact, the default) or float16 (half the disk and page cache) storage.
         reuse: earlier guide passes of the same guide and settings whose vectors are copied.
         Others as `gist precompute-guide --help`.
 
@@ -57,6 +58,8 @@ def precompute_guide(
     """
     out = Path(out)
     t_start = time.perf_counter()
+    if embedding_dtype not in guide_mod.EMBEDDING_DTYPES:
+        raise GistError(f"--embedding-dtype {embedding_dtype}: use one of {', '.join(guide_mod.EMBEDDING_DTYPES)}")
     if index not in guide_mod.INDEX_KINDS:
         raise GistError(f"--index {index}: use one of {', '.join(guide_mod.INDEX_KINDS)}")
     check_rule(plan)
@@ -66,7 +69,7 @@ def precompute_guide(
     rank, world_size = guide_mod.init_distributed()  # under torchrun each rank encodes a share of the texts
     model = guide_mod.load_model(str(guide), device, trust_remote_code)
     with artifacts.exclusive(out) if rank == 0 else contextlib.nullcontext():  # rank 0 writes OUT; a second gist is refused
-        owned = [data_mod.TEXTS, data_mod.EXAMPLES, guide_mod.EMBEDDINGS, guide_mod.INDEX, masks_mod.MASKS]
+        owned = [data_mod.TEXTS, data_mod.EXAMPLES, guide_mod.EMBEDDINGS, guide_mod.VECTORS, guide_mod.INDEX, masks_mod.MASKS]
         if rank == 0:
             artifacts.prepare_out_dir(out, overwrite, owned)
         fp16 = model.device.type == "cuda"
@@ -78,17 +81,17 @@ def precompute_guide(
             except AttributeError:
                 raise GistError(f"--guide-max-seq-length: {guide} takes no sequence length (a static embedding model?)") from None
         identity = guide_mod.encoding_identity(guide_mod.model_identity(str(guide)), model, "float16" if fp16 else "float32")
-        stored = guide_mod.StoredEmbeddings(list(reuse), identity) if reuse else None
+        stored = guide_mod.StoredEmbeddings(list(reuse), identity, embedding_dtype) if reuse else None
         t_load = time.perf_counter()
 
         if rank == 0:
             data_mod.write_data_tables(out, training)
         run_key = {"guide": {key: identity[key] for key in guide_mod.ENCODING_KEYS}, "fingerprint": training.fingerprint}
-        encoding = guide_mod.encode_to_parquet(model, training.texts, out, encode_batch_size, run_key, rows_per_group, rank, world_size, stored)
+        encoding = guide_mod.encode_to_parquet(model, training.texts, out, encode_batch_size, run_key, rows_per_group, rank, world_size, stored, embedding_dtype)
         if rank != 0:
             return None  # rank 0 joins the parts, builds the index and writes the plan
         t_encode = time.perf_counter()
-        embeddings = guide_mod.read_embeddings(out / guide_mod.EMBEDDINGS)
+        embeddings = guide_mod.open_embeddings(out / guide_mod.VECTORS)
         index_kind = guide_mod.build_index(embeddings, out / guide_mod.INDEX, index)
         t_index = time.perf_counter()
         batch_plan = plan_batches(training, plan.batch_size, plan.epochs, plan.seed, plan.strategy, embeddings, **rule_options(plan))
@@ -101,7 +104,7 @@ def precompute_guide(
             world_size=world_size,
             guide={**identity, "dim": encoding["dim"], "device": str(model.device), "trust_remote_code": trust_remote_code},
             dataset={"path": str(Path(data).resolve()), "fingerprint": training.fingerprint, "columns": training.columns, "num_examples": training.num_examples, "num_texts": len(training.texts), "num_negatives": training.num_negatives},
-            encoding={"batch_size": encode_batch_size, "rows_per_group": rows_per_group, "embedding_dtype": "float32", "reused_from": [str(Path(r).resolve()) for r in reuse], **encoding},
+            encoding={"batch_size": encode_batch_size, "rows_per_group": rows_per_group, "embedding_dtype": embedding_dtype, "reused_from": [str(Path(r).resolve()) for r in reuse], **encoding},
             index={"kind": index_kind, "metric": "inner_product"},
             plan=summary,
             timings={"data_s": round(t_data - t_start, 3), "load_s": round(t_load - t_data, 3), "encode_s": round(t_encode - t_load, 3), "index_s": round(t_index - t_encode, 3), "plan_s": round(t_plan - t_index, 3), "masks_s": round(t_masks - t_plan, 3), "total_s": round(time.perf_counter() - t_start, 3)},

@@ -159,8 +159,8 @@ def test_modified_embeddings_are_refused_by_plan(tmp_path, guide_run):
 
     copy = tmp_path / "guide"
     shutil.copytree(guide_run, copy)
-    with open(copy / "embeddings.parquet", "r+b") as f:
-        f.seek(100)
+    with open(copy / "embeddings.npy", "r+b") as f:  # the vectors plan memory-maps
+        f.seek(200)
         f.write(b"\0\0\0\0")
     proc = gist("plan", copy, "--out", tmp_path / "p", check=False)
     assert_fails(proc, 1, "checksum does not match")

@@ -70,7 +70,9 @@ def test_artifact_schemas_and_manifest(guide_run, triplets):
 
     manifest = json.loads((guide_run / "manifest.json").read_text())
     assert manifest["dataset"]["num_texts"] == texts.num_rows == len(data.texts)
-    assert set(manifest["files"]) == {"texts.parquet", "examples.parquet", "embeddings.parquet", "index.faiss", "masks.parquet"}
+    assert set(manifest["files"]) == {"texts.parquet", "examples.parquet", "embeddings.parquet", "embeddings.npy", "index.faiss", "masks.parquet"}
+    # the memory-mapped raw copy holds exactly the interchange file's vectors
+    np.testing.assert_array_equal(np.load(guide_run / "embeddings.npy", mmap_mode="r"), read_embeddings(guide_run / "embeddings.parquet"))
     assert manifest["plan"]["params"]["batch_size"] == 16 and "torch" in manifest["versions"]
     # every unique text encoded exactly once, and texts round-trip through the ids
     assert pq.read_table(guide_run / "embeddings.parquet").num_rows == len(set(data.texts))
@@ -185,3 +187,35 @@ def test_torch_masks_equal_the_rule_in_float64_up_to_1e6_of_the_threshold(tmp_pa
         assert (np.abs(sims[block] - cut)[wrong] < 1e-6).all(), block
         differing += int(wrong.sum())
     print(f"entries differing from the float64 rule (all within 1e-6 of the threshold): {differing}")
+
+
+def test_float16_storage_halves_the_vectors_and_masks_move_only_near_thresholds(tmp_path, triplets, static_run):
+    """--embedding-dtype float16: both embedding files hold float16; masks are computed from the
+    widened vectors and differ from the float32 pass's only where float16 rounding (~1e-3) can tip
+    the rule; --reuse across storage dtypes is refused."""
+    from pipeline.guide import load_guide_pass
+
+    out = tmp_path / "half"
+    gist("precompute-guide", triplets, "--guide", GUIDE_STATIC, "--out", out, "--batch-size", "16", "--epochs", "2",
+         "--strategy", "fn-aware", "--embedding-dtype", "float16")
+    assert pq.read_schema(out / "embeddings.parquet").field("embedding").type == pa.list_(pa.float16(), 64)
+    _, data, half = load_guide_pass(out)
+    _, _, full = load_guide_pass(static_run)
+    assert half.dtype == np.float16 and (out / "embeddings.npy").stat().st_size < 0.55 * (static_run / "embeddings.npy").stat().st_size
+    np.testing.assert_array_equal(half, full.astype(np.float16))
+    replan_half, replan_full = tmp_path / "ph", tmp_path / "pf"
+    for source, dest in ((out, replan_half), (static_run, replan_full)):
+        gist("plan", source, "--out", dest, "--batch-size", "16", "--strategy", "random", "--margin", "0.02")
+    a, b = PlannedMasks(replan_half / "masks.parquet"), PlannedMasks(replan_full / "masks.parquet")
+    np.testing.assert_array_equal(a.batches, b.batches)
+    e = full.astype(np.float64)
+    batches = a.batches
+    anchors, positives = e[data.anchor_ids[batches]], e[data.positive_ids[batches]]
+    cut = np.einsum("bgd,bgd->bg", anchors, positives)[..., None] - 0.02
+    sims = {"ap": anchors @ positives.transpose(0, 2, 1), "aa": anchors @ anchors.transpose(0, 2, 1), "pp": positives @ positives.transpose(0, 2, 1)}
+    for block in ("ap", "aa", "pp"):
+        differ = a.dense(block, 0, a.num_batches, 16, 16) != b.dense(block, 0, b.num_batches, 16, 16)
+        assert (np.abs(sims[block] - cut)[differ] < 4e-3).all(), block
+    proc = gist("precompute-guide", triplets, "--guide", GUIDE_STATIC, "--out", tmp_path / "r", "--reuse", static_run,
+                "--embedding-dtype", "float16", check=False)
+    assert proc.returncode == 1 and "use the same --embedding-dtype" in proc.stderr
