@@ -79,7 +79,7 @@ def precompute_guide(
     contrast_positives: ContrastPositives = True,
     encode_batch_size: Annotated[int, typer.Option(min=1, help="Guide encoding batch size.")] = 64,
     device: Annotated[str, typer.Option(help="auto (CUDA with fp16 when present), cpu, cuda, cuda:N.")] = "auto",
-    index: Annotated[str, typer.Option(help="FAISS index: auto (flat up to 200k texts, HNSW above), flat or hnsw.")] = "auto",
+    index: Annotated[str, typer.Option(help="FAISS index: auto (flat up to 200k texts, IVF above), flat (exact), ivf (IVF-SQ8 trained on a sample; on the GPU with faiss-gpu) or hnsw.")] = "auto",
     guide_max_seq_length: Annotated[Optional[int], typer.Option(min=1, help="Truncate the guide's inputs at N tokens (default: the guide's own max_seq_length). GISTEmbedLoss with a guide that shares the student's tokenizer feeds the guide the student's tokens, cut at the student's max_seq_length: set N to that length to reproduce its masks exactly.")] = None,
     embedding_dtype: Annotated[str, typer.Option(help="Storage of the guide's vectors: float32 (exact) or float16 (half the disk and page cache; similarities change by ~1e-3).")] = "float32",
     rows_per_group: Annotated[int, typer.Option(min=1, help="Texts per embeddings row group: the unit a killed run resumes from.")] = 4096,

@@ -13,7 +13,7 @@ from __future__ import annotations
 import numpy as np
 
 from pipeline.data import TrainingData
-from pipeline.guide import faiss_single_thread, gather
+from pipeline.guide import ADD_ROWS, IVF_NPROBE, faiss_single_thread, gather, ivf_lists, training_sample
 from pipeline.masks import false_negative_mask
 
 RADIUS_SLACK = 1e-3  # FAISS radius below a chunk's lowest bound: FAISS rounding (~1e-5) cannot lose a candidate
@@ -21,8 +21,6 @@ MAX_FLAGGED_TEXTS = 256  # per anchor (positive for pp): the most similar flagge
 RESULTS_PER_SEARCH = 1 << 22  # range-search results aimed at per FAISS call (the chunk size adapts)
 EXACT_SEARCH_MADDS = 5e10  # queries x texts x dim up to which the search is exhaustive (IndexFlatIP), IVF above
 EXHAUSTIVE_SHARE = 0.05  # above that: this share of rows (lowest thresholds) exhaustive, the rest IVF
-IVF_LISTS_PER_SQRT = 4  # IVF lists: 4 sqrt(texts)
-IVF_NPROBE = 32  # measured on 10156 triplets (static guide): recall of the exact conflict edges 0.65 at 8 probes, 0.88 at 32, 0.95 at 64
 GATHER_VALUES = 1 << 24  # floats gathered at a time when recomputing similarities
 
 def _pair_dots(embeddings: np.ndarray, left: np.ndarray, right: np.ndarray) -> np.ndarray:
@@ -51,21 +49,26 @@ def _expand(rows: np.ndarray, keys: np.ndarray, indptr: np.ndarray, indices: np.
     return np.repeat(rows, counts), indices[positions]
 
 
-def _ivf_index(vectors: np.ndarray):
-    """IVF inner-product index (approximate: a query scans the IVF_NPROBE lists nearest to it)."""
+def _add(index, embeddings: np.ndarray, ids: np.ndarray):
+    """Add the rows `ids` to `index` a chunk at a time (widened to float32 chunk by chunk); returns it."""
+    for start in range(0, len(ids), ADD_ROWS):
+        index.add(gather(embeddings, ids[start : start + ADD_ROWS]))
+    return index
+
+
+def _ivf_index(embeddings: np.ndarray, ids: np.ndarray):
+    """IVF inner-product index over rows `ids` (approximate: a query scans the IVF_NPROBE lists nearest to it)."""
     import faiss
 
-    dim = vectors.shape[1]
-    nlist = max(1, min(len(vectors), int(IVF_LISTS_PER_SQRT * np.sqrt(len(vectors)))))
+    dim = embeddings.shape[1]
+    nlist = ivf_lists(len(ids))
     index = faiss.IndexIVFFlat(faiss.IndexFlatIP(dim), dim, nlist, faiss.METRIC_INNER_PRODUCT)
     index.cp.spherical = True
-    index.cp.max_points_per_centroid = 16  # k-means on a seeded subsample: training stays cheap
     index.cp.min_points_per_centroid = 1
-    with faiss_single_thread():
-        index.train(vectors)
+    with faiss_single_thread():  # k-means on a seeded sample of 16 vectors per list: training stays cheap
+        index.train(gather(embeddings, ids[training_sample(len(ids), 16 * nlist)]))
     index.nprobe = min(nlist, IVF_NPROBE)
-    index.add(vectors)
-    return index
+    return _add(index, embeddings, ids)
 
 
 def _flagged_texts(
@@ -80,16 +83,13 @@ def _flagged_texts(
     """
     import faiss
 
-    vectors = gather(embeddings, candidates)
-    flat = faiss.IndexFlatIP(vectors.shape[1])
-    flat.add(vectors)
+    flat = _add(faiss.IndexFlatIP(embeddings.shape[1]), embeddings, candidates)
     # Exhaustive search costs queries x texts x dim; above EXACT_SEARCH_MADDS only the rows with the
     # lowest thresholds (many flagged texts, far from the query: IVF misses them) are searched
     # exhaustively, the others with IVF.
     ivf, exhaustive_rows = None, len(query_ids)
-    if len(query_ids) * len(vectors) * vectors.shape[1] > EXACT_SEARCH_MADDS:
-        ivf, exhaustive_rows = _ivf_index(vectors), int(np.ceil(EXHAUSTIVE_SHARE * len(query_ids)))
-    del vectors  # the indexes hold their own copies
+    if len(query_ids) * len(candidates) * embeddings.shape[1] > EXACT_SEARCH_MADDS:
+        ivf, exhaustive_rows = _ivf_index(embeddings, candidates), int(np.ceil(EXHAUSTIVE_SHARE * len(query_ids)))
     # One radius per FAISS call: rows sorted by threshold, each chunk searched just below its lowest
     # bound. The rule's bound is never below t - |m| (t - m, or t - |t| m with |t| <= 1).
     order = np.argsort(thresholds, kind="stable")

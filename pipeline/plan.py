@@ -30,11 +30,12 @@ import torch
 from pipeline import GistError
 from pipeline.conflicts import conflict_graph
 from pipeline.data import TrainingData
-from pipeline.guide import faiss_single_thread, gather
+from pipeline.guide import ADD_ROWS, faiss_gpu, faiss_single_thread, gather, training_sample
 from pipeline.masks import MARGIN_STRATEGIES, check_sparse_sizes
 
 STRATEGIES = ("random", "no-duplicates", "by-task", "clustered", "fn-aware")
 EXAMPLES_PER_CLUSTER_BATCHES = 4  # k-means clusters hold about this many batches
+KMEANS_POINTS_PER_CLUSTER = 64  # k-means training sample per cluster (of 128 members per cluster)
 
 BATCH_WINDOW = 64  # examples checked at a time (vectorised) by the greedy batcher
 FALLBACK_WINDOW = 1024  # deferred examples considered when a batch must take a conflicting one
@@ -85,23 +86,30 @@ def _task_groups(data: TrainingData) -> dict:
     return {(task, 0): np.flatnonzero(tasks == task) for task in dict.fromkeys(tasks.tolist())}
 
 
-def _cluster_groups(data: TrainingData, embeddings: np.ndarray, batch_size: int, seed: int) -> dict:
-    """Split each task's examples by FAISS k-means over their anchors' guide embeddings."""
+def _cluster_groups(data: TrainingData, embeddings: np.ndarray, batch_size: int, seed: int, device: str = "cpu") -> dict:
+    """Split each task's examples by FAISS k-means over their anchors' guide embeddings.
+
+    k-means is trained on a seeded sample of KMEANS_POINTS_PER_CLUSTER anchors per cluster (FAISS's
+    own cap is 256), on the GPU with faiss-gpu; every member is then assigned a chunk at a time.
+    """
     import faiss
 
     groups = {}
     for (task, _), members in _task_groups(data).items():
-        vectors = gather(embeddings, data.anchor_ids[members])
         k = max(1, len(members) // (EXAMPLES_PER_CLUSTER_BATCHES * batch_size))
         if k == 1:
             groups[(task, 0)] = members
             continue
-        kmeans = faiss.Kmeans(vectors.shape[1], k, niter=20, seed=seed, spherical=True)
+        anchors = data.anchor_ids[members]
+        sample = gather(embeddings, anchors[training_sample(len(members), KMEANS_POINTS_PER_CLUSTER * k, seed)])
+        kmeans = faiss.Kmeans(sample.shape[1], k, niter=20, seed=seed, spherical=True, gpu=faiss_gpu(device) is not None)
+        assignment = np.empty(len(members), dtype=np.int64)
         with faiss_single_thread():
-            kmeans.train(vectors)
-            _, assignment = kmeans.index.search(vectors, 1)
+            kmeans.train(sample)
+            for start in range(0, len(members), ADD_ROWS):
+                assignment[start : start + ADD_ROWS] = kmeans.index.search(gather(embeddings, anchors[start : start + ADD_ROWS]), 1)[1][:, 0]
         for cluster in range(k):
-            groups[(task, cluster)] = members[assignment[:, 0] == cluster]
+            groups[(task, cluster)] = members[assignment == cluster]
     return groups
 
 
@@ -195,6 +203,7 @@ def rule_options(params) -> dict:
 def plan_batches(
     data: TrainingData, batch_size: int, epochs: int, seed: int, strategy: str, embeddings: np.ndarray | None = None,
     *, margin_strategy: str = "absolute", margin: float = 0.0, contrast_anchors: bool = True, contrast_positives: bool = True,
+    device: str = "cpu",
 ) -> np.ndarray:
     """Plan every batch of every epoch; returns int64 (epochs, steps_per_epoch, batch_size).
 
@@ -223,7 +232,7 @@ def plan_batches(
         batcher = _ConflictBatcher(*graph, data.num_examples)
         plan = [_grouped_epoch(_task_groups(data), batch_size, _generator(seed, e), batcher) for e in range(epochs)]
     else:
-        groups = _task_groups(data) if strategy == "by-task" else _cluster_groups(data, embeddings, batch_size, seed)
+        groups = _task_groups(data) if strategy == "by-task" else _cluster_groups(data, embeddings, batch_size, seed, device)
         plan = [_grouped_epoch(groups, batch_size, _generator(seed, e)) for e in range(epochs)]
     plan = np.stack(plan).astype(np.int64)
     if plan.shape[1] == 0:

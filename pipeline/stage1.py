@@ -92,9 +92,9 @@ def precompute_guide(
             return None  # rank 0 joins the parts, builds the index and writes the plan
         t_encode = time.perf_counter()
         embeddings = guide_mod.open_embeddings(out / guide_mod.VECTORS)
-        index_kind = guide_mod.build_index(embeddings, out / guide_mod.INDEX, index)
+        index_info = guide_mod.build_index(embeddings, out / guide_mod.INDEX, index, str(model.device))
         t_index = time.perf_counter()
-        batch_plan = plan_batches(training, plan.batch_size, plan.epochs, plan.seed, plan.strategy, embeddings, **rule_options(plan))
+        batch_plan = plan_batches(training, plan.batch_size, plan.epochs, plan.seed, plan.strategy, embeddings, **rule_options(plan), device=str(model.device))
         t_plan = time.perf_counter()
         summary = masks_mod.write_plan_masks(out, embeddings, training, batch_plan, plan, identity, str(model.device))
         t_masks = time.perf_counter()
@@ -105,7 +105,7 @@ def precompute_guide(
             guide={**identity, "dim": encoding["dim"], "device": str(model.device), "trust_remote_code": trust_remote_code},
             dataset={"path": str(Path(data).resolve()), "fingerprint": training.fingerprint, "columns": training.columns, "num_examples": training.num_examples, "num_texts": len(training.texts), "num_negatives": training.num_negatives},
             encoding={"batch_size": encode_batch_size, "rows_per_group": rows_per_group, "embedding_dtype": embedding_dtype, "reused_from": [str(Path(r).resolve()) for r in reuse], **encoding},
-            index={"kind": index_kind, "metric": "inner_product"},
+            index=index_info,
             plan=summary,
             timings={"data_s": round(t_data - t_start, 3), "load_s": round(t_load - t_data, 3), "encode_s": round(t_encode - t_load, 3), "index_s": round(t_index - t_encode, 3), "plan_s": round(t_plan - t_index, 3), "masks_s": round(t_masks - t_plan, 3), "total_s": round(time.perf_counter() - t_start, 3)},
         )
@@ -126,10 +126,11 @@ def replan(guide_dir: str | Path, out: str | Path, plan: PlanParams = PlanParams
         raise GistError(f"--out {out} is (or contains) the guide pass {guide_dir}; writing there would destroy it: choose another --out")
     t_start = time.perf_counter()
     manifest, training, embeddings = guide_mod.load_guide_pass(guide_dir)
+    device = guide_mod.resolve_device(device)
     with artifacts.exclusive(out):  # a second gist writing into OUT is refused while this one runs
-        batch_plan = plan_batches(training, plan.batch_size, plan.epochs, plan.seed, plan.strategy, embeddings, **rule_options(plan))
+        batch_plan = plan_batches(training, plan.batch_size, plan.epochs, plan.seed, plan.strategy, embeddings, **rule_options(plan), device=device)
         artifacts.prepare_out_dir(out, overwrite, [masks_mod.MASKS])
-        summary = masks_mod.write_plan_masks(out, embeddings, training, batch_plan, plan, manifest["guide"], guide_mod.resolve_device(device))
+        summary = masks_mod.write_plan_masks(out, embeddings, training, batch_plan, plan, manifest["guide"], device)
         written = artifacts.write_manifest(
             out, [masks_mod.MASKS], kind="plan", guide_dir=str(guide_dir.resolve()), guide=manifest["guide"],
             dataset=manifest["dataset"], plan=summary, timings={"total_s": round(time.perf_counter() - t_start, 3)},

@@ -29,7 +29,7 @@ def assert_fails(proc, *words: str, code: int = 1) -> None:
 
 # Defect 2: options are validated before the guide pass.
 @pytest.mark.parametrize("extra, code, words", [
-    (["--index", "ivf"], 2, ["--index", "auto, flat, hnsw"]),
+    (["--index", "ivfpq"], 2, ["--index", "auto, flat, ivf, hnsw"]),
     (["--strategy", "by-task", "--batch-size", "64"], 1, ["largest task has", "fewer than one batch of 64"]),
 ])
 def test_bad_plan_options_fail_before_encoding(tmp_path, extra, code, words):

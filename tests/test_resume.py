@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 
 from tests.conftest import GUIDE_SAMEVOCAB, ROOT, STUDENT, gist
 
-FILES = ("texts.parquet", "examples.parquet", "embeddings.parquet", "index.faiss", "masks.parquet")
+FILES = ("texts.parquet", "examples.parquet", "embeddings.parquet", "embeddings.npy", "index.faiss", "masks.parquet")
 
 
 def start(*args) -> subprocess.Popen:
