@@ -57,7 +57,7 @@ def init_distributed() -> tuple[int, int]:
     return (dist.get_rank(), world_size) if world_size > 1 else (0, 1)
 
 
-def _barrier(world_size: int) -> None:
+def barrier(world_size: int) -> None:
     if world_size > 1:
         import torch.distributed as dist
 
@@ -230,7 +230,7 @@ def encode_to_parquet(
                 path.unlink(missing_ok=True)  # no key: nothing says which run wrote it
             with atomic_path(key_file) as tmp:
                 tmp.write_text(json.dumps(run_key, sort_keys=True))
-    _barrier(world_size)
+    barrier(world_size)
 
     dim = model.get_embedding_dimension()
     counts = {"dim": dim, "encoded_texts": 0, "reused_texts": 0, "resumed_texts": len(texts), "encode_seconds": 0.0}
@@ -270,7 +270,7 @@ def encode_to_parquet(
         totals = torch.tensor([encoded, reused, resumed], dtype=torch.int64, device="cuda" if dist.get_backend() == "nccl" else "cpu")
         dist.all_reduce(totals)
         encoded, reused, resumed = totals.tolist()
-    _barrier(world_size)
+    barrier(world_size)
     if rank != 0:
         return None
     with atomic_path(out_dir / EMBEDDINGS) as tmp, pq.ParquetWriter(tmp, schema) as writer, atomic_path(out_dir / VECTORS) as raw:

@@ -9,7 +9,9 @@ column c * G + j). Each block is stored as the flat positions `i * ncols + j` of
 
 from __future__ import annotations
 
+import contextlib
 import json
+import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -26,6 +28,7 @@ from pipeline.data import TrainingData
 from pipeline.guide import gather
 
 MASKS = "masks.parquet"
+MASK_PARTS = ".masks.parts"  # under torchrun: each rank's row groups, joined by rank 0
 BLOCKS = ("ap", "aa", "pp", "an")
 MAX_CHUNK_BATCHES = 1024  # batches computed (and written as one row group) at once
 CHUNK_ENTRIES = 1 << 22  # similarity entries of all blocks per chunk: bounds memory for large batches
@@ -133,33 +136,74 @@ def _sparse(dense: np.ndarray) -> pa.ListArray:
     return pa.ListArray.from_arrays(pa.array(offsets), pa.array(position.astype(np.int32)))
 
 
-def write_masks(out_path: Path, embeddings: np.ndarray, data: TrainingData, plan: np.ndarray, params: PlanParams, meta: dict, device: str = "cpu") -> dict:
+def _chunk_table(embeddings: np.ndarray, data: TrainingData, batches: np.ndarray, first: int, steps: int, params: PlanParams,
+                 schema: pa.Schema, device: str) -> tuple[pa.Table, dict]:
+    """One row group of masks.parquet: the planned batches `batches` starting at plan row `first`."""
+    g = batches.shape[1]
+    dense = batch_masks(embeddings, data, batches, params, device)
+    step = np.arange(first, first + len(batches), dtype=np.int64)
+    columns = {
+        "epoch": pa.array((step // steps).astype(np.int32)),
+        "step": pa.array(step),
+        "example_ids": pa.ListArray.from_arrays(pa.array(np.arange(len(batches) + 1, dtype=np.int32) * g), pa.array(batches.reshape(-1))),
+    }
+    for block in BLOCKS:
+        columns[block] = _sparse(dense[block])
+    return pa.table(columns, schema=schema), {block: int(dense[block].sum()) for block in BLOCKS}
+
+
+def write_masks(out_path: Path, embeddings: np.ndarray, data: TrainingData, plan: np.ndarray, params: PlanParams, meta: dict,
+                device: str = "cpu", rank: int = 0, world_size: int = 1) -> dict | None:
     """Compute the masks of every planned batch (torch on `device`) and write `masks.parquet`
     (atomically, in row groups). Returns counts of masked entries per block, for the manifest and reports.
+
+    Under torchrun (world_size > 1) rank r computes row groups r, r + W, ... into part files and
+    rank 0 joins them in order (the bytes one process writes); ranks other than 0 return None.
     """
+    from pipeline.guide import barrier
+
     epochs, steps, g = plan.shape
     check_sparse_sizes(g, data.num_negatives)
     batches = plan.reshape(-1, g)
     per_chunk = chunk_batches(g, data.num_negatives)
+    starts = range(0, len(batches), per_chunk)
     schema = masks_schema({**meta, "format_version": FORMAT_VERSION, "plan": asdict(params), "num_negatives": data.num_negatives})
     counts = {block: 0 for block in BLOCKS}
-    with atomic_path(out_path) as tmp, pq.ParquetWriter(tmp, schema) as writer, Progress(transient=True) as progress:
-        task = progress.add_task("masks", total=len(batches))
-        for start in range(0, len(batches), per_chunk):
-            chunk = batches[start : start + per_chunk]
-            dense = batch_masks(embeddings, data, chunk, params, device)
-            step = np.arange(start, start + len(chunk), dtype=np.int64)
-            columns = {
-                "epoch": pa.array((step // steps).astype(np.int32)),
-                "step": pa.array(step),
-                "example_ids": pa.ListArray.from_arrays(pa.array(np.arange(len(chunk) + 1, dtype=np.int32) * g), pa.array(chunk.reshape(-1))),
-            }
-            for block in BLOCKS:
-                columns[block] = _sparse(dense[block])
-                counts[block] += int(dense[block].sum())
-            writer.write_table(pa.table(columns, schema=schema))
-            progress.advance(task, len(chunk))
-    return counts
+    parts = out_path.parent / MASK_PARTS
+    if world_size > 1 and rank == 0:
+        shutil.rmtree(parts, ignore_errors=True)
+        parts.mkdir()
+    barrier(world_size)
+    with contextlib.ExitStack() as stack:
+        progress = stack.enter_context(Progress(transient=True))
+        task = progress.add_task("masks" + (f" (rank {rank})" if world_size > 1 else ""), total=len(batches))
+        if world_size == 1:
+            tmp = stack.enter_context(atomic_path(out_path))
+            writer = stack.enter_context(pq.ParquetWriter(tmp, schema))
+        for number, start in enumerate(starts):
+            if number % world_size != rank:
+                continue
+            table, chunk_counts = _chunk_table(embeddings, data, batches[start : start + per_chunk], start, steps, params, schema, device)
+            if world_size == 1:
+                writer.write_table(table)
+            else:
+                pq.write_table(table, parts / f"part-{number:06d}.parquet")
+            counts = {block: counts[block] + chunk_counts[block] for block in BLOCKS}
+            progress.advance(task, table.num_rows)
+    if world_size == 1:
+        return counts
+    import torch.distributed as dist
+
+    totals = torch.tensor([counts[block] for block in BLOCKS], dtype=torch.int64, device="cuda" if dist.get_backend() == "nccl" else "cpu")
+    dist.all_reduce(totals)
+    barrier(world_size)
+    if rank != 0:
+        return None
+    with atomic_path(out_path) as tmp, pq.ParquetWriter(tmp, schema) as writer:
+        for number in range(len(starts)):
+            writer.write_table(pq.read_table(parts / f"part-{number:06d}.parquet", schema=schema))
+    shutil.rmtree(parts)
+    return dict(zip(BLOCKS, totals.tolist()))
 
 
 class PlanCursor(TrainerCallback):
@@ -279,15 +323,19 @@ class PlannedMasks:
         return dense.reshape(stop - start, rows, cols)
 
 
-def write_plan_masks(out_dir: Path, embeddings: np.ndarray, data: TrainingData, plan: np.ndarray, params: PlanParams, guide: dict, device: str = "cpu") -> dict:
-    """Write the masks of a plan (from pipeline.plan) to `out_dir`, computed on `device`; returns the
-    plan summary for the manifest. `guide` is the guide's identity (name, sha256) as recorded in the manifest.
+def write_plan_masks(out_dir: Path, embeddings: np.ndarray, data: TrainingData, plan: np.ndarray, params: PlanParams, guide: dict,
+                     device: str = "cpu", rank: int = 0, world_size: int = 1) -> dict | None:
+    """Write the masks of a plan (from pipeline.plan) to `out_dir`, computed on `device` (under
+    torchrun, a share per rank); returns the plan summary for the manifest (None on ranks other than
+    0). `guide` is the guide's identity (name, sha256) as recorded in the manifest.
     """
     meta = {
         "dataset_fingerprint": data.fingerprint, "num_examples": data.num_examples, "columns": data.columns,
         "guide": guide["name"], "guide_sha256": guide["sha256"],
     }
-    counts = write_masks(out_dir / MASKS, embeddings, data, plan, params, meta, device)
+    counts = write_masks(out_dir / MASKS, embeddings, data, plan, params, meta, device, rank, world_size)
+    if counts is None:
+        return None
     epochs, steps, g = plan.shape
     totals = {"ap": g * (g - 1), "aa": g * g, "pp": g * g, "an": g * g * data.num_negatives}
     return {

@@ -54,7 +54,8 @@ def precompute_guide(
         reuse: earlier guide passes of the same guide and settings whose vectors are copied.
         Others as `gist precompute-guide --help`.
 
-    Returns the finished pass; under torchrun, ranks other than 0 (which only encode) get None.
+    Returns the finished pass; under torchrun, ranks other than 0 (which encode and compute their
+    share of the masks) get None.
     """
     out = Path(out)
     t_start = time.perf_counter()
@@ -88,15 +89,17 @@ def precompute_guide(
             data_mod.write_data_tables(out, training)
         run_key = {"guide": {key: identity[key] for key in guide_mod.ENCODING_KEYS}, "fingerprint": training.fingerprint}
         encoding = guide_mod.encode_to_parquet(model, training.texts, out, encode_batch_size, run_key, rows_per_group, rank, world_size, stored, embedding_dtype)
-        if rank != 0:
-            return None  # rank 0 joins the parts, builds the index and writes the plan
+        guide_mod.barrier(world_size)  # rank 0 has joined the parts: every rank maps the embeddings
         t_encode = time.perf_counter()
         embeddings = guide_mod.open_embeddings(out / guide_mod.VECTORS)
-        index_info = guide_mod.build_index(embeddings, out / guide_mod.INDEX, index, str(model.device))
+        index_info = guide_mod.build_index(embeddings, out / guide_mod.INDEX, index, str(model.device)) if rank == 0 else None
         t_index = time.perf_counter()
         batch_plan = plan_batches(training, plan.batch_size, plan.epochs, plan.seed, plan.strategy, embeddings, **rule_options(plan), device=str(model.device))
         t_plan = time.perf_counter()
-        summary = masks_mod.write_plan_masks(out, embeddings, training, batch_plan, plan, identity, str(model.device))
+        # Every rank plans (deterministic: the same plan) and computes every W-th row group of the masks.
+        summary = masks_mod.write_plan_masks(out, embeddings, training, batch_plan, plan, identity, str(model.device), rank, world_size)
+        if rank != 0:
+            return None  # rank 0 joined the masks and writes the manifest
         t_masks = time.perf_counter()
         manifest = artifacts.write_manifest(
             out, owned,
