@@ -1,149 +1,249 @@
-"""scale: time and peak memory of planning and masking (`plan_batches` + `write_masks`) as data grows.
+"""scale: the post-encoding path as a user runs it, from 100k to 10M examples.
 
-Synthetic triplets (bench.synthetic: 2 texts per example, unit float32 guide vectors) at 100k, 1M
-and 10M examples, batch 32, one epoch, strategy random; each (size, dim, repetition) in a fresh
-process. Sizes whose vectors would not fit in the memory available are not run; they are
-extrapolated along a line through the two largest measured sizes of the same dim, and labelled so.
+For each size a synthetic guide pass is written in the guide-pass format (`bench.synthetic.write_pass`:
+data file, texts/examples tables, embeddings.npy + embeddings.parquet, manifest), then:
+
+- `gist plan --strategy S --epochs E` runs as a subprocess, polled every 50 ms for its resident
+  anonymous memory (RssAnon: the embeddings are memory-mapped, so their file pages are RssFile, not
+  counted) and file pages; time, peak RssAnon, masks.parquet size. clustered and fn-aware are run at
+  100k and 300k (k-means over n/128 clusters and the conflict search grow ~n^2 on a CPU); their 1M
+  figures are extrapolated along the power law through those two sizes, and labelled so.
+- `gist train --max-steps 1` (tiny student) with the 1M pass's 1-epoch and 80-epoch plans: wall time
+  and peak RssAnon; their difference is what the plan's length costs a training process.
+- the mask kernel, in this process, on 2048 planned batches of the largest float32 pass: `batch_masks`
+  (torch, every core) against the implementation before it (numpy, one BLAS thread: the code as it
+  was, kept here as the reference), the bare batched matmul of the same shapes on pre-gathered
+  vectors (the floor) and the gather alone; medians of 3.
+
+Targets (issue 15): masks >= 2x the numpy implementation's speed and within 2x of the matmul floor;
+the 10M x 768 float16 plan + masks (random, by-task) in <= 6 GB of anonymous memory; a training
+process's masks-related memory <= 200 MB and start-up <= 10 s with the 1M x 80-epoch plan.
 """
 
 from __future__ import annotations
 
+import shutil
+import subprocess
 import sys
 import time
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import numpy as np
+
 from bench import synthetic
-from bench.common import MIB, Context, PeakMemory, median, print_table, run_isolated
-from pipeline.masks import PlanParams, write_masks
-from pipeline.plan import plan_batches, rule_options
+from bench.common import MIB, SHARED, Context, median, print_table
 
 NAME = "scale"
-PARAMS = PlanParams(batch_size=32, epochs=1, seed=0, strategy="random")
-MEMORY_SHARE = 0.6  # run a size only if its estimated footprint is below this share of MemAvailable
+POLL_S = 0.05
+KERNEL_BATCHES = 2048
 
 
-def sizes(ctx: Context) -> list[tuple[int, int]]:
-    """(examples, dim): the guide's dim 768 where it fits, dim 64 to reach 10M in memory."""
-    return ctx.pick(
-        [(10_000, 64), (100_000, 64)],
-        [(100_000, 768), (1_000_000, 768), (10_000_000, 768), (100_000, 64), (1_000_000, 64), (10_000_000, 64)],
-    )
+@dataclass(frozen=True)
+class Size:
+    examples: int
+    dim: int
+    dtype: str
+
+    @property
+    def name(self) -> str:
+        return f"{self.examples}x{self.dim}-{self.dtype}"
 
 
-def estimated_bytes(examples: int, dim: int) -> int:
-    """Vectors of 2 texts per example, plus 4 int64 id arrays (anchor, positive, negative, plan)."""
-    return 2 * examples * dim * 4 + 4 * examples * 8
+def matrix(ctx: Context) -> list[tuple[Size, list[tuple[str, int]]]]:
+    """(pass, [(strategy, epochs)]) in the order they run."""
+    if ctx.quick:
+        return [(Size(20_000, 64, "float32"), [("random", 1), ("random", 4), ("by-task", 1), ("clustered", 1), ("fn-aware", 1)]),
+                (Size(40_000, 64, "float32"), [("clustered", 1), ("fn-aware", 1)]),
+                (Size(20_000, 64, "float16"), [("random", 1)])]
+    return [(Size(1_000_000, 768, "float32"), [("random", 1), ("random", 80), ("by-task", 1)]),
+            (Size(100_000, 768, "float32"), [("clustered", 1), ("fn-aware", 1)]),
+            (Size(300_000, 768, "float32"), [("clustered", 1), ("fn-aware", 1)]),
+            (Size(10_000_000, 768, "float16"), [("random", 1), ("by-task", 1)])]
 
 
-def available_bytes() -> int:
-    line = next(line for line in Path("/proc/meminfo").read_text().splitlines() if line.startswith("MemAvailable"))
-    return int(line.split()[1]) * 1024
+def gist_command() -> str:
+    return str(Path(sys.executable).parent / "gist")
 
 
-def measure(examples: int, dim: int, out_path: str) -> dict:
-    """Build the synthetic inputs, then plan and write masks, in this (fresh) process."""
-    with PeakMemory(cuda=False) as data_memory:
-        data = synthetic.triplets(examples)
-        embeddings = synthetic.guide_embeddings(data, 2 * examples, dim)
-    with PeakMemory(cuda=False) as memory:
+def polled(args: list[str]) -> dict:
+    """Run a command; its wall time and the peaks of RssAnon and RssFile, sampled every POLL_S."""
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    peak = {"RssAnon": 0, "RssFile": 0}
+    status = Path(f"/proc/{proc.pid}/status")
+    while proc.poll() is None:
+        try:
+            for line in status.read_text().splitlines():
+                key, _, value = line.partition(":")
+                if key in peak:
+                    peak[key] = max(peak[key], int(value.split()[0]))
+        except (OSError, ValueError, IndexError):
+            pass
+        time.sleep(POLL_S)
+    _, err = proc.communicate()
+    if proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(args[:3])} failed ({proc.returncode}): {err[-2000:]}")
+    return {"wall_s": round(time.perf_counter() - t0, 2), "peak_rss_anon_mb": round(peak["RssAnon"] / 1024, 1),
+            "peak_rss_file_mb": round(peak["RssFile"] / 1024, 1)}
+
+
+def plan_case(pass_dir: Path, out: Path, size: Size, strategy: str, epochs: int) -> dict:
+    from pipeline.artifacts import read_manifest
+
+    measured = polled([gist_command(), "plan", str(pass_dir), "--out", str(out), "--strategy", strategy, "--epochs", str(epochs),
+                       "--batch-size", "32", "--device", "cpu", "--overwrite"])
+    plan = read_manifest(out)["plan"]
+    record = {**asdict(size), "strategy": strategy, "epochs": epochs, "batches": plan["num_batches"], "extrapolated": False, **measured,
+              "masks_mb": round((out / "masks.parquet").stat().st_size / MIB, 1),
+              "us_per_example": round(measured["wall_s"] / (size.examples * epochs) * 1e6, 3)}
+    print(f"scale plan {size.name} {strategy} x{epochs}: {measured['wall_s']} s, RssAnon {measured['peak_rss_anon_mb']} MB", file=sys.stderr)
+    return record
+
+
+def train_case(pass_dir: Path, plan_dir: Path, out: Path, epochs: int) -> dict:
+    shutil.rmtree(out, ignore_errors=True)
+    measured = polled([gist_command(), "train", str(pass_dir / "data.parquet"), "--masks", str(plan_dir / "masks.parquet"),
+                       "--student", str(SHARED / "models" / "tiny-student"), "--out", str(out), "--max-steps", "1",
+                       "--save-steps", "1000000", "--device", "cpu"])
+    shutil.rmtree(out, ignore_errors=True)
+    print(f"scale train with the {epochs}-epoch plan: {measured['wall_s']} s, RssAnon {measured['peak_rss_anon_mb']} MB", file=sys.stderr)
+    return {"plan_epochs": epochs, **measured}
+
+
+def numpy_masks(embeddings: np.ndarray, data, batches: np.ndarray, params) -> dict:
+    """The mask computation before torch (numpy batched matmul, run on one BLAS thread): the reference."""
+    from pipeline.guide import gather
+    from pipeline.masks import false_negative_mask
+
+    nb, g = batches.shape
+    anchors, positives = gather(embeddings, data.anchor_ids[batches]), gather(embeddings, data.positive_ids[batches])
+    ap = anchors @ positives.transpose(0, 2, 1)
+    threshold = ap[:, np.arange(g), np.arange(g)][..., None]
+    masks = {"ap": false_negative_mask(ap, threshold, params.margin_strategy, params.margin)}
+    masks["ap"][:, np.arange(g), np.arange(g)] = False
+    masks["aa"] = false_negative_mask(anchors @ anchors.transpose(0, 2, 1), threshold, params.margin_strategy, params.margin)
+    masks["pp"] = false_negative_mask(positives @ positives.transpose(0, 2, 1), threshold, params.margin_strategy, params.margin)
+    negatives = gather(embeddings, data.negative_ids[batches].transpose(0, 2, 1).reshape(nb, -1))
+    masks["an"] = false_negative_mask(anchors @ negatives.transpose(0, 2, 1), threshold, params.margin_strategy, params.margin)
+    return masks
+
+
+def kernel(pass_dir: Path, batches: int, reps: int = 3) -> dict:
+    """µs per example of the mask computation and its floors on the same planned batches."""
+    import torch
+    from threadpoolctl import threadpool_limits
+
+    from pipeline.guide import gather, load_guide_pass
+    from pipeline.masks import PlanParams, batch_masks, chunk_batches
+    from pipeline.plan import plan_batches
+
+    _, data, embeddings = load_guide_pass(pass_dir)
+    params = PlanParams(batch_size=32)
+    plan = plan_batches(data, 32, 1, 0, "random")[0][:batches]
+    chunks = [plan[s : s + chunk_batches(32, 1)] for s in range(0, len(plan), chunk_batches(32, 1))]
+    examples = plan.size
+
+    def gathered(chunk):
+        return [torch.from_numpy(gather(embeddings, ids)) for ids in (data.anchor_ids[chunk], data.positive_ids[chunk], data.negative_ids[chunk, 0])]
+
+    def floor(tensors):
+        a, p, n = tensors
+        for left, right in ((a, p), (a, a), (p, p), (a, n)):
+            torch.bmm(left, right.transpose(1, 2))
+
+    pre = [gathered(c) for c in chunks]  # also warms the page cache for every variant
+    timings = {"numpy_one_thread": [], "torch_batch_masks": [], "gather_only": [], "bmm_floor": []}
+    for _ in range(reps):
         t0 = time.perf_counter()
-        plan = plan_batches(data, PARAMS.batch_size, PARAMS.epochs, PARAMS.seed, PARAMS.strategy, embeddings, **rule_options(PARAMS))
+        with threadpool_limits(1):
+            for c in chunks:
+                numpy_masks(embeddings, data, c, params)
         t1 = time.perf_counter()
-        counts = write_masks(Path(out_path), embeddings, data, plan, PARAMS, {"synthetic": True})
+        for c in chunks:
+            batch_masks(embeddings, data, c, params, "cpu")
         t2 = time.perf_counter()
-    masks_bytes = Path(out_path).stat().st_size
-    Path(out_path).unlink()
-    return {
-        "plan_s": t1 - t0,
-        "masks_s": t2 - t1,
-        "total_s": t2 - t0,
-        "imports_mb": data_memory.before,
-        "data_mb": memory.before - data_memory.before,
-        "plan_masks_peak_increase_mb": memory.peak - memory.before,
-        "peak_rss_mb": memory.peak,
-        "masks_file_mb": masks_bytes / MIB,
-        "masked_entries_per_batch": sum(counts.values()) / plan.shape[1],
-    }
+        for c in chunks:
+            gathered(c)
+        t3 = time.perf_counter()
+        for tensors in pre:
+            floor(tensors)
+        t4 = time.perf_counter()
+        for key, seconds in zip(timings, (t1 - t0, t2 - t1, t3 - t2, t4 - t3)):
+            timings[key].append(seconds / examples * 1e6)
+    us = {key: round(median(values), 4) for key, values in timings.items()}
+    return {"batches": len(plan), "examples": examples, "dim": embeddings.shape[1], "torch_threads": torch.get_num_threads(),
+            "us_per_example": us, "speedup_vs_numpy": round(us["numpy_one_thread"] / us["torch_batch_masks"], 2),
+            "ratio_to_bmm_floor": round(us["torch_batch_masks"] / us["bmm_floor"], 2),
+            "ratio_to_bmm_plus_gather_floor": round(us["torch_batch_masks"] / (us["bmm_floor"] + us["gather_only"]), 2)}
 
 
-def summarize(examples: int, dim: int, runs: list[dict]) -> dict:
-    record = {"examples": examples, "dim": dim, "extrapolated": False, "repetitions": len(runs)}
-    for key in runs[0]:
-        record[key] = round(median(r[key] for r in runs), 4)
-    record["us_per_example"] = round(record["total_s"] / examples * 1e6, 3)
-    return record
-
-
-def extrapolate(examples: int, dim: int, measured: list[dict]) -> dict | None:
-    """A straight line through the two largest measured sizes of this dim (through 0 if only one).
-
-    A line, not a proportion: at small sizes the fixed costs (process, Parquet writer) dominate.
-    None if no size of this dim was measured.
-    """
-    base = sorted((r for r in measured if r["dim"] == dim), key=lambda r: r["examples"])[-2:]
-    if not base:
+def extrapolate(records: list[dict], strategy: str, examples: int, dim: int) -> dict | None:
+    """Power law through the two largest measured sizes of `strategy` at `dim` (1 epoch)."""
+    base = sorted((r for r in records if r["strategy"] == strategy and r["dim"] == dim and r["epochs"] == 1 and not r["extrapolated"]),
+                  key=lambda r: r["examples"])[-2:]
+    if len(base) < 2:
         return None
-    record = {"examples": examples, "dim": dim, "extrapolated": True, "extrapolated_from": [r["examples"] for r in base], "repetitions": 0}
-    for key in ("plan_s", "masks_s", "total_s", "data_mb", "plan_masks_peak_increase_mb", "masks_file_mb"):
-        (n1, y1), (n2, y2) = [(0, 0.0)] * (2 - len(base)) + [(r["examples"], r[key]) for r in base]
-        slope = (y2 - y1) / (n2 - n1)
-        record[key] = round(y2 + slope * (examples - n2), 4)
-    record["masked_entries_per_batch"] = base[-1]["masked_entries_per_batch"]
-    record["imports_mb"] = base[-1]["imports_mb"]
-    record["peak_rss_mb"] = round(record["imports_mb"] + record["data_mb"] + record["plan_masks_peak_increase_mb"], 1)
-    record["us_per_example"] = round(record["total_s"] / examples * 1e6, 3)
-    return record
-
-
-def too_big(examples: int, dim: int) -> str:
-    return (
-        f"estimated {estimated_bytes(examples, dim) / 2**30:.1f} GiB of vectors and ids exceeds {MEMORY_SHARE:.0%} of the "
-        f"{available_bytes() / 2**30:.1f} GiB available: masks.write_masks takes the whole embedding matrix in memory"
-    )
+    (n1, t1), (n2, t2) = [(r["examples"], r["wall_s"]) for r in base]
+    exponent = np.log(t2 / t1) / np.log(n2 / n1)
+    wall = t2 * (examples / n2) ** exponent
+    return {"examples": examples, "dim": dim, "dtype": base[-1]["dtype"], "strategy": strategy, "epochs": 1, "extrapolated": True,
+            "extrapolated_from": [n1, n2], "exponent": round(float(exponent), 2), "wall_s": round(float(wall), 1),
+            "us_per_example": round(float(wall) / examples * 1e6, 3)}
 
 
 def run(ctx: Context) -> dict:
     work = ctx.work_dir(NAME)
-    reps = ctx.repetitions(1, 2)
-    todo = [s for s in sizes(ctx) if estimated_bytes(*s) < MEMORY_SHARE * available_bytes()]
-    runs = {s: [] for s in todo}
-    for rep in range(reps):
-        for examples, dim in todo:
-            result = run_isolated(measure, examples, dim, str(work / f"masks-{examples}-{dim}.parquet"))
-            runs[(examples, dim)].append(result)
-            print(f"scale {examples} x {dim} rep {rep + 1}/{reps}: {result['total_s']:.2f} s, peak {result['peak_rss_mb']:.0f} MB", file=sys.stderr)
-    measured = [summarize(e, d, runs[(e, d)]) for e, d in todo]
-    records, not_run = list(measured), []
-    for examples, dim in (s for s in sizes(ctx) if s not in runs):
-        record = extrapolate(examples, dim, measured)
-        if record:
-            records.append({**record, "why": too_big(examples, dim)})
-        else:
-            not_run.append({"examples": examples, "dim": dim, "why": too_big(examples, dim) + "; no size of this dim was measured"})
+    passes, plans, trains = [], [], []
+    kernel_result = None
+    for size, cases in matrix(ctx):
+        pass_dir = work / size.name
+        t0 = time.perf_counter()
+        disk = synthetic.write_pass(pass_dir, size.examples, size.dim, size.dtype)
+        passes.append({**asdict(size), "write_s": round(time.perf_counter() - t0, 1), "disk_mb": {k: round(v / MIB, 1) for k, v in disk.items()}})
+        print(f"scale pass {size.name}: written in {passes[-1]['write_s']} s", file=sys.stderr)
+        for strategy, epochs in cases:
+            plans.append(plan_case(pass_dir, work / f"{size.name}-{strategy}-e{epochs}", size, strategy, epochs))
+        if size == matrix(ctx)[0][0]:  # the largest float32 pass: kernel and training start-up
+            kernel_result = kernel(pass_dir, ctx.steps or KERNEL_BATCHES)
+            longest = max(e for s, e in cases if s == "random")
+            trains = [train_case(pass_dir, work / f"{size.name}-random-e{e}", work / "train", e) for e in (1, longest)]
+        for path in pass_dir.parent.glob(f"{size.name}-*"):
+            shutil.rmtree(path)  # disk: only one pass and its plans at a time
+        shutil.rmtree(pass_dir)
+    first = matrix(ctx)[0][0]
+    for strategy in ("clustered", "fn-aware"):
+        if not any(r["strategy"] == strategy and r["examples"] == first.examples for r in plans):
+            record = extrapolate(plans, strategy, first.examples, first.dim)
+            if record:
+                plans.append(record)
     return {
-        "plan": {"batch_size": PARAMS.batch_size, "epochs": PARAMS.epochs, "strategy": PARAMS.strategy},
-        "data": "synthetic triplets: 2 unique texts per example (anchor, positive), 1 negative column; "
-        "float32 unit vectors, positive = normalize(anchor + noise); texts themselves not materialized",
         "definitions": {
-            "plan_s / masks_s": "pipeline.plan.plan_batches / pipeline.masks.write_masks, medians over repetitions",
-            "data_mb": "RSS taken by the synthetic ids and vectors (the embedding matrix dominates: 2 * examples * dim * 4 bytes)",
-            "plan_masks_peak_increase_mb": "peak RSS during plan + masks above the RSS holding the data",
-            "peak_rss_mb": "high-water mark of the whole process during plan + masks",
-            "extrapolated": "true: not run (see why); a line through the two largest measured sizes of the same dim",
+            "wall_s": "the `gist plan` (or `gist train --max-steps 1`) process, start to exit: imports, loading and checksums included",
+            "peak_rss_anon_mb": "highest RssAnon sampled every 50 ms: anonymous memory; the memory-mapped embeddings are file pages (RssFile)",
+            "us_per_example": "wall_s / (examples x epochs)",
+            "kernel": "µs per example on the same planned batches: batch_masks (torch) vs numpy on one thread (the implementation before), "
+                      "bare torch.bmm of the same 4 products on pre-gathered vectors, and the gather of those vectors alone",
+            "extrapolated": "not run at this size on this CPU: power law through the two largest measured sizes",
         },
-        "records": sorted(records, key=lambda r: (-r["dim"], r["examples"])),
-        "not_run": not_run,
+        "passes": passes, "plans": plans, "train": trains,
+        "train_plan_length_cost": trains and {"wall_s": round(trains[1]["wall_s"] - trains[0]["wall_s"], 2),
+                                             "rss_anon_mb": round(trains[1]["peak_rss_anon_mb"] - trains[0]["peak_rss_anon_mb"], 1)},
+        "kernel": kernel_result,
     }
 
 
 def table(result: dict) -> None:
-    rows = [
-        [f"{r['examples']:,}", r["dim"], "extrapolated" if r["extrapolated"] else "measured", r["plan_s"], r["masks_s"],
-         r["us_per_example"], r["data_mb"], r["plan_masks_peak_increase_mb"], r["peak_rss_mb"], r["masks_file_mb"]]
-        for r in result["records"]
-    ]
-    print_table(
-        f"scale ({result['mode']}): plan + masks, batch 32, 1 epoch",
-        ["examples", "dim", "", "plan s", "masks s", "us/example", "data MB", "plan+masks +MB", "peak RSS MB", "masks MB"],
-        rows,
-    )
+    rows = [[f"{r['examples']:,}", r["dim"], r["dtype"], r["strategy"], r["epochs"], "extrapolated" if r["extrapolated"] else "measured",
+             r["wall_s"], r["us_per_example"], r.get("peak_rss_anon_mb", "–"), r.get("peak_rss_file_mb", "–"), r.get("masks_mb", "–")]
+            for r in result["plans"]]
+    print_table(f"scale ({result['mode']}): gist plan, batch 32",
+                ["examples", "dim", "dtype", "strategy", "epochs", "", "wall s", "µs/example", "RssAnon MB", "RssFile MB", "masks MB"], rows)
+    k = result["kernel"]
+    if k:
+        print_table(f"mask kernel, {k['batches']} batches x 32, dim {k['dim']}, {k['torch_threads']} torch threads (µs/example)",
+                    ["numpy 1 thread", "torch batch_masks", "gather only", "bmm floor", "speed-up", "/ bmm floor", "/ (bmm + gather)"],
+                    [[*k["us_per_example"].values(), k["speedup_vs_numpy"], k["ratio_to_bmm_floor"], k["ratio_to_bmm_plus_gather_floor"]]])
+    if result["train"]:
+        print_table("gist train --max-steps 1 start-up", ["plan epochs", "wall s", "RssAnon MB"],
+                    [[t["plan_epochs"], t["wall_s"], t["peak_rss_anon_mb"]] for t in result["train"]])

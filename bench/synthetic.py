@@ -8,6 +8,8 @@ block, so each positive is made its anchor plus equal-norm noise (cosine ~0.71, 
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 
 from pipeline.data import TrainingData
@@ -52,3 +54,63 @@ def guide_embeddings(data: TrainingData, num_texts: int, dim: int, seed: int = 0
         _normalize(moved)
         embeddings[positives] = moved
     return embeddings
+
+
+TASKS = 8  # synthetic tasks (round robin), for by-task plans
+
+
+def write_pass(out: Path, num_examples: int, dim: int, dtype: str = "float32", seed: int = 0) -> dict:
+    """A synthetic guide pass in the guide-pass format, as `precompute-guide` would leave it.
+
+    DATA (`out/data.parquet`): anchor `a<i>`, positive `p<i>`, negative `p<j>` (j random), task
+    `t<i mod 8>`; texts and examples tables written by the pipeline's own writer from its own loader;
+    `embeddings.npy` (unit vectors, positive = normalize(anchor + noise), generated a chunk at a
+    time into the memory map) and `embeddings.parquet` from it; a manifest with checksums. No index
+    (nothing after encoding needs one for `gist plan`, except fn-aware's own search). Returns sizes.
+    """
+    import pyarrow as pa
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    from pipeline import artifacts, data as data_mod, guide as guide_mod
+
+    out.mkdir(parents=True, exist_ok=True)
+    n = num_examples
+    rng = np.random.default_rng(seed)
+    ids = pa.array(np.arange(n)).cast(pa.string())
+    table = pa.table({
+        "anchor": pc.binary_join_element_wise("a", ids, ""),
+        "positive": pc.binary_join_element_wise("p", ids, ""),
+        "negative": pc.binary_join_element_wise("p", pa.array(rng.integers(0, n, n)).cast(pa.string()), ""),
+        "task": pc.binary_join_element_wise("t", pa.array(np.arange(n) % TASKS).cast(pa.string()), ""),
+    })
+    pq.write_table(table, out / "data.parquet")
+    del table
+    data = data_mod.load_training_data(out / "data.parquet")
+    assert np.array_equal(data.anchor_ids, np.arange(n)) and np.array_equal(data.positive_ids, np.arange(n, 2 * n))
+    data_mod.write_data_tables(out, data)
+    vectors = np.lib.format.open_memmap(out / guide_mod.VECTORS, mode="w+", dtype=dtype, shape=(2 * n, dim))
+    chunk = max(1, CHUNK_BYTES // (4 * dim))
+    for start in range(0, n, chunk):
+        stop = min(n, start + chunk)
+        anchors = rng.standard_normal((stop - start, dim), dtype=np.float32)
+        _normalize(anchors)
+        positives = anchors + rng.standard_normal(anchors.shape, dtype=np.float32) / np.sqrt(dim, dtype=np.float32)
+        _normalize(positives)
+        vectors[start:stop], vectors[n + start : n + stop] = anchors, positives
+    vectors.flush()
+    schema = guide_mod.embeddings_schema(dim, dtype)
+    with pq.ParquetWriter(out / guide_mod.EMBEDDINGS, schema) as writer:
+        for start in range(0, 2 * n, 4 * chunk):
+            rows = np.asarray(vectors[start : start + 4 * chunk])
+            writer.write_table(pa.table({"text_id": np.arange(start, start + len(rows)), "embedding": pa.FixedSizeListArray.from_arrays(rows.reshape(-1), dim)}, schema=schema))
+    del vectors
+    files = [data_mod.TEXTS, data_mod.EXAMPLES, guide_mod.EMBEDDINGS, guide_mod.VECTORS]
+    guide = {"name": "synthetic", "path": "synthetic", "sha256": f"synthetic-{seed}", "dtype": "float32", "max_seq_length": None, "dim": dim}
+    artifacts.write_manifest(
+        out, files, kind="guide-pass", world_size=1, guide=guide,
+        dataset={"path": str((out / "data.parquet").resolve()), "fingerprint": data.fingerprint, "columns": data.columns,
+                 "num_examples": n, "num_texts": 2 * n, "num_negatives": 1},
+        encoding={"embedding_dtype": dtype, "synthetic": True}, index=None, plan=None, timings={},
+    )
+    return {name: (out / name).stat().st_size for name in [*files, "data.parquet"]}
