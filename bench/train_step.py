@@ -1,4 +1,5 @@
-"""train_step: wall time and peak memory per optimizer step, MNRL vs GuidedMaskLoss vs online GISTEmbedLoss.
+"""train_step: wall time and peak memory per optimizer step, MNRL vs GuidedMaskLoss vs online GISTEmbedLoss,
+and GuidedMaskLoss plus distillation from the stored guide pass (`--distill embed` / `kl`).
 
 Same student, same planned batches, same trainer (`pipeline.train.build_trainer` with the plan of
 `PlannedMasks(...).plan`): only the loss differs. The masks come from stage 1
@@ -32,7 +33,7 @@ from pipeline.loss import GuidedMaskLoss
 from pipeline.masks import MASKS, PlannedMasks
 
 NAME = "train_step"
-CONFIGS = ("mnrl", "guided", "online")
+CONFIGS = ("mnrl", "guided", "online", "guided+embed", "guided+kl")
 TEMPERATURE = 0.01  # GISTEmbedLoss's default; MNRL gets the same scale (1 / temperature)
 TARGETS = {"guided_over_mnrl_time": ("<=", 1.05), "guided_over_mnrl_memory": ("<=", 1.05), "online_over_guided_time": (">=", 2.5)}
 
@@ -84,6 +85,10 @@ def measure(config: str, student: str, guide: str, data_path: str, masks_path: s
         loss = MultipleNegativesRankingLoss(model, scale=1 / TEMPERATURE)
     elif config == "guided":
         loss = GuidedMaskLoss(model, masks, temperature=TEMPERATURE)
+    elif config.startswith("guided+"):
+        from pipeline.distill import DistilledLoss, GuideTeacher
+
+        loss = DistilledLoss(GuidedMaskLoss(model, masks, temperature=TEMPERATURE), GuideTeacher.for_masks(masks), config.removeprefix("guided+"))
     else:
         p = masks.params
         loss = GISTEmbedLoss(
@@ -142,6 +147,9 @@ def summarize(schedule: Schedule, runs: dict[str, list[dict]]) -> dict:
     record["guided_over_mnrl_time"] = round(record["guided_step_s"] / record["mnrl_step_s"], 3)
     record["guided_over_mnrl_memory"] = round(record["guided_peak_mb"] / record["mnrl_peak_mb"], 3)
     record["online_over_guided_time"] = round(record["online_step_s"] / record["guided_step_s"], 3)
+    for kind in ("embed", "kl"):
+        record[f"distill_{kind}_over_guided_time"] = round(record[f"guided+{kind}_step_s"] / record["guided_step_s"], 3)
+        record[f"distill_{kind}_over_guided_memory"] = round(record[f"guided+{kind}_peak_mb"] / record["guided_peak_mb"], 3)
     record["targets_met"] = {
         f"{key} {op} {bound}": (record[key] <= bound if op == "<=" else record[key] >= bound) for key, (op, bound) in TARGETS.items()
     }
@@ -179,6 +187,8 @@ def run(ctx: Context) -> dict:
             "mnrl": "MultipleNegativesRankingLoss, scale 1/temperature, candidates ap + an",
             "guided": "GuidedMaskLoss with stored masks, candidates ap + aa + pp + an",
             "online": "GISTEmbedLoss with the guide loaded, same plan parameters as the masks",
+            "guided+embed / guided+kl": "DistilledLoss: GuidedMaskLoss + 1.0 x EmbedDistillLoss (projection to the guide's dim) or the "
+            "in-batch KL to the guide's score distribution, teacher embeddings looked up from the stored pass",
         },
         "records": [summarize(s, {c: runs[(s.batch_size, c)] for c in CONFIGS}) for s in plan],
     }
@@ -194,4 +204,11 @@ def table(result: dict) -> None:
         f"train_step ({result['mode']}): s/step and peak MB added, medians",
         ["batch", "mnrl s", "guided s", "online s", "mnrl MB", "guided MB", "online MB", "guided/mnrl t", "guided/mnrl mem", "online/guided t", "targets met"],
         rows,
+    )
+    print_table(
+        "distillation from the stored pass, against GuidedMaskLoss alone",
+        ["batch", "+embed s", "+kl s", "+embed MB", "+kl MB", "embed/guided t", "kl/guided t", "embed/guided mem", "kl/guided mem"],
+        [[r["batch_size"], r["guided+embed_step_s"], r["guided+kl_step_s"], r["guided+embed_peak_mb"], r["guided+kl_peak_mb"],
+          r["distill_embed_over_guided_time"], r["distill_kl_over_guided_time"], r["distill_embed_over_guided_memory"],
+          r["distill_kl_over_guided_memory"]] for r in result["records"]],
     )
