@@ -267,6 +267,7 @@ def evaluate_command(
     sts: Annotated[Optional[Path], typer.Option(help="STS file with sentence1, sentence2, score.")] = None,
     beir: Annotated[Optional[Path], typer.Option(help="BEIR directory: corpus.jsonl[.gz], queries.jsonl, qrels/test.tsv.")] = None,
     out: Annotated[Optional[Path], typer.Option(help="Write the results as JSON here.")] = None,
+    max_seq_length: Annotated[Optional[int], typer.Option(min=1, help="Truncate inputs at N tokens (default: the model's own), e.g. to match a student trained with --max-seq-length.")] = None,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda.")] = "auto",
 ) -> None:
     """Evaluate a model on STS (Spearman) and/or BEIR retrieval (nDCG@10); prints a table."""
@@ -276,6 +277,8 @@ def evaluate_command(
     if sts is None and beir is None:
         raise typer.BadParameter("give --sts FILE and/or --beir DIR", param_hint="--sts/--beir")
     model = guide_mod.load_model(model_path, device)
+    if max_seq_length:
+        model.max_seq_length = max_seq_length
     results = evaluate_model(model, sts, beir)
     table = Table("metric", "value", title=str(model_path))
     for name, value in results.items():

@@ -1,4 +1,8 @@
-"""Print a before/after table of two `gist evaluate --out` JSON files. Usage: compare.py BEFORE AFTER"""
+"""Print the demo's students side by side from `gist evaluate --out` / `gist train` eval.json files.
+
+Usage: compare.py LABEL=RESULTS.json [LABEL=RESULTS.json ...]; the first is the reference that the
+others' changes are measured from.
+"""
 
 import json
 import sys
@@ -6,8 +10,10 @@ import sys
 from rich.console import Console
 from rich.table import Table
 
-before, after = (json.loads(open(path).read()) for path in sys.argv[1:3])
-table = Table("metric", "before", "after", "change", title="gist demo: student before and after guided training")
-for metric in (k for k in before if k != "model"):
-    table.add_row(metric, f"{before[metric]:.4f}", f"{after[metric]:.4f}", f"{after[metric] - before[metric]:+.4f}")
+runs = [(label, json.loads(open(path).read())) for label, _, path in (arg.partition("=") for arg in sys.argv[1:])]
+(first_label, first), others = runs[0], runs[1:]
+metrics = [k for k, v in first.items() if isinstance(v, float)]
+table = Table("metric", first_label, *(f"{label} (change)" for label, _ in others), title="gist demo: the same student, the same planned batches")
+for metric in metrics:
+    table.add_row(metric, f"{first[metric]:.4f}", *(f"{r[metric]:.4f} ({r[metric] - first[metric]:+.4f})" for _, r in others))
 Console().print(table)
