@@ -88,20 +88,24 @@ def false_negative_mask(guide_sim, threshold, margin_strategy: str, margin: floa
     raise GistError(f"--margin-strategy {margin_strategy}: use one of {', '.join(MARGIN_STRATEGIES)}")
 
 
-def _gather(embeddings: np.ndarray, ids: np.ndarray, device: str) -> torch.Tensor:
-    """float32 vectors of `ids` (any shape) on `device`; stored float16 vectors are widened here."""
-    return torch.from_numpy(gather(embeddings, ids)).to(device)
+def _gather(source, ids: np.ndarray, device: str) -> torch.Tensor:
+    """float32 vectors of `ids` (any shape) on `device`: from a tensor already there (indexed on the
+    device), or from the stored (memory-mapped) array, widened from float16 when stored so."""
+    if isinstance(source, torch.Tensor):
+        return source[torch.from_numpy(ids).to(source.device)].float()
+    return torch.from_numpy(gather(source, ids)).to(device)
 
 
-def batch_masks(embeddings: np.ndarray, data: TrainingData, batches: np.ndarray, params: PlanParams, device: str = "cpu") -> dict[str, np.ndarray]:
-    """Dense boolean masks of each block for a stack of batches (nb, G) of example ids.
+def device_masks(source, data: TrainingData, batches: np.ndarray, params: PlanParams, device: str = "cpu") -> dict[str, torch.Tensor]:
+    """Boolean masks of each block for a stack of batches (nb, G) of example ids, as tensors on `device`.
 
-    The similarities are batched matrix products in torch on `device` (every CPU core, or the GPU).
+    `source`: the stored embeddings (numpy / memory map) or a tensor of them on `device`. The
+    similarities are batched matrix products in torch (every CPU core, or the GPU).
     Returns {"ap": (nb, G, G), "aa": ..., "pp": ..., "an": (nb, G, k*G)}; disabled blocks are all False.
     """
     nb, g = batches.shape
-    anchors = _gather(embeddings, data.anchor_ids[batches], device)  # (nb, G, d)
-    positives = _gather(embeddings, data.positive_ids[batches], device)
+    anchors = _gather(source, data.anchor_ids[batches], device)  # (nb, G, d)
+    positives = _gather(source, data.positive_ids[batches], device)
     ap = torch.bmm(anchors, positives.transpose(1, 2))
     # t_i from the diagonal of the same product, as GISTEmbedLoss does: a candidate identical to the
     # positive then has g == t exactly and is kept (strict >), not masked by float rounding.
@@ -110,15 +114,29 @@ def batch_masks(embeddings: np.ndarray, data: TrainingData, batches: np.ndarray,
     def rule(sim: torch.Tensor) -> torch.Tensor:
         return false_negative_mask(sim, threshold, params.margin_strategy, params.margin)
 
-    off = torch.zeros((nb, g, g), dtype=torch.bool, device=device)
+    off = torch.zeros((nb, g, g), dtype=torch.bool, device=anchors.device)
     masks = {"ap": rule(ap)}
     masks["ap"].diagonal(dim1=1, dim2=2).fill_(False)
     masks["aa"] = rule(torch.bmm(anchors, anchors.transpose(1, 2))) if params.contrast_anchors else off
     masks["pp"] = rule(torch.bmm(positives, positives.transpose(1, 2))) if params.contrast_positives else off
     # Negative columns in column-major order: column c * G + j is negative c of example j.
-    negatives = _gather(embeddings, data.negative_ids[batches].transpose(0, 2, 1).reshape(nb, -1), device)
+    negatives = _gather(source, data.negative_ids[batches].transpose(0, 2, 1).reshape(nb, -1), device)
     masks["an"] = rule(torch.bmm(anchors, negatives.transpose(1, 2)))
-    return {block: mask.cpu().numpy() for block, mask in masks.items()}
+    return masks
+
+
+def batch_masks(embeddings: np.ndarray, data: TrainingData, batches: np.ndarray, params: PlanParams, device: str = "cpu") -> dict[str, np.ndarray]:
+    """`device_masks` as dense numpy arrays (for the report and tests)."""
+    return {block: mask.cpu().numpy() for block, mask in device_masks(embeddings, data, batches, params, device).items()}
+
+
+def masks_source(embeddings: np.ndarray, device: str):
+    """What the masks gather from: on a GPU with room for them, the embeddings copied there once (the
+    gathers then run in GPU memory); on the CPU, the memory map itself (no copy)."""
+    if not str(device).startswith("cuda"):
+        return embeddings
+    free, _ = torch.cuda.mem_get_info(torch.device(device))
+    return torch.from_numpy(np.ascontiguousarray(embeddings)).to(device) if embeddings.nbytes < free // 2 else embeddings
 
 
 def masks_schema(meta: dict) -> pa.Schema:
@@ -127,20 +145,22 @@ def masks_schema(meta: dict) -> pa.Schema:
     return pa.schema(fields, metadata={METADATA_KEY: json.dumps(meta, sort_keys=True).encode()})
 
 
-def _sparse(dense: np.ndarray) -> pa.ListArray:
-    """(nb, rows, cols) bool -> list<int32> of flat masked positions per batch. Offsets restart in
-    every row group and a chunk holds at most max(CHUNK_ENTRIES, one block) entries, so they fit int32."""
-    flat = dense.reshape(len(dense), -1)
-    batch_of, position = np.nonzero(flat)
-    offsets = np.concatenate([[0], np.cumsum(np.bincount(batch_of, minlength=len(flat)))]).astype(np.int32)
-    return pa.ListArray.from_arrays(pa.array(offsets), pa.array(position.astype(np.int32)))
+def _sparse(mask: torch.Tensor) -> pa.ListArray:
+    """(nb, rows, cols) bool tensor -> list<int32> of flat masked positions per batch, found on the
+    mask's device (only the positions travel). Offsets restart in every row group and a chunk holds
+    at most max(CHUNK_ENTRIES, one block) entries, so they fit int32."""
+    flat = mask.reshape(len(mask), -1)
+    batch_of, position = flat.nonzero(as_tuple=True)  # row-major order, as numpy's
+    counts = torch.bincount(batch_of, minlength=len(flat)).cpu().numpy()
+    offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int32)
+    return pa.ListArray.from_arrays(pa.array(offsets), pa.array(position.to(torch.int32).cpu().numpy()))
 
 
-def _chunk_table(embeddings: np.ndarray, data: TrainingData, batches: np.ndarray, first: int, steps: int, params: PlanParams,
+def _chunk_table(source, data: TrainingData, batches: np.ndarray, first: int, steps: int, params: PlanParams,
                  schema: pa.Schema, device: str) -> tuple[pa.Table, dict]:
     """One row group of masks.parquet: the planned batches `batches` starting at plan row `first`."""
     g = batches.shape[1]
-    dense = batch_masks(embeddings, data, batches, params, device)
+    masks = device_masks(source, data, batches, params, device)
     step = np.arange(first, first + len(batches), dtype=np.int64)
     columns = {
         "epoch": pa.array((step // steps).astype(np.int32)),
@@ -148,8 +168,8 @@ def _chunk_table(embeddings: np.ndarray, data: TrainingData, batches: np.ndarray
         "example_ids": pa.ListArray.from_arrays(pa.array(np.arange(len(batches) + 1, dtype=np.int32) * g), pa.array(batches.reshape(-1))),
     }
     for block in BLOCKS:
-        columns[block] = _sparse(dense[block])
-    return pa.table(columns, schema=schema), {block: int(dense[block].sum()) for block in BLOCKS}
+        columns[block] = _sparse(masks[block])
+    return pa.table(columns, schema=schema), {block: len(columns[block].values) for block in BLOCKS}
 
 
 def write_masks(out_path: Path, embeddings: np.ndarray, data: TrainingData, plan: np.ndarray, params: PlanParams, meta: dict,
@@ -170,6 +190,7 @@ def write_masks(out_path: Path, embeddings: np.ndarray, data: TrainingData, plan
     schema = masks_schema({**meta, "format_version": FORMAT_VERSION, "plan": asdict(params), "num_negatives": data.num_negatives})
     counts = {block: 0 for block in BLOCKS}
     parts = out_path.parent / MASK_PARTS
+    source = masks_source(embeddings, device)
     if world_size > 1 and rank == 0:
         shutil.rmtree(parts, ignore_errors=True)
         parts.mkdir()
@@ -183,7 +204,7 @@ def write_masks(out_path: Path, embeddings: np.ndarray, data: TrainingData, plan
         for number, start in enumerate(starts):
             if number % world_size != rank:
                 continue
-            table, chunk_counts = _chunk_table(embeddings, data, batches[start : start + per_chunk], start, steps, params, schema, device)
+            table, chunk_counts = _chunk_table(source, data, batches[start : start + per_chunk], start, steps, params, schema, device)
             if world_size == 1:
                 writer.write_table(table)
             else:

@@ -67,11 +67,13 @@ def test_masks_are_computed_in_chunks_bounded_by_entries(tmp_path, monkeypatch):
     params = PlanParams(batch_size=g, margin=0.1)
     chunks = []
 
-    def recording(embeddings, data, batches, params, device):
-        chunks.append(len(batches))
-        return batch_masks(embeddings, data, batches, params, device)
+    device_masks = masks_mod.device_masks
 
-    monkeypatch.setattr(masks_mod, "batch_masks", recording)
+    def recording(source, data, batches, params, device):
+        chunks.append(len(batches))
+        return device_masks(source, data, batches, params, device)
+
+    monkeypatch.setattr(masks_mod, "device_masks", recording)
     write_masks(tmp_path / "masks.parquet", embeddings, data, plan, params, {})
     assert sum(chunks) == steps and len(chunks) > 1
     assert max(chunks) * g * g * 4 <= CHUNK_ENTRIES, chunks  # ap, aa, pp and one negative column
