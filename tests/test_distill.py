@@ -65,11 +65,16 @@ def test_embed_distill_fed_by_gist_equals_fed_by_the_online_guide(planned, guide
         assert_grads_close(grads_ours, grads_ref)
 
 
-def test_distilled_loss_is_guided_plus_weighted_embed_distill(planned):
+@pytest.fixture
+def guided(planned):
+    """(masks, dataset, batches, teacher, student, GuidedMaskLoss of the student): a fresh student per test."""
     masks, dataset, batches = planned
-    teacher = GuideTeacher.for_masks(masks)
     student = load_student()
-    guided = GuidedMaskLoss(student, masks)
+    return masks, dataset, batches, GuideTeacher.for_masks(masks), student, GuidedMaskLoss(student, masks)
+
+
+def test_distilled_loss_is_guided_plus_weighted_embed_distill(guided):
+    masks, dataset, batches, teacher, student, guided = guided
     combined = DistilledLoss(guided, teacher, "embed", weight=0.5)
     alone = DistilledLoss(guided, teacher, "embed", contrastive_weight=0.0)
     embed = TeacherLabelLoss(EmbedDistillLoss(student), teacher)
@@ -98,11 +103,8 @@ def reference_kl(student_emb, guide_emb, mask_rows, temperature):
     return total / len(mask_rows)
 
 
-def test_kl_distillation_leaves_the_masked_candidates_out(planned):
-    masks, dataset, batches = planned
-    teacher = GuideTeacher.for_masks(masks)
-    student = load_student()
-    guided = GuidedMaskLoss(student, masks)
+def test_kl_distillation_leaves_the_masked_candidates_out(guided):
+    masks, dataset, batches, teacher, student, guided = guided
     kl_alone = DistilledLoss(guided, teacher, "kl", contrastive_weight=0.0)
     for row, example_ids in enumerate(batches):
         masks.cursor.step = row
