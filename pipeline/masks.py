@@ -211,6 +211,8 @@ def write_masks(out_path: Path, embeddings: np.ndarray, data: TrainingData, plan
                 pq.write_table(table, parts / f"part-{number:06d}.parquet")
             counts = {block: counts[block] + chunk_counts[block] for block in BLOCKS}
             progress.advance(task, table.num_rows)
+            del table
+            pa.default_memory_pool().release_unused()  # mimalloc keeps freed row groups otherwise: memory would grow with the plan
     if world_size == 1:
         return counts
     import torch.distributed as dist
