@@ -80,7 +80,7 @@ def run(s: Settings, work: Path, strategy: str, variants: list[str], seeds: list
     summary = {v: stats.spread(runs[v]) for v in variants}
     best = max(variants, key=lambda v: summary[v]["beir_ndcg@10"]["mean"])
     for other in variants:
-        if other != best and f"{best}_vs_{other}" not in comparisons:
+        if other != best and f"{best}_vs_{other}" not in comparisons and f"{other}_vs_{best}" not in comparisons:
             comparisons[f"{best}_vs_{other}"] = {"question": f"the best SciFact configuration ({best}) against {other}",
                                                  **stats.compare(details[other], details[best])}
     command = "python -m bench.quality" + (" --quick" if s.mode == "quick" else "") + f" --plan {strategy}"
