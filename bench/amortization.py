@@ -76,10 +76,10 @@ def run(ctx: Context) -> dict:
     data = load_training_data(FULL_TRAIN)
     model = guide_mod.load_model(str(ctx.guide))
     rng = np.random.default_rng(0)
-    sample = [data.texts[i] for i in rng.choice(len(data.texts), size=ctx.rows or ctx.pick(128, 512), replace=False)]
+    sample = [data.text(i) for i in rng.choice(len(data.texts), size=ctx.rows or ctx.pick(128, 512), replace=False)]
     plan = plan_batches(data, BATCH, 1, 0, "random")[0]
     batches = plan[: ctx.steps or ctx.pick(3, 6)]
-    columns = data.text_columns()
+    columns = {name: texts.to_pylist() for name, texts in data.text_columns().items()}
     embeddings = synthetic.guide_embeddings(data, len(data.texts), model.get_embedding_dimension())
     work = ctx.work_dir(NAME)
     t0 = time.perf_counter()

@@ -28,7 +28,7 @@ def edges(data, graph) -> set:
 def main() -> None:
     data = load_training_data(FULL_TRAIN)
     model = load_model(str(SHARED / "models" / "tiny-guide-static"), "cpu")
-    embeddings = model.encode(data.texts, batch_size=256, normalize_embeddings=True, convert_to_numpy=True).astype(np.float32)
+    embeddings = model.encode(data.texts.to_pylist(), batch_size=256, normalize_embeddings=True, convert_to_numpy=True).astype(np.float32)
     result = {"machine": machine_info(), "data": str(FULL_TRAIN), "guide": "tiny-guide-static", "examples": data.num_examples}
     start = time.perf_counter()
     exact = edges(data, conflicts.conflict_graph(data, embeddings))

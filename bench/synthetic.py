@@ -11,6 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 
 from pipeline.data import TrainingData
 
@@ -25,7 +26,7 @@ def triplets(num_examples: int, seed: int = 0) -> TrainingData:
     n = num_examples
     rng = np.random.default_rng(seed)
     return TrainingData(
-        texts=[],
+        texts=pa.array([], pa.large_string()),
         anchor_ids=np.arange(n, dtype=np.int64),
         positive_ids=np.arange(n, 2 * n, dtype=np.int64),
         negative_ids=rng.integers(n, 2 * n, size=(n, 1), dtype=np.int64),

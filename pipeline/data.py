@@ -32,20 +32,24 @@ MAX_REPORTED_ROWS = 5
 class TrainingData:
     """Deduplicated training examples: every text once, examples as text ids.
 
+    The texts stay one Arrow array and the tasks an array of references to a few strings, never a
+    Python object per row: at 10M examples that is what keeps loading fast and memory flat.
+
     Attributes:
-        texts: unique texts; the index is the text id.
+        texts: unique texts, a pyarrow large_string array; the index is the text id.
         anchor_ids, positive_ids: (N,) int64 text ids, one per example (example id = row of DATA).
         negative_ids: (N, k) int64 text ids, k negative columns (k may be 0).
-        tasks: (N,) task names or None when the data has no task column.
+        tasks: (N,) object array of task names (one str object per distinct task), or None when
+            the data has no task column.
         fingerprint: sha256 over the used columns, in canonical order.
         columns: canonical column name -> source column name.
     """
 
-    texts: list[str]
+    texts: pa.LargeStringArray
     anchor_ids: np.ndarray
     positive_ids: np.ndarray
     negative_ids: np.ndarray
-    tasks: list[str] | None
+    tasks: np.ndarray | None
     fingerprint: str
     columns: dict[str, str]
 
@@ -57,12 +61,15 @@ class TrainingData:
     def num_negatives(self) -> int:
         return self.negative_ids.shape[1]
 
-    def text_columns(self) -> dict[str, list[str]]:
-        """The example texts by canonical column (anchor, positive, negative_1..k), in DATA order."""
-        texts = np.asarray(self.texts, dtype=object)
-        columns = {"anchor": texts[self.anchor_ids].tolist(), "positive": texts[self.positive_ids].tolist()}
+    def text(self, text_id) -> str:
+        """One text by its id."""
+        return self.texts[int(text_id)].as_py()
+
+    def text_columns(self) -> dict[str, pa.Array]:
+        """The example texts by canonical column (anchor, positive, negative_1..k), in DATA order (Arrow arrays)."""
+        columns = {"anchor": self.texts.take(self.anchor_ids), "positive": self.texts.take(self.positive_ids)}
         for c in range(self.num_negatives):
-            columns[f"negative_{c + 1}"] = texts[self.negative_ids[:, c]].tolist()
+            columns[f"negative_{c + 1}"] = self.texts.take(self.negative_ids[:, c])
         return columns
 
 
@@ -207,12 +214,16 @@ def fingerprint_columns(arrays: dict[str, pa.ChunkedArray]) -> str:
     return digest.hexdigest()
 
 
-def _tasks(column: pa.ChunkedArray | None) -> list[str] | None:
-    """Task names per example; None without a task column or when it is all null (no task is known),
-    in stage 1 as in every command that reads the stored examples back."""
+def _tasks(column: pa.ChunkedArray | None) -> np.ndarray | None:
+    """Task names per example as an object array sharing one str per task (nulls: None); None without
+    a task column or when it is all null (no task is known), in stage 1 as in every command that
+    reads the stored examples back."""
     if column is None or column.null_count == len(column):
         return None
-    return column.to_pylist()
+    encoded = pc.dictionary_encode(column.cast(pa.string()))
+    names = encoded.chunks[-1].dictionary.to_pylist()
+    codes = np.concatenate([chunk.indices.fill_null(len(names)).to_numpy() for chunk in encoded.chunks])
+    return np.asarray(names + [None], dtype=object)[codes]
 
 
 def load_training_data(path, column_spec: str | None = None) -> TrainingData:
@@ -227,12 +238,13 @@ def load_training_data(path, column_spec: str | None = None) -> TrainingData:
     if "task" in arrays:
         arrays["task"] = arrays["task"].cast(pa.string())
 
-    # Unique texts in order of first appearance, column by column; ids by lookup in that set.
-    all_texts = pa.chunked_array([chunk for c in text_names for chunk in arrays[c].cast(pa.large_string()).chunks])
-    unique = pc.unique(all_texts)
-    ids = pc.index_in(all_texts, value_set=unique).to_numpy().astype(np.int64).reshape(len(text_names), -1)
+    # Unique texts in order of first appearance, column by column, and each row's id: one hash pass
+    # (dictionary encoding a chunked array gives every chunk the same, final dictionary).
+    all_texts = pc.dictionary_encode(pa.chunked_array([chunk for c in text_names for chunk in arrays[c].cast(pa.large_string()).chunks], pa.large_string()))
+    unique = all_texts.chunks[-1].dictionary if all_texts.num_chunks else pa.array([], pa.large_string())
+    ids = np.concatenate([chunk.indices.to_numpy() for chunk in all_texts.chunks]).astype(np.int64).reshape(len(text_names), -1)
     return TrainingData(
-        texts=unique.to_pylist(),
+        texts=unique,
         anchor_ids=ids[0],
         positive_ids=ids[1],
         negative_ids=np.ascontiguousarray(ids[2:].T),
@@ -260,14 +272,14 @@ def write_data_tables(out_dir: Path, data: TrainingData) -> None:
     from pipeline.artifacts import atomic_path
 
     n, k = data.negative_ids.shape
-    texts = pa.table({"text_id": pa.array(np.arange(len(data.texts), dtype=np.int64)), "text": pa.array(data.texts, pa.string())})
+    texts = pa.table({"text_id": pa.array(np.arange(len(data.texts), dtype=np.int64)), "text": data.texts})
     examples = pa.table(
         {
             "example_id": pa.array(np.arange(n, dtype=np.int64)),
             "anchor_id": pa.array(data.anchor_ids),
             "positive_id": pa.array(data.positive_ids),
             "negative_ids": pa.ListArray.from_arrays(pa.array(np.arange(n + 1, dtype=np.int32) * k), pa.array(data.negative_ids.reshape(-1), pa.int64())),
-            "task": pa.array(data.tasks if data.tasks is not None else [None] * n, pa.string()),
+            "task": pa.array(data.tasks, pa.string()) if data.tasks is not None else pa.nulls(n, pa.string()),
         }
     )
     for name, table in ((TEXTS, texts), (EXAMPLES, examples)):
@@ -279,7 +291,7 @@ def read_data_tables(run_dir: Path, manifest: dict) -> TrainingData:
     """Rebuild TrainingData from a stage-1 directory (no DATA file needed), e.g. for `gist plan`."""
     from pipeline.artifacts import verify_checksum
 
-    texts = pq.read_table(verify_checksum(run_dir, TEXTS, manifest)).column("text").to_pylist()
+    texts = pq.read_table(verify_checksum(run_dir, TEXTS, manifest)).column("text").cast(pa.large_string()).combine_chunks()
     examples = pq.read_table(verify_checksum(run_dir, EXAMPLES, manifest))
     negatives = examples.column("negative_ids").combine_chunks()
     n = examples.num_rows

@@ -149,7 +149,6 @@ def _summary(guide_dir: Path, source: Path, out: Path, params: FilterParams, tra
     per_task = {
         str(t): {"examples": int((tasks == t).sum()), "dropped": int(((tasks == t) & ~keep).sum())} for t in sorted(set(tasks.tolist()))
     }
-    texts = np.asarray(training.texts, dtype=object)
     worst = np.argsort(ranks.scores, kind="stable")[:WORST_SHOWN]
     return {
         "kind": "filter",
@@ -166,7 +165,7 @@ def _summary(guide_dir: Path, source: Path, out: Path, params: FilterParams, tra
         "worst": [
             {"example_id": int(i), "task": str(tasks[i]), "score": round(float(ranks.scores[i]), 4), "rank": int(ranks.ranks[i]),
              "rank_exact": bool(ranks.exact[i]), "kept": bool(keep[i]),
-             "anchor": str(texts[training.anchor_ids[i]]), "positive": str(texts[training.positive_ids[i]])}
+             "anchor": training.text(training.anchor_ids[i]), "positive": training.text(training.positive_ids[i])}
             for i in worst
         ],
     }

@@ -199,7 +199,7 @@ PARTS = ".embeddings.parts"
 
 
 def encode_to_parquet(
-    model, texts: list[str], out_dir: Path, batch_size: int, run_key: dict, rows_per_group: int, rank: int = 0, world_size: int = 1,
+    model, texts: pa.Array, out_dir: Path, batch_size: int, run_key: dict, rows_per_group: int, rank: int = 0, world_size: int = 1,
     stored: StoredEmbeddings | None = None, embedding_dtype: str = "float32",
 ) -> dict | None:
     """Encode `texts` (normalized) into `out_dir/embeddings.parquet` and `embeddings.npy`, stored as
@@ -251,7 +251,7 @@ def encode_to_parquet(
                 progress.advance(task, stop - start)
                 continue
             t0 = time.perf_counter()
-            vectors, from_stored = embed(model, texts[start:stop], batch_size, stored, first_id=start)
+            vectors, from_stored = embed(model, texts[start:stop].to_pylist(), batch_size, stored, first_id=start)
             encode_seconds += time.perf_counter() - t0
             table = pa.table(
                 {"text_id": np.arange(start, stop, dtype=np.int64),

@@ -6,7 +6,8 @@ holds the guide's embeddings of every text, so this is its selection, run on sto
 selection is that of `mine_hard_negatives(..., use_faiss=True, output_format="n-tuple")`:
 
 - queries are the unique anchors; the corpus is deduplicated and always contains the positives;
-- candidates are the `range_max + max_positives` nearest corpus texts (FAISS inner product);
+- candidates are the `range_max + max_positives + 1` nearest corpus texts (FAISS inner product; the
+  extra one leaves room for the query itself, as sentence-transformers 6.3 searches);
 - a query's own positives are never its negatives; with a margin, a candidate scoring above the
   query's hardest positive p minus the margin is skipped (absolute: s + m > p, relative:
   s > p - |p| * m; relative 0.05 is NV-Retriever's TopK-PercPos 95%);
@@ -122,7 +123,7 @@ def mine_negatives(
     index = faiss.IndexFlatIP(embeddings.shape[1])
     index.add(gather(embeddings, corpus))
     query_vectors = gather(embeddings, queries)
-    found = [index.search(query_vectors[s : s + SEARCH_CHUNK], range_max + max_positives) for s in range(0, len(queries), SEARCH_CHUNK)]
+    found = [index.search(query_vectors[s : s + SEARCH_CHUNK], range_max + max_positives + 1) for s in range(0, len(queries), SEARCH_CHUNK)]
     scores = np.concatenate([f[0] for f in found])
     candidates = np.concatenate([f[1] for f in found])
     candidates = np.where(candidates >= 0, corpus[np.maximum(candidates, 0)], -1)  # corpus positions -> text ids
@@ -164,17 +165,16 @@ def mine_negatives(
     return MinedNegatives(candidates[query_of_row], scores[query_of_row], range_max, skipped)
 
 
-def write_mined(out_path: Path, texts: list[str], data: TrainingData, mined: MinedNegatives, meta: dict) -> int:
+def write_mined(out_path: Path, texts: pa.Array, data: TrainingData, mined: MinedNegatives, meta: dict) -> int:
     """Write the examples that got all their negatives as Parquet (anchor, positive, negative_1..k[, task]).
 
     The columns are those `gist precompute-guide` reads; `meta` (options, source, counts) goes into
     the file's metadata under b"gist". Returns the number of rows written.
     """
     keep = np.flatnonzero(mined.complete)
-    text_array = pa.array(texts, pa.string())
-    columns = {"anchor": text_array.take(data.anchor_ids[keep]), "positive": text_array.take(data.positive_ids[keep])}
+    columns = {"anchor": texts.take(data.anchor_ids[keep]), "positive": texts.take(data.positive_ids[keep])}
     for c in range(mined.negative_ids.shape[1]):
-        columns[f"negative_{c + 1}"] = text_array.take(mined.negative_ids[keep, c])
+        columns[f"negative_{c + 1}"] = texts.take(mined.negative_ids[keep, c])
     if data.tasks is not None:
         columns["task"] = pa.array(data.tasks, pa.string()).take(keep)
     table = pa.table(columns).replace_schema_metadata({b"gist": json.dumps(meta, sort_keys=True).encode()})
@@ -224,7 +224,8 @@ def mine_from_pass(
         new_texts = [corpus_texts[i] for i in np.flatnonzero(rows < 0)]
         new_vectors, _ = guide_mod.embed(model, new_texts, encode_batch_size, first_id=len(texts))
         rows[rows < 0] = len(texts) + np.arange(len(new_texts))
-        texts, embeddings, corpus_ids = texts + new_texts, np.concatenate([embeddings, new_vectors]), rows
+        texts = pa.concat_arrays([texts, pa.array(new_texts, pa.large_string())])
+        embeddings, corpus_ids = np.concatenate([embeddings, new_vectors]), rows
     t_load = time.perf_counter()
     mined = mine_negatives(embeddings, training.anchor_ids, training.positive_ids, corpus_ids, params)
     t_mine = time.perf_counter()

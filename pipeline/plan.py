@@ -24,6 +24,8 @@ agree on it. Incomplete last batches are dropped, so every batch has exactly `ba
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import torch
 
@@ -214,7 +216,7 @@ def plan_batches(
     if strategy in ("clustered", "fn-aware") and embeddings is None:
         raise GistError(f"--strategy {strategy} needs the guide embeddings")
     if strategy == "random":
-        plan = [_random_epoch(data, batch_size, _generator(seed, e)) for e in range(epochs)]
+        epoch_batches = lambda e: _random_epoch(data, batch_size, _generator(seed, e))  # noqa: E731
     elif strategy == "no-duplicates":
         from datasets import Dataset
         from sentence_transformers.base.sampler import NoDuplicatesBatchSampler
@@ -224,17 +226,24 @@ def plan_batches(
         sampler = NoDuplicatesBatchSampler(
             Dataset.from_dict(columns), batch_size=batch_size, drop_last=True, generator=torch.Generator(), seed=seed
         )
-        plan = [_no_duplicates_epoch(sampler, e) for e in range(epochs)]
-        steps = min(len(p) for p in plan)
-        plan = [p[:steps] for p in plan]  # the trainer needs the same number of steps in every epoch
+        epoch_batches = functools.partial(_no_duplicates_epoch, sampler)
     elif strategy == "fn-aware":
         graph = conflict_graph(data, embeddings, margin_strategy, margin, contrast_anchors, contrast_positives)
-        batcher = _ConflictBatcher(*graph, data.num_examples)
-        plan = [_grouped_epoch(_task_groups(data), batch_size, _generator(seed, e), batcher) for e in range(epochs)]
+        batcher, groups = _ConflictBatcher(*graph, data.num_examples), _task_groups(data)
+        epoch_batches = lambda e: _grouped_epoch(groups, batch_size, _generator(seed, e), batcher)  # noqa: E731
     else:
         groups = _task_groups(data) if strategy == "by-task" else _cluster_groups(data, embeddings, batch_size, seed, device)
-        plan = [_grouped_epoch(groups, batch_size, _generator(seed, e)) for e in range(epochs)]
-    plan = np.stack(plan).astype(np.int64)
+        epoch_batches = lambda e: _grouped_epoch(groups, batch_size, _generator(seed, e))  # noqa: E731
+    # One array filled epoch by epoch: at 80 epochs of 1M examples the plan is 640 MB, held once.
+    first = epoch_batches(0)
+    plan = np.empty((epochs, *first.shape), dtype=np.int64)
+    plan[0], steps = first, len(first)
+    for epoch in range(1, epochs):
+        batches = epoch_batches(epoch)
+        steps = min(steps, len(batches))  # no-duplicates: the trainer needs the same number of steps in every epoch
+        plan[epoch, :steps] = batches[:steps]
+    if steps < plan.shape[1]:
+        plan = np.ascontiguousarray(plan[:, :steps])
     if plan.shape[1] == 0:
         raise GistError(f"strategy {strategy} yields no full batch of {batch_size}; lower --batch-size")
     return plan

@@ -186,7 +186,7 @@ def _pairs(top: dict | None, masks: PlannedMasks, data: TrainingData) -> list[di
     """Materialize top entries as readable records: texts, block, threshold, epoch."""
     if top is None:
         return []
-    texts, steps, g = data.texts, masks.steps_per_epoch, masks.params.batch_size
+    steps, g = masks.steps_per_epoch, masks.params.batch_size
     records = []
     for sim, t, row, i, col, code, identical in zip(*(top[k].tolist() for k in ("sim", "t", "row", "i", "col", "block", "identical"))):
         block = BLOCKS[code]
@@ -200,9 +200,9 @@ def _pairs(top: dict | None, masks: PlannedMasks, data: TrainingData) -> list[di
         records.append({
             "block": block, "similarity": round(sim, 6), "threshold": round(t, 6), "similarity_minus_threshold": round(sim - t, 6),
             "identical_text": bool(identical), "epoch": row // steps, "batch": row, "row_text": ROW_TEXT[block],
-            "anchor_example": anchor_ex, "task": data.tasks[anchor_ex] if data.tasks else None,
-            "anchor": texts[data.anchor_ids[anchor_ex]], "positive": texts[data.positive_ids[anchor_ex]],
-            "candidate_example": cand_ex, "candidate_role": role, "candidate": texts[cand_text],
+            "anchor_example": anchor_ex, "task": data.tasks[anchor_ex] if data.tasks is not None else None,
+            "anchor": data.text(data.anchor_ids[anchor_ex]), "positive": data.text(data.positive_ids[anchor_ex]),
+            "candidate_example": cand_ex, "candidate_role": role, "candidate": data.text(cand_text),
         })
     return records
 
@@ -498,7 +498,7 @@ def write_report(run_dir: Path, out_dir: Path, examples: int = 20, filter_summar
     """
     run_dir, out_dir = Path(run_dir), Path(out_dir)
     manifest, guide_dir, masks, data, embeddings = _load(run_dir)
-    tasks = [NO_TASK if t is None else t for t in (data.tasks or [None] * data.num_examples)]
+    tasks = [NO_TASK if t is None else t for t in (data.tasks if data.tasks is not None else [None] * data.num_examples)]
     task_names, task_of = np.unique(np.asarray(tasks, dtype=object).astype(str), return_inverse=True)
     scan = _scan(masks, data, embeddings, task_of.astype(np.int64), len(task_names), examples)
     report = _summarize(run_dir, manifest, guide_dir, masks, data, scan, task_names.tolist())

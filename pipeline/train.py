@@ -61,8 +61,11 @@ def planned_batch_sampler(masks: PlannedMasks):
 
 
 def training_dataset(data: TrainingData) -> Dataset:
-    """Text columns in canonical order plus `label` = example id, which GuidedMaskLoss receives."""
-    return Dataset.from_dict({**data.text_columns(), "label": np.arange(data.num_examples, dtype=np.int64)})
+    """Text columns in canonical order plus `label` = example id, which GuidedMaskLoss receives
+    (built from Arrow arrays: no Python object per text)."""
+    import pyarrow as pa
+
+    return Dataset(pa.table({**data.text_columns(), "label": np.arange(data.num_examples, dtype=np.int64)}))
 
 
 def planned_dataset(data, masks: PlannedMasks, columns: str | None = None) -> Dataset:

@@ -60,7 +60,7 @@ def test_masks_are_computed_in_chunks_bounded_by_entries(tmp_path, monkeypatch):
     embeddings = rng.standard_normal((2 * n + 7, 16)).astype(np.float32)
     embeddings /= np.linalg.norm(embeddings, axis=1, keepdims=True)
     data = TrainingData(
-        texts=[str(i) for i in range(len(embeddings))], anchor_ids=np.arange(n), positive_ids=np.arange(n, 2 * n),
+        texts=pa.array([str(i) for i in range(len(embeddings))], pa.large_string()), anchor_ids=np.arange(n), positive_ids=np.arange(n, 2 * n),
         negative_ids=rng.integers(0, len(embeddings), (n, 1)), tasks=None, fingerprint="synthetic", columns={},
     )
     plan = rng.permutation(n).reshape(1, steps, g)

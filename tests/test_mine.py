@@ -37,8 +37,8 @@ def reference(data, corpus: str, **options):
     from sentence_transformers.util import mine_hard_negatives
 
     columns = data.text_columns()
-    dataset = Dataset.from_dict({"anchor": columns["anchor"], "positive": columns["positive"]})
-    corpus_texts = data.texts if corpus == "all" else None
+    dataset = Dataset.from_dict({"anchor": columns["anchor"].to_pylist(), "positive": columns["positive"].to_pylist()})
+    corpus_texts = data.texts.to_pylist() if corpus == "all" else None
     random.seed(options.get("seed", 0))  # mine_hard_negatives samples with the global `random`
     options = {k: v for k, v in options.items() if k != "seed"}
     mined = mine_hard_negatives(
@@ -52,9 +52,9 @@ def reference(data, corpus: str, **options):
 def ours(data, embeddings, corpus: str, **options):
     corpus_ids = data.positive_ids if corpus == "positives" else np.arange(len(data.texts))
     mined = mine_negatives(embeddings, data.anchor_ids, data.positive_ids, corpus_ids, MiningParams(**options))
-    texts = np.asarray(data.texts, dtype=object)
+    texts = np.asarray(data.texts.to_pylist(), dtype=object)
     return {
-        (data.texts[data.anchor_ids[i]], data.texts[data.positive_ids[i]]): (texts[mined.negative_ids[i]].tolist(), mined.scores[i].tolist())
+        (texts[data.anchor_ids[i]], texts[data.positive_ids[i]]): (texts[mined.negative_ids[i]].tolist(), mined.scores[i].tolist())
         for i in np.flatnonzero(mined.complete)
     }
 
@@ -118,12 +118,12 @@ def test_gist_mine_with_a_corpus_file_encodes_only_new_texts(static_run, stored,
     data, _ = stored
     new = [f"a sentence about topic number {i} that stage one never saw" for i in range(20)]
     corpus = tmp_path / "corpus.jsonl"
-    corpus.write_text("".join(json.dumps({"text": t}) + "\n" for t in data.texts[:300] + new))
+    corpus.write_text("".join(json.dumps({"text": t}) + "\n" for t in data.texts[:300].to_pylist() + new))
     mined_path = tmp_path / "mined.parquet"
     gist("mine", static_run, "--out", mined_path, "--corpus", corpus, "--num-negatives", "1", "--guide", GUIDE_STATIC)
     meta = json.loads(pq.read_table(mined_path).schema.metadata[b"gist"])
     assert meta["encoded_texts"] == len(new)
-    allowed = set(data.texts[:300]) | set(new) | set(np.asarray(data.texts)[data.positive_ids])
+    allowed = set(data.texts[:300].to_pylist()) | set(new) | set(data.texts.take(data.positive_ids).to_pylist())
     assert set(pq.read_table(mined_path).column("negative_1").to_pylist()) <= allowed
 
 

@@ -28,7 +28,7 @@ def test_raw_text_vs_decoded_tokens(tmp_path, triplets, capsys):
     data = load_training_data(triplets)
     student, guide = load_student(), SentenceTransformer(str(GUIDE_RETOKENIZE), device="cpu")
 
-    decoded_texts = decoded_as_gist_embed_loss_does(student, data.texts)
+    decoded_texts = decoded_as_gist_embed_loss_does(student, data.texts.to_pylist())
     decoded_emb = guide.encode(decoded_texts, batch_size=64, normalize_embeddings=True, convert_to_numpy=True)
     (tmp_path / "decoded").mkdir()
     write_plan_masks(tmp_path / "decoded", decoded_emb, data, raw.plan, raw.params, model_identity(str(GUIDE_RETOKENIZE)))
@@ -51,7 +51,7 @@ def test_raw_text_vs_decoded_tokens(tmp_path, triplets, capsys):
             a, b = raw.dense(block, row, row + 1, 16, cols), decoded.dense(block, row, row + 1, 16, cols)
             changed += int((a != b).sum())
             total += int(a.sum() + b.sum())
-    differing_texts = sum(r != d for r, d in zip(data.texts, decoded_texts))
+    differing_texts = sum(r != d for r, d in zip(data.texts.to_pylist(), decoded_texts))
     with capsys.disabled():
         print(f"\nretokenization: {differing_texts}/{len(data.texts)} texts change when decoded; "
               f"{changed} of {raw.batches.size * 16 * 4} mask entries differ ({total} masked in either)")

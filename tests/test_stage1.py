@@ -54,7 +54,7 @@ def test_masks_equal_brute_force_recomputation(guide_run, triplets):
 
 def test_artifact_schemas_and_manifest(guide_run, triplets):
     texts = pq.read_table(guide_run / "texts.parquet")
-    assert texts.schema.field("text_id").type == "int64" and texts.schema.field("text").type == "string"
+    assert texts.schema.field("text_id").type == "int64" and texts.schema.field("text").type == "large_string"
     examples = pq.read_table(guide_run / "examples.parquet")
     assert examples.column_names == ["example_id", "anchor_id", "positive_id", "negative_ids", "task"]
     emb_schema = pq.read_schema(guide_run / "embeddings.parquet")
@@ -75,7 +75,7 @@ def test_artifact_schemas_and_manifest(guide_run, triplets):
     np.testing.assert_array_equal(np.load(guide_run / "embeddings.npy", mmap_mode="r"), read_embeddings(guide_run / "embeddings.parquet"))
     assert manifest["plan"]["params"]["batch_size"] == 16 and "torch" in manifest["versions"]
     # every unique text encoded exactly once, and texts round-trip through the ids
-    assert pq.read_table(guide_run / "embeddings.parquet").num_rows == len(set(data.texts))
+    assert pq.read_table(guide_run / "embeddings.parquet").num_rows == len(set(data.texts.to_pylist()))
     ids = examples.column("anchor_id").to_numpy()
     assert [texts.column("text")[i].as_py() for i in ids[:5]] == pq.read_table(triplets).column("anchor").to_pylist()[:5]
 
@@ -172,7 +172,7 @@ def test_candidate_identical_to_the_positive_is_kept_at_margin_zero():
     emb = rng.normal(size=(40, 48)).astype(np.float32)
     emb /= np.linalg.norm(emb, axis=1, keepdims=True)
     n = 16
-    data = TrainingData(texts=[str(i) for i in range(40)], anchor_ids=np.arange(1, n + 1), positive_ids=np.zeros(n, dtype=np.int64),
+    data = TrainingData(texts=pa.array([str(i) for i in range(40)], pa.large_string()), anchor_ids=np.arange(1, n + 1), positive_ids=np.zeros(n, dtype=np.int64),
                         negative_ids=np.zeros((n, 0), dtype=np.int64), tasks=None, fingerprint="", columns={})
     masks = batch_masks(emb, data, np.arange(n)[None, :], PlanParams(batch_size=n))
     assert not masks["ap"].any()  # every candidate is the row's own positive text

@@ -143,8 +143,8 @@ def test_train_options_reach_the_trainer(tmp_path, guide_run, triplets, monkeypa
     from pipeline.train import TrainSettings, train_student
 
     enabled = []
-    original = SentenceTransformer.gradient_checkpointing_enable
-    monkeypatch.setattr(SentenceTransformer, "gradient_checkpointing_enable", lambda self, *a, **k: (enabled.append(True), original(self, *a, **k)))
+    original = SentenceTransformer.activation_checkpointing_enable  # what the trainer calls (sentence-transformers >= 6.3)
+    monkeypatch.setattr(SentenceTransformer, "activation_checkpointing_enable", lambda self, *a, **k: (enabled.append(True), original(self, *a, **k)))
     settings = TrainSettings(loss="mnrl", mini_batch_size=4, matryoshka_dims=(32, 16), max_seq_length=24, gradient_checkpointing=True,
                              eval_steps=2, lr_scheduler="cosine", weight_decay=0.01, max_steps=4, save_steps=2, logging_steps=1, lr=1e-4)
     out = tmp_path / "run"
