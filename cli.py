@@ -128,7 +128,10 @@ def plan_command(
     from pipeline.stage1 import replan
 
     params = _plan_params(batch_size, epochs, seed, strategy, margin_strategy, margin, contrast_anchors, contrast_positives)
-    plan = replan(guide_dir, out, params, device=device, overwrite=overwrite).manifest["plan"]
+    done = replan(guide_dir, out, params, device=device, overwrite=overwrite)
+    if done is None:
+        return  # a torchrun rank other than 0: rank 0 joined the masks and reports
+    plan = done.manifest["plan"]
     console.print(f"[green]done[/] {out / 'masks.parquet'}: {plan['num_batches']} batches, masked ap {plan['masked_fraction']['ap']:.2%}")
 
 

@@ -116,12 +116,14 @@ def precompute_guide(
         return GuidePass(out, manifest)
 
 
-def replan(guide_dir: str | Path, out: str | Path, plan: PlanParams = PlanParams(), *, device: str = "auto", overwrite: bool = False) -> GuidePass:
+def replan(guide_dir: str | Path, out: str | Path, plan: PlanParams = PlanParams(), *, device: str = "auto", overwrite: bool = False) -> GuidePass | None:
     """Plan batches and write their masks from a stored guide pass, without loading the guide;
     the masks are computed on `device` (auto: CUDA when present).
 
     Writes `masks.parquet` and a manifest (kind "plan") pointing at `guide_dir` into `out`, which
-    must not be (or contain) the guide pass itself.
+    must not be (or contain) the guide pass itself. Under torchrun every rank plans (deterministic)
+    and computes every W-th row group of the masks, rank 0 joins them and returns the plan; the
+    other ranks return None.
     """
     guide_dir, out = Path(guide_dir), Path(out)
     check_rule(plan)
@@ -129,11 +131,15 @@ def replan(guide_dir: str | Path, out: str | Path, plan: PlanParams = PlanParams
         raise GistError(f"--out {out} is (or contains) the guide pass {guide_dir}; writing there would destroy it: choose another --out")
     t_start = time.perf_counter()
     manifest, training, embeddings = guide_mod.load_guide_pass(guide_dir)
+    rank, world_size = guide_mod.init_distributed()
     device = guide_mod.resolve_device(device)
-    with artifacts.exclusive(out):  # a second gist writing into OUT is refused while this one runs
+    with artifacts.exclusive(out) if rank == 0 else contextlib.nullcontext():  # a second gist writing into OUT is refused
         batch_plan = plan_batches(training, plan.batch_size, plan.epochs, plan.seed, plan.strategy, embeddings, **rule_options(plan), device=device)
-        artifacts.prepare_out_dir(out, overwrite, [masks_mod.MASKS])
-        summary = masks_mod.write_plan_masks(out, embeddings, training, batch_plan, plan, manifest["guide"], device)
+        if rank == 0:
+            artifacts.prepare_out_dir(out, overwrite, [masks_mod.MASKS])  # before write_masks' barrier: the other ranks wait
+        summary = masks_mod.write_plan_masks(out, embeddings, training, batch_plan, plan, manifest["guide"], device, rank, world_size)
+        if rank != 0:
+            return None
         written = artifacts.write_manifest(
             out, [masks_mod.MASKS], kind="plan", guide_dir=str(guide_dir.resolve()), guide=manifest["guide"],
             dataset=manifest["dataset"], plan=summary, timings={"total_s": round(time.perf_counter() - t_start, 3)},

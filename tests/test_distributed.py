@@ -66,3 +66,14 @@ def test_stage1_sharded_over_two_processes_equals_one(tmp_path, triplets):
     one, two = (json.loads((tmp_path / run / "manifest.json").read_text()) for run in ("one", "two"))
     assert two["world_size"] == 2 and two["encoding"]["encoded_texts"] == one["encoding"]["encoded_texts"] == 1504
     assert two["plan"] == one["plan"] and two["dataset"] == one["dataset"]
+
+
+def test_replan_sharded_over_two_processes_equals_one(tmp_path, guide_run):
+    """`gist plan` under torchrun: each rank computes every other row group of the masks, rank 0 joins them."""
+    args = ["plan", guide_run, "--batch-size", "16", "--epochs", "40", "--seed", "3", "--margin", "0.05", "--device", "cpu"]
+    torchrun(shutil.which("gist") or ROOT / ".venv" / "bin" / "gist", *args, "--out", tmp_path / "two")
+    gist(*args, "--out", tmp_path / "one")
+    assert pq.ParquetFile(tmp_path / "two" / "masks.parquet").num_row_groups == 2 and not (tmp_path / "two" / ".masks.parts").exists()
+    assert (tmp_path / "two" / "masks.parquet").read_bytes() == (tmp_path / "one" / "masks.parquet").read_bytes()
+    one, two = (json.loads((tmp_path / run / "manifest.json").read_text()) for run in ("one", "two"))
+    assert two["plan"] == one["plan"] and two["plan"]["num_batches"] == 40 * 32
