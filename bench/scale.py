@@ -13,16 +13,10 @@ data file, texts/examples tables, embeddings.npy + embeddings.parquet, manifest)
   (the plan's length, not the dim, is what a training process reads; 80 epochs of masks at dim 768
   would take ~40 min of this CPU): wall time and peak RssAnon; their difference is what the plan's
   length costs a training process.
-- the mask kernel, in this process, on 2048 planned batches of the largest float32 pass: `batch_masks`
-  (torch, every core) against the implementation before it (numpy, one BLAS thread: the code as it
-  was, kept here as the reference), the bare batched matmul of the same shapes on pre-gathered
-  vectors (the floor) and the gather alone; medians of 3.
-
 - 10M examples in float16 (random, by-task): at dim 64 unless `--rows 10000000` (dim 768, 30.7 GB of
   vectors: more than this machine's page cache); the anonymous memory is the dim-independent part.
 
-Targets (issue 15): masks >= 2x the numpy implementation's speed and within 2x of the matmul floor;
-the 10M x 768 float16 plan + masks (random, by-task) in <= 6 GB of anonymous memory; a training
+Targets (issue 15; the mask kernel's are bench/mask_kernel.py's): the 10M x 768 float16 plan + masks (random, by-task) in <= 6 GB of anonymous memory; a training
 process's masks-related memory <= 200 MB and start-up <= 10 s with the 1M x 80-epoch plan.
 """
 
@@ -38,11 +32,10 @@ from pathlib import Path
 import numpy as np
 
 from bench import synthetic
-from bench.common import MIB, SHARED, Context, median, print_table
+from bench.common import MIB, SHARED, Context, print_table
 
 NAME = "scale"
 POLL_S = 0.05
-KERNEL_BATCHES = 2048
 # 10M examples are 20M texts: 30.7 GB of float16 vectors at dim 768 (61 GB with embeddings.parquet), more than
 # this machine's page cache, so random gathers turn into disk reads; run with --rows 10000000 where it fits.
 # Without it the 10M plans run at dim 64: the anonymous memory (ids, tasks, texts, plan, masks writer) is the
@@ -133,73 +126,6 @@ def imports_case() -> dict:
     return {"plan_epochs": None, "imports_only": True, **measured}
 
 
-def numpy_masks(embeddings: np.ndarray, data, batches: np.ndarray, params) -> dict:
-    """The mask computation before torch (numpy batched matmul, run on one BLAS thread): the reference."""
-    from pipeline.guide import gather
-    from pipeline.masks import false_negative_mask
-
-    nb, g = batches.shape
-    anchors, positives = gather(embeddings, data.anchor_ids[batches]), gather(embeddings, data.positive_ids[batches])
-    ap = anchors @ positives.transpose(0, 2, 1)
-    threshold = ap[:, np.arange(g), np.arange(g)][..., None]
-    masks = {"ap": false_negative_mask(ap, threshold, params.margin_strategy, params.margin)}
-    masks["ap"][:, np.arange(g), np.arange(g)] = False
-    masks["aa"] = false_negative_mask(anchors @ anchors.transpose(0, 2, 1), threshold, params.margin_strategy, params.margin)
-    masks["pp"] = false_negative_mask(positives @ positives.transpose(0, 2, 1), threshold, params.margin_strategy, params.margin)
-    negatives = gather(embeddings, data.negative_ids[batches].transpose(0, 2, 1).reshape(nb, -1))
-    masks["an"] = false_negative_mask(anchors @ negatives.transpose(0, 2, 1), threshold, params.margin_strategy, params.margin)
-    return masks
-
-
-def kernel(pass_dir: Path, batches: int, reps: int = 3) -> dict:
-    """µs per example of the mask computation and its floors on the same planned batches."""
-    import torch
-    from threadpoolctl import threadpool_limits
-
-    from pipeline.guide import gather, load_guide_pass
-    from pipeline.masks import PlanParams, batch_masks, chunk_batches
-    from pipeline.plan import plan_batches
-
-    _, data, embeddings = load_guide_pass(pass_dir)
-    params = PlanParams(batch_size=32)
-    plan = plan_batches(data, 32, 1, 0, "random")[0][:batches]
-    chunks = [plan[s : s + chunk_batches(32, 1)] for s in range(0, len(plan), chunk_batches(32, 1))]
-    examples = plan.size
-
-    def gathered(chunk):
-        return [torch.from_numpy(gather(embeddings, ids)) for ids in (data.anchor_ids[chunk], data.positive_ids[chunk], data.negative_ids[chunk, 0])]
-
-    def floor(tensors):
-        a, p, n = tensors
-        for left, right in ((a, p), (a, a), (p, p), (a, n)):
-            torch.bmm(left, right.transpose(1, 2))
-
-    pre = [gathered(c) for c in chunks]  # also warms the page cache for every variant
-    timings = {"numpy_one_thread": [], "torch_batch_masks": [], "gather_only": [], "bmm_floor": []}
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        with threadpool_limits(1):
-            for c in chunks:
-                numpy_masks(embeddings, data, c, params)
-        t1 = time.perf_counter()
-        for c in chunks:
-            batch_masks(embeddings, data, c, params, "cpu")
-        t2 = time.perf_counter()
-        for c in chunks:
-            gathered(c)
-        t3 = time.perf_counter()
-        for tensors in pre:
-            floor(tensors)
-        t4 = time.perf_counter()
-        for key, seconds in zip(timings, (t1 - t0, t2 - t1, t3 - t2, t4 - t3)):
-            timings[key].append(seconds / examples * 1e6)
-    us = {key: round(median(values), 4) for key, values in timings.items()}
-    return {"batches": len(plan), "examples": examples, "dim": embeddings.shape[1], "torch_threads": torch.get_num_threads(),
-            "us_per_example": us, "speedup_vs_numpy": round(us["numpy_one_thread"] / us["torch_batch_masks"], 2),
-            "ratio_to_bmm_floor": round(us["torch_batch_masks"] / us["bmm_floor"], 2),
-            "ratio_to_bmm_plus_gather_floor": round(us["torch_batch_masks"] / (us["bmm_floor"] + us["gather_only"]), 2)}
-
-
 def extrapolate(records: list[dict], strategy: str, examples: int, dim: int) -> dict | None:
     """Power law through the two largest measured sizes of `strategy` at `dim` (1 epoch)."""
     base = sorted((r for r in records if r["strategy"] == strategy and r["dim"] == dim and r["epochs"] == 1 and not r["extrapolated"]),
@@ -217,7 +143,6 @@ def extrapolate(records: list[dict], strategy: str, examples: int, dim: int) -> 
 def run(ctx: Context) -> dict:
     work = ctx.work_dir(NAME)
     passes, plans, trains = [], [], []
-    kernel_result = None
     for size, cases in matrix(ctx):
         pass_dir = work / size.name
         t0 = time.perf_counter()
@@ -226,8 +151,6 @@ def run(ctx: Context) -> dict:
         print(f"scale pass {size.name}: written in {passes[-1]['write_s']} s", file=sys.stderr)
         for strategy, epochs in cases:
             plans.append(plan_case(pass_dir, work / f"{size.name}-{strategy}-e{epochs}", size, strategy, epochs))
-        if size == matrix(ctx)[0][0]:  # the largest float32 pass: the kernel
-            kernel_result = kernel(pass_dir, ctx.steps or KERNEL_BATCHES)
         longest = max(e for s, e in cases if s == "random") if any(s == "random" for s, _ in cases) else 1
         if longest > 1:  # the pass with a long plan: training start-up with its 1-epoch and long plans
             trains = [train_case(pass_dir, work / f"{size.name}-random-e{e}", work / "train", e) for e in (1, longest)] + [imports_case()]
@@ -246,15 +169,12 @@ def run(ctx: Context) -> dict:
             "train_beyond_imports_s": "gist train --max-steps 1 with the long plan minus a process that only imports what it imports",
             "peak_rss_anon_mb": "highest RssAnon sampled every 50 ms: anonymous memory; the memory-mapped embeddings are file pages (RssFile)",
             "us_per_example": "wall_s / (examples x epochs)",
-            "kernel": "µs per example on the same planned batches: batch_masks (torch) vs numpy on one thread (the implementation before), "
-                      "bare torch.bmm of the same 4 products on pre-gathered vectors, and the gather of those vectors alone",
             "extrapolated": "not run at this size on this CPU: power law through the two largest measured sizes",
         },
         "passes": passes, "plans": plans, "train": trains,
         "train_plan_length_cost": trains and {"wall_s": round(trains[1]["wall_s"] - trains[0]["wall_s"], 2),
                                              "rss_anon_mb": round(trains[1]["peak_rss_anon_mb"] - trains[0]["peak_rss_anon_mb"], 1)},
         "train_beyond_imports_s": trains and round(trains[1]["wall_s"] - trains[2]["wall_s"], 2),
-        "kernel": kernel_result,
     }
 
 
@@ -264,11 +184,6 @@ def table(result: dict) -> None:
             for r in result["plans"]]
     print_table(f"scale ({result['mode']}): gist plan, batch 32",
                 ["examples", "dim", "dtype", "strategy", "epochs", "", "wall s", "µs/example", "RssAnon MB", "RssFile MB", "masks MB"], rows)
-    k = result["kernel"]
-    if k:
-        print_table(f"mask kernel, {k['batches']} batches x 32, dim {k['dim']}, {k['torch_threads']} torch threads (µs/example)",
-                    ["numpy 1 thread", "torch batch_masks", "gather only", "bmm floor", "speed-up", "/ bmm floor", "/ (bmm + gather)"],
-                    [[*k["us_per_example"].values(), k["speedup_vs_numpy"], k["ratio_to_bmm_floor"], k["ratio_to_bmm_plus_gather_floor"]]])
     if result["train"]:
         print_table("gist train --max-steps 1 start-up", ["plan epochs", "wall s", "RssAnon MB"],
                     [[t["plan_epochs"] or "imports only", t["wall_s"], t["peak_rss_anon_mb"]] for t in result["train"]])
