@@ -10,8 +10,10 @@ column c * G + j). Each block is stored as the flat positions `i * ncols + j` of
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import shutil
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -88,12 +90,15 @@ def false_negative_mask(guide_sim, threshold, margin_strategy: str, margin: floa
     raise GistError(f"--margin-strategy {margin_strategy}: use one of {', '.join(MARGIN_STRATEGIES)}")
 
 
-def _gather(source, ids: np.ndarray, device: str) -> torch.Tensor:
-    """float32 vectors of `ids` (any shape) on `device`: from a tensor already there (indexed on the
-    device), or from the stored (memory-mapped) array, widened from float16 when stored so."""
+def _gather(source, ids: list[np.ndarray], device: str) -> list[torch.Tensor]:
+    """float32 vectors of each id array in `ids` (any shape) on `device`: from a tensor already there
+    (indexed on the device), or from the stored (memory-mapped) array, widened from float16 when
+    stored so. From the map the arrays are gathered on parallel threads (numpy copies without the
+    GIL): on a CPU the random reads cost more than the products (bench/mask_kernel.py)."""
     if isinstance(source, torch.Tensor):
-        return source[torch.from_numpy(ids).to(source.device)].float()
-    return torch.from_numpy(gather(source, ids)).to(device)
+        return [source[torch.from_numpy(i).to(source.device)].float() for i in ids]
+    with ThreadPoolExecutor(max_workers=len(ids)) as pool:
+        return [torch.from_numpy(vectors).to(device) for vectors in pool.map(functools.partial(gather, source), ids)]
 
 
 def device_masks(source, data: TrainingData, batches: np.ndarray, params: PlanParams, device: str = "cpu") -> dict[str, torch.Tensor]:
@@ -104,8 +109,10 @@ def device_masks(source, data: TrainingData, batches: np.ndarray, params: PlanPa
     Returns {"ap": (nb, G, G), "aa": ..., "pp": ..., "an": (nb, G, k*G)}; disabled blocks are all False.
     """
     nb, g = batches.shape
-    anchors = _gather(source, data.anchor_ids[batches], device)  # (nb, G, d)
-    positives = _gather(source, data.positive_ids[batches], device)
+    # Negative columns in column-major order: column c * G + j is negative c of example j.
+    anchors, positives, negatives = _gather(  # (nb, G, d), (nb, G, d), (nb, k * G, d)
+        source, [data.anchor_ids[batches], data.positive_ids[batches], data.negative_ids[batches].transpose(0, 2, 1).reshape(nb, -1)], device
+    )
     ap = torch.bmm(anchors, positives.transpose(1, 2))
     # t_i from the diagonal of the same product, as GISTEmbedLoss does: a candidate identical to the
     # positive then has g == t exactly and is kept (strict >), not masked by float rounding.
@@ -119,8 +126,6 @@ def device_masks(source, data: TrainingData, batches: np.ndarray, params: PlanPa
     masks["ap"].diagonal(dim1=1, dim2=2).fill_(False)
     masks["aa"] = rule(torch.bmm(anchors, anchors.transpose(1, 2))) if params.contrast_anchors else off
     masks["pp"] = rule(torch.bmm(positives, positives.transpose(1, 2))) if params.contrast_positives else off
-    # Negative columns in column-major order: column c * G + j is negative c of example j.
-    negatives = _gather(source, data.negative_ids[batches].transpose(0, 2, 1).reshape(nb, -1), device)
     masks["an"] = rule(torch.bmm(anchors, negatives.transpose(1, 2)))
     return masks
 
