@@ -64,6 +64,17 @@ def barrier(world_size: int) -> None:
         dist.barrier()
 
 
+def leave_distributed(world_size: int) -> None:
+    """Under torchrun, every rank leaves together: wait for the others (rank 0 writing the manifest),
+    then close the process group. A rank that exits while another still holds its gloo connections
+    can be aborted (SIGABRT), failing the whole torchrun job."""
+    if world_size > 1:
+        import torch.distributed as dist
+
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def resolve_device(device: str) -> str:
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"

@@ -99,7 +99,8 @@ def precompute_guide(
         # Every rank plans (deterministic: the same plan) and computes every W-th row group of the masks.
         summary = masks_mod.write_plan_masks(out, embeddings, training, batch_plan, plan, identity, str(model.device), rank, world_size)
         if rank != 0:
-            return None  # rank 0 joined the masks and writes the manifest
+            guide_mod.leave_distributed(world_size)  # rank 0 joined the masks; wait until it has written the manifest
+            return None
         t_masks = time.perf_counter()
         manifest = artifacts.write_manifest(
             out, owned,
@@ -113,6 +114,7 @@ def precompute_guide(
             timings={"data_s": round(t_data - t_start, 3), "load_s": round(t_load - t_data, 3), "encode_s": round(t_encode - t_load, 3), "index_s": round(t_index - t_encode, 3), "plan_s": round(t_plan - t_index, 3), "masks_s": round(t_masks - t_plan, 3), "total_s": round(time.perf_counter() - t_start, 3)},
         )
         guide_mod.finish_encoding(out)
+        guide_mod.leave_distributed(world_size)
         return GuidePass(out, manifest)
 
 
@@ -139,9 +141,11 @@ def replan(guide_dir: str | Path, out: str | Path, plan: PlanParams = PlanParams
             artifacts.prepare_out_dir(out, overwrite, [masks_mod.MASKS])  # before write_masks' barrier: the other ranks wait
         summary = masks_mod.write_plan_masks(out, embeddings, training, batch_plan, plan, manifest["guide"], device, rank, world_size)
         if rank != 0:
+            guide_mod.leave_distributed(world_size)  # wait until rank 0 has joined the masks and written the manifest
             return None
         written = artifacts.write_manifest(
             out, [masks_mod.MASKS], kind="plan", guide_dir=str(guide_dir.resolve()), guide=manifest["guide"],
             dataset=manifest["dataset"], plan=summary, timings={"total_s": round(time.perf_counter() - t_start, 3)},
         )
+        guide_mod.leave_distributed(world_size)
         return GuidePass(out, written)

@@ -359,7 +359,9 @@ def train_student(
             **({"eval_strategy": "steps", "eval_steps": settings.eval_steps, "metric_for_best_model": metric, "greater_is_better": True} if evaluator else {}),
         )
         trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+        world_size = int(os.environ.get("WORLD_SIZE", 1))
         if not trainer.is_world_process_zero():
+            guide_mod.leave_distributed(world_size)  # wait until rank 0 has saved (and evaluated) the model
             return None
         final = out / "final"
         with artifacts.atomic_path(final) as tmp:
@@ -370,4 +372,5 @@ def train_student(
                 results["best_checkpoint"] = trainer.state.best_model_checkpoint
                 results["best_metric"] = trainer.state.best_metric
             artifacts.write_json(out / "eval.json", results)
+        guide_mod.leave_distributed(world_size)
         return final
