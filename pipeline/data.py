@@ -214,16 +214,23 @@ def fingerprint_columns(arrays: dict[str, pa.ChunkedArray]) -> str:
     return digest.hexdigest()
 
 
+def _dictionary_codes(column: pa.ChunkedArray) -> tuple[pa.Array, np.ndarray]:
+    """(distinct values in order of first appearance, each row's code; nulls: len(values)), in one hash
+    pass: dictionary encoding a chunked array gives every chunk the same, final dictionary."""
+    encoded = pc.dictionary_encode(column)
+    values = encoded.chunks[-1].dictionary if encoded.num_chunks else pa.array([], column.type)
+    codes = [chunk.indices.fill_null(len(values)).to_numpy() for chunk in encoded.chunks]
+    return values, np.concatenate(codes).astype(np.int64) if codes else np.zeros(0, dtype=np.int64)
+
+
 def _tasks(column: pa.ChunkedArray | None) -> np.ndarray | None:
     """Task names per example as an object array sharing one str per task (nulls: None); None without
     a task column or when it is all null (no task is known), in stage 1 as in every command that
     reads the stored examples back."""
     if column is None or column.null_count == len(column):
         return None
-    encoded = pc.dictionary_encode(column.cast(pa.string()))
-    names = encoded.chunks[-1].dictionary.to_pylist()
-    codes = np.concatenate([chunk.indices.fill_null(len(names)).to_numpy() for chunk in encoded.chunks])
-    return np.asarray(names + [None], dtype=object)[codes]
+    names, codes = _dictionary_codes(column.cast(pa.string()))
+    return np.asarray(names.to_pylist() + [None], dtype=object)[codes]
 
 
 def load_training_data(path, column_spec: str | None = None) -> TrainingData:
@@ -238,11 +245,9 @@ def load_training_data(path, column_spec: str | None = None) -> TrainingData:
     if "task" in arrays:
         arrays["task"] = arrays["task"].cast(pa.string())
 
-    # Unique texts in order of first appearance, column by column, and each row's id: one hash pass
-    # (dictionary encoding a chunked array gives every chunk the same, final dictionary).
-    all_texts = pc.dictionary_encode(pa.chunked_array([chunk for c in text_names for chunk in arrays[c].cast(pa.large_string()).chunks], pa.large_string()))
-    unique = all_texts.chunks[-1].dictionary if all_texts.num_chunks else pa.array([], pa.large_string())
-    ids = np.concatenate([chunk.indices.to_numpy() for chunk in all_texts.chunks]).astype(np.int64).reshape(len(text_names), -1)
+    # Unique texts in order of first appearance, column by column, and each row's text id.
+    unique, ids = _dictionary_codes(pa.chunked_array([chunk for c in text_names for chunk in arrays[c].cast(pa.large_string()).chunks], pa.large_string()))
+    ids = ids.reshape(len(text_names), -1)
     return TrainingData(
         texts=unique,
         anchor_ids=ids[0],

@@ -71,7 +71,7 @@ def leave_distributed(world_size: int) -> None:
     if world_size > 1:
         import torch.distributed as dist
 
-        dist.barrier()
+        barrier(world_size)
         dist.destroy_process_group()
 
 

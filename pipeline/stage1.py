@@ -140,12 +140,9 @@ def replan(guide_dir: str | Path, out: str | Path, plan: PlanParams = PlanParams
         if rank == 0:
             artifacts.prepare_out_dir(out, overwrite, [masks_mod.MASKS])  # before write_masks' barrier: the other ranks wait
         summary = masks_mod.write_plan_masks(out, embeddings, training, batch_plan, plan, manifest["guide"], device, rank, world_size)
-        if rank != 0:
-            guide_mod.leave_distributed(world_size)  # wait until rank 0 has joined the masks and written the manifest
-            return None
         written = artifacts.write_manifest(
             out, [masks_mod.MASKS], kind="plan", guide_dir=str(guide_dir.resolve()), guide=manifest["guide"],
             dataset=manifest["dataset"], plan=summary, timings={"total_s": round(time.perf_counter() - t_start, 3)},
-        )
-        guide_mod.leave_distributed(world_size)
-        return GuidePass(out, written)
+        ) if rank == 0 else None  # rank 0 joined the masks
+    guide_mod.leave_distributed(world_size)  # the other ranks wait until rank 0 has written the manifest
+    return GuidePass(out, written) if rank == 0 else None
