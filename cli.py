@@ -78,7 +78,8 @@ def precompute_guide(
     contrast_anchors: ContrastAnchors = True,
     contrast_positives: ContrastPositives = True,
     encode_batch_size: Annotated[int, typer.Option(min=1, help="Guide encoding batch size.")] = 64,
-    device: Annotated[str, typer.Option(help="auto (CUDA with fp16 when present), cpu, cuda, cuda:N.")] = "auto",
+    device: Annotated[str, typer.Option(help="auto (CUDA when present), cpu, cuda, cuda:N.")] = "auto",
+    guide_dtype: Annotated[str, typer.Option(help="The guide's dtype on any device: float32 (default: the masks of a float32 GISTEmbedLoss), or float16 / bfloat16 for speed on a GPU (similarities move by ~1e-3: entries near a threshold flip).")] = "float32",
     index: Annotated[str, typer.Option(help="FAISS index: auto (flat up to 200k texts, IVF above), flat (exact), ivf (IVF-SQ8 trained on a sample; on the GPU with faiss-gpu) or hnsw.")] = "auto",
     guide_max_seq_length: Annotated[Optional[int], typer.Option(min=1, help="Truncate the guide's inputs at N tokens (default: the guide's own max_seq_length). GISTEmbedLoss with a guide that shares the student's tokenizer feeds the guide the student's tokens, cut at the student's max_seq_length: set N to that length to reproduce its masks exactly.")] = None,
     embedding_dtype: Annotated[str, typer.Option(help="Storage of the guide's vectors: float32 (exact) or float16 (half the disk and page cache; similarities change by ~1e-3).")] = "float32",
@@ -97,6 +98,7 @@ def precompute_guide(
     done = run_stage1(
         data_path, guide, out, params, columns=columns, encode_batch_size=encode_batch_size, device=device, index=index,
         guide_max_seq_length=guide_max_seq_length, embedding_dtype=embedding_dtype, rows_per_group=rows_per_group, reuse=reuse or [], trust_remote_code=trust_remote_code,
+        guide_dtype=guide_dtype,
         overwrite=overwrite,
     )
     if done is None:

@@ -98,6 +98,23 @@ def load_model(path: str, device: str = "auto", trust_remote_code: bool = False)
         raise GistError(f"{path}: cannot load model ({str(e).splitlines()[0]})") from None
 
 
+GUIDE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def check_guide_dtype(dtype: str) -> None:
+    if dtype not in GUIDE_DTYPES:
+        raise GistError(f"--guide-dtype {dtype}: use one of {', '.join(GUIDE_DTYPES)}")
+
+
+def set_guide_dtype(model, dtype: str) -> None:
+    """Run the guide's weights and arithmetic in `dtype` on whatever device it is on: float32 (the
+    default: the masks a float32 `GISTEmbedLoss` makes), or float16 / bfloat16 (faster on a GPU;
+    similarities move by ~1e-3, so entries near a threshold flip). The dtype is part of the guide's
+    encoding identity (ENCODING_KEYS): passes of different dtypes never reuse each other's vectors."""
+    check_guide_dtype(dtype)
+    model.to(GUIDE_DTYPES[dtype])
+
+
 def model_identity(path: str) -> dict:
     """Name and content hash of a model directory, for the manifest: sha256 over every file that can
     change its vectors (weights, configuration, tokenizer, pooling and normalization modules). Only
@@ -202,7 +219,7 @@ def embed(model, texts: list[str], batch_size: int, stored: StoredEmbeddings | N
         )
     if not np.isfinite(vectors).all():
         bad = np.flatnonzero(~np.isfinite(vectors).all(axis=1))[:5] + first_id
-        raise GistError(f"the guide produced NaN/inf embeddings for text ids {bad.tolist()}; check the model (fp16 overflow?)")
+        raise GistError(f"the guide produced NaN/inf embeddings for text ids {bad.tolist()}; check the model (a float16 guide overflowing? try --guide-dtype float32 or bfloat16)")
     return vectors, len(found)
 
 

@@ -216,8 +216,7 @@ def mine_from_pass(
         model = guide_mod.load_model(model_path, device)  # checks the directory before hashing its files
         if guide_mod.model_identity(model_path)["sha256"] != manifest["guide"]["sha256"]:
             raise GistError(f"--guide {model_path}: not the guide of {guide_dir} (model files differ); mining needs one guide's embeddings")
-        if manifest["guide"]["dtype"] == "float16":
-            model.half()
+        guide_mod.set_guide_dtype(model, manifest["guide"]["dtype"])  # encode as the guide pass did
         if manifest["guide"]["max_seq_length"] is not None:
             model.max_seq_length = manifest["guide"]["max_seq_length"]  # encode as the guide pass did
         rows = guide_mod.StoredEmbeddings([guide_dir], manifest["guide"], manifest["encoding"]["embedding_dtype"]).lookup(corpus_texts)

@@ -39,7 +39,7 @@ def precompute_guide(
     data: str | Path, guide: str | Path, out: str | Path, plan: PlanParams = PlanParams(), *,
     columns: str | None = None, encode_batch_size: int = 64, device: str = "auto", index: str = "auto",
     guide_max_seq_length: int | None = None, embedding_dtype: str = "float32", rows_per_group: int = 4096, reuse: list[Path] | tuple = (),
-    trust_remote_code: bool = False, overwrite: bool = False,
+    trust_remote_code: bool = False, overwrite: bool = False, guide_dtype: str = "float32",
 ) -> GuidePass | None:
     """Encode every unique text of DATA with the guide once, index it, plan the batches, store their masks.
 
@@ -52,6 +52,8 @@ def precompute_guide(
             guide sharing the student's tokenizer cuts them at the student's max_seq_length).
         embedding_dtype: float32 (exact, the default) or float16 (half the disk and page cache) storage.
         reuse: earlier guide passes of the same guide and settings whose vectors are copied.
+        guide_dtype: the guide's dtype on any device: float32 (the default: the masks of a float32
+            GISTEmbedLoss), float16 or bfloat16 (faster on a GPU; entries near a threshold flip).
         Others as `gist precompute-guide --help`.
 
     Returns the finished pass; under torchrun, ranks other than 0 (which encode and compute their
@@ -61,6 +63,7 @@ def precompute_guide(
     t_start = time.perf_counter()
     if embedding_dtype not in guide_mod.EMBEDDING_DTYPES:
         raise GistError(f"--embedding-dtype {embedding_dtype}: use one of {', '.join(guide_mod.EMBEDDING_DTYPES)}")
+    guide_mod.check_guide_dtype(guide_dtype)
     if index not in guide_mod.INDEX_KINDS:
         raise GistError(f"--index {index}: use one of {', '.join(guide_mod.INDEX_KINDS)}")
     check_rule(plan)
@@ -73,15 +76,13 @@ def precompute_guide(
         owned = [data_mod.TEXTS, data_mod.EXAMPLES, guide_mod.EMBEDDINGS, guide_mod.VECTORS, guide_mod.INDEX, masks_mod.MASKS]
         if rank == 0:
             artifacts.prepare_out_dir(out, overwrite, owned)
-        fp16 = model.device.type == "cuda"
-        if fp16:
-            model.half()
+        guide_mod.set_guide_dtype(model, guide_dtype)
         if guide_max_seq_length:
             try:
                 model.max_seq_length = guide_max_seq_length
             except AttributeError:
                 raise GistError(f"--guide-max-seq-length: {guide} takes no sequence length (a static embedding model?)") from None
-        identity = guide_mod.encoding_identity(guide_mod.model_identity(str(guide)), model, "float16" if fp16 else "float32")
+        identity = guide_mod.encoding_identity(guide_mod.model_identity(str(guide)), model, guide_dtype)
         stored = guide_mod.StoredEmbeddings(list(reuse), identity, embedding_dtype) if reuse else None
         t_load = time.perf_counter()
 

@@ -14,6 +14,7 @@ inputs, run the op), for both losses alike.
 from __future__ import annotations
 
 import contextlib
+import json
 import types
 
 import pytest
@@ -25,7 +26,7 @@ from pipeline.data import load_training_data
 from pipeline.loss import BroadcastCosine, CachedGuidedMaskLoss, GuidedMaskLoss
 from pipeline.masks import MASKS, PlannedMasks
 from pipeline.train import build_trainer, training_dataset
-from tests.conftest import load_student
+from tests.conftest import GUIDE_SAMEVOCAB, gist, load_student, small_data
 from tests.test_equivalence import TOL, batch_inputs, grad_errors, loss_and_grads
 
 BF16, FP16, FP32 = torch.bfloat16, torch.float16, torch.float32
@@ -270,3 +271,33 @@ def test_fp16_training_steps_match_gist_embed_loss(monkeypatch, guide_run, tripl
     differences = {k: (weights["ours"][k] - weights["gist"][k]).abs().max().item() for k in initial}
     worst = max(differences, key=differences.get)
     assert differences[worst] <= 3e-4, (worst, differences[worst], trajectories)
+
+
+# --- (d) the guide's dtype in stage 1 (issue 22, item 10) ------------------------------------------
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_guide_dtype_reaches_the_model_and_is_recorded(monkeypatch, tmp_path, dtype):
+    """`--guide-dtype` sets the dtype the guide encodes in (on any device; before, CUDA always meant
+    model.half() and the CPU float32) and the manifest records it, so --reuse and resumes key on it."""
+    from pipeline import guide as guide_mod
+
+    seen = []
+    encode = guide_mod.encode_to_parquet
+
+    def spy(model, *args, **kwargs):
+        seen.append(next(model.parameters()).dtype)
+        return encode(model, *args, **kwargs)
+
+    monkeypatch.setattr(guide_mod, "encode_to_parquet", spy)
+    data, out = small_data(tmp_path / "data.parquet", 32), tmp_path / "pass"
+    gist("precompute-guide", data, "--guide", GUIDE_SAMEVOCAB, "--out", out, "--batch-size", "16", "--guide-dtype", dtype, "--device", "cpu")
+    assert seen == [getattr(torch, dtype)]
+    assert json.loads((out / "manifest.json").read_text())["guide"]["dtype"] == dtype
+
+
+def test_guide_dtype_default_is_float32_and_a_bad_value_is_one_line(tmp_path, guide_run):
+    assert json.loads((guide_run / "manifest.json").read_text())["guide"]["dtype"] == "float32"
+    data, out = small_data(tmp_path / "data.parquet", 32), tmp_path / "pass"
+    result = gist("precompute-guide", data, "--guide", GUIDE_SAMEVOCAB, "--out", out, "--guide-dtype", "fp8", check=False)
+    assert result.returncode == 1 and not out.exists()
+    assert result.stderr.strip() == "error: --guide-dtype fp8: use one of float32, float16, bfloat16", result.stderr
