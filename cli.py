@@ -32,6 +32,7 @@ MarginStrategy = Annotated[str, typer.Option(help="absolute: mask if g > t - m; 
 Margin = Annotated[float, typer.Option(help="Margin m of the false-negative rule (GISTEmbedLoss's margin).")]
 ContrastAnchors = Annotated[bool, typer.Option(help="Include anchor-anchor candidates (GISTEmbedLoss default: on).")]
 ContrastPositives = Annotated[bool, typer.Option(help="Include positive-positive candidates (GISTEmbedLoss default: on).")]
+MaskDuplicates = Annotated[bool, typer.Option(help="Also mask candidates whose text is the row's own anchor or positive (same text id): never true negatives. --no-mask-duplicates reproduces GISTEmbedLoss exactly.")]
 Overwrite = Annotated[bool, typer.Option(help="Replace a finished run in --out (only files gist wrote are removed).")]
 Columns = Annotated[Optional[str], typer.Option(help="Map column names, e.g. 'anchor=query,positive=doc,task=source'.")]
 
@@ -52,7 +53,7 @@ def main_options(
     state["debug"] = debug
 
 
-def _plan_params(batch_size, epochs, seed, strategy, margin_strategy, margin, contrast_anchors, contrast_positives):
+def _plan_params(batch_size, epochs, seed, strategy, margin_strategy, margin, contrast_anchors, contrast_positives, mask_duplicates):
     from pipeline.masks import MARGIN_STRATEGIES, PlanParams
     from pipeline.plan import STRATEGIES
 
@@ -60,7 +61,7 @@ def _plan_params(batch_size, epochs, seed, strategy, margin_strategy, margin, co
         raise typer.BadParameter(f"use one of {', '.join(STRATEGIES)}", param_hint="--strategy")
     if margin_strategy not in MARGIN_STRATEGIES:
         raise typer.BadParameter(f"use one of {', '.join(MARGIN_STRATEGIES)}", param_hint="--margin-strategy")
-    return PlanParams(batch_size, epochs, seed, strategy, margin_strategy, margin, contrast_anchors, contrast_positives)
+    return PlanParams(batch_size, epochs, seed, strategy, margin_strategy, margin, contrast_anchors, contrast_positives, mask_duplicates)
 
 
 @app.command("precompute-guide")
@@ -77,6 +78,7 @@ def precompute_guide(
     margin: Margin = 0.0,
     contrast_anchors: ContrastAnchors = True,
     contrast_positives: ContrastPositives = True,
+    mask_duplicates: MaskDuplicates = True,
     encode_batch_size: Annotated[int, typer.Option(min=1, help="Guide encoding batch size.")] = 64,
     device: Annotated[str, typer.Option(help="auto (CUDA when present), cpu, cuda, cuda:N.")] = "auto",
     guide_dtype: Annotated[str, typer.Option(help="The guide's dtype on any device: float32 (default: the masks of a float32 GISTEmbedLoss), or float16 / bfloat16 for speed on a GPU (similarities move by ~1e-3: entries near a threshold flip).")] = "float32",
@@ -92,7 +94,7 @@ def precompute_guide(
     from pipeline.guide import INDEX_KINDS
     from pipeline.stage1 import precompute_guide as run_stage1
 
-    params = _plan_params(batch_size, epochs, seed, strategy, margin_strategy, margin, contrast_anchors, contrast_positives)
+    params = _plan_params(batch_size, epochs, seed, strategy, margin_strategy, margin, contrast_anchors, contrast_positives, mask_duplicates)
     if index not in INDEX_KINDS:
         raise typer.BadParameter(f"use one of {', '.join(INDEX_KINDS)}", param_hint="--index")
     done = run_stage1(
@@ -123,13 +125,14 @@ def plan_command(
     margin: Margin = 0.0,
     contrast_anchors: ContrastAnchors = True,
     contrast_positives: ContrastPositives = True,
+    mask_duplicates: MaskDuplicates = True,
     device: Annotated[str, typer.Option(help="Where the masks are computed: auto (CUDA when present), cpu (every core), cuda, cuda:N.")] = "auto",
     overwrite: Overwrite = False,
 ) -> None:
     """Re-plan batches and masks from stored guide embeddings, without loading the guide."""
     from pipeline.stage1 import replan
 
-    params = _plan_params(batch_size, epochs, seed, strategy, margin_strategy, margin, contrast_anchors, contrast_positives)
+    params = _plan_params(batch_size, epochs, seed, strategy, margin_strategy, margin, contrast_anchors, contrast_positives, mask_duplicates)
     done = replan(guide_dir, out, params, device=device, overwrite=overwrite)
     if done is None:
         return  # a torchrun rank other than 0: rank 0 joined the masks and reports

@@ -5,6 +5,11 @@ x of row i is masked iff g(a_i, x) > t_i - m (absolute) or g(a_i, x) > t_i - |t_
 exactly as sentence-transformers `GISTEmbedLoss`. Blocks: `ap` (a_i vs p_j; the true pair (i, i)
 is never masked), `aa` (a_i vs a_j), `pp` (p_i vs p_j), `an` (a_i vs negative c of example j at
 column c * G + j). Each block is stored as the flat positions `i * ncols + j` of its masked entries.
+
+Exact duplicates (`mask_duplicates`, on by default): a candidate whose text *is* the row's anchor or
+positive text (same text id) is masked too. With margin 0 the guide rule keeps a candidate equal to
+the positive (g == t, strict >), so the student would be asked to rank a text above itself; such a
+candidate is never a true negative. `mask_duplicates=False` reproduces `GISTEmbedLoss` exactly.
 """
 
 from __future__ import annotations
@@ -32,6 +37,7 @@ from pipeline.guide import gather
 MASKS = "masks.parquet"
 MASK_PARTS = ".masks.parts"  # under torchrun: each rank's row groups, joined by rank 0
 BLOCKS = ("ap", "aa", "pp", "an")
+COUNTS = (*BLOCKS, *(f"{block}_duplicates" for block in BLOCKS))  # masked entries; those only duplicate masking masked
 MAX_CHUNK_BATCHES = 1024  # batches computed (and written as one row group) at once
 CHUNK_ENTRIES = 1 << 22  # similarity entries of all blocks per chunk: bounds memory for large batches
 METADATA_KEY = b"gist"
@@ -69,6 +75,19 @@ class PlanParams:
     margin: float = 0.0
     contrast_anchors: bool = True
     contrast_positives: bool = True
+    mask_duplicates: bool = True
+
+
+@contextlib.contextmanager
+def exact_float32_matmul():
+    """Full float32 products inside (no TF32 on CUDA, no reduced precision on the CPU), whatever the
+    caller's script set: TF32 would move similarities by ~1e-3 and flip mask entries."""
+    saved = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("highest")
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(saved)
 
 
 def false_negative_mask(guide_sim, threshold, margin_strategy: str, margin: float):
@@ -101,33 +120,76 @@ def _gather(source, ids: list[np.ndarray], device: str) -> list[torch.Tensor]:
         return [torch.from_numpy(vectors).to(device) for vectors in pool.map(functools.partial(gather, source), ids)]
 
 
-def device_masks(source, data: TrainingData, batches: np.ndarray, params: PlanParams, device: str = "cpu") -> dict[str, torch.Tensor]:
-    """Boolean masks of each block for a stack of batches (nb, G) of example ids, as tensors on `device`.
+def guide_masks(source, data: TrainingData, batches: np.ndarray, params: PlanParams, device: str = "cpu") -> dict[str, torch.Tensor]:
+    """The guide rule's boolean masks of each block for a stack of batches (nb, G) of example ids, on `device`.
 
     `source`: the stored embeddings (numpy / memory map) or a tensor of them on `device`. The
-    similarities are batched matrix products in torch (every CPU core, or the GPU).
+    similarities are batched matrix products in torch (every CPU core, or the GPU), in full float32.
     Returns {"ap": (nb, G, G), "aa": ..., "pp": ..., "an": (nb, G, k*G)}; disabled blocks are all False.
     """
     nb, g = batches.shape
     # Negative columns in column-major order: column c * G + j is negative c of example j.
     anchors, positives, negatives = _gather(  # (nb, G, d), (nb, G, d), (nb, k * G, d)
-        source, [data.anchor_ids[batches], data.positive_ids[batches], data.negative_ids[batches].transpose(0, 2, 1).reshape(nb, -1)], device
+        source, [data.anchor_ids[batches], data.positive_ids[batches], _negative_columns(data, batches)], device
     )
-    ap = torch.bmm(anchors, positives.transpose(1, 2))
-    # t_i from the diagonal of the same product, as GISTEmbedLoss does: a candidate identical to the
-    # positive then has g == t exactly and is kept (strict >), not masked by float rounding.
-    threshold = ap.diagonal(dim1=1, dim2=2).unsqueeze(-1)
+    with exact_float32_matmul():
+        ap = torch.bmm(anchors, positives.transpose(1, 2))
+        # t_i from the diagonal of the same product, as GISTEmbedLoss does: a candidate identical to the
+        # positive then has g == t exactly and is kept (strict >), not masked by float rounding.
+        threshold = ap.diagonal(dim1=1, dim2=2).unsqueeze(-1)
 
-    def rule(sim: torch.Tensor) -> torch.Tensor:
-        return false_negative_mask(sim, threshold, params.margin_strategy, params.margin)
+        def rule(sim: torch.Tensor) -> torch.Tensor:
+            return false_negative_mask(sim, threshold, params.margin_strategy, params.margin)
 
-    off = torch.zeros((nb, g, g), dtype=torch.bool, device=anchors.device)
-    masks = {"ap": rule(ap)}
-    masks["ap"].diagonal(dim1=1, dim2=2).fill_(False)
-    masks["aa"] = rule(torch.bmm(anchors, anchors.transpose(1, 2))) if params.contrast_anchors else off
-    masks["pp"] = rule(torch.bmm(positives, positives.transpose(1, 2))) if params.contrast_positives else off
-    masks["an"] = rule(torch.bmm(anchors, negatives.transpose(1, 2)))
+        off = torch.zeros((nb, g, g), dtype=torch.bool, device=anchors.device)
+        masks = {"ap": rule(ap)}
+        masks["ap"].diagonal(dim1=1, dim2=2).fill_(False)
+        masks["aa"] = rule(torch.bmm(anchors, anchors.transpose(1, 2))) if params.contrast_anchors else off
+        masks["pp"] = rule(torch.bmm(positives, positives.transpose(1, 2))) if params.contrast_positives else off
+        masks["an"] = rule(torch.bmm(anchors, negatives.transpose(1, 2)))
     return masks
+
+
+def _negative_columns(data: TrainingData, batches: np.ndarray) -> np.ndarray:
+    """Text ids of the `an` block's candidates, (nb, k * G): column c * G + j is negative c of example j."""
+    return data.negative_ids[batches].transpose(0, 2, 1).reshape(len(batches), -1)
+
+
+def duplicate_masks(data: TrainingData, batches: np.ndarray, params: PlanParams, device: str = "cpu") -> dict[str, torch.Tensor]:
+    """Candidates whose text is the row's own anchor or positive text (equal text ids), per block,
+    as `guide_masks` shapes them: never true negatives. The true pair ap[i, i] is not one; disabled
+    blocks are all False."""
+    ids = {name: torch.from_numpy(np.ascontiguousarray(a)).to(device) for name, a in
+           (("a", data.anchor_ids[batches]), ("p", data.positive_ids[batches]), ("n", _negative_columns(data, batches)))}
+    own_a, own_p = ids["a"].unsqueeze(-1), ids["p"].unsqueeze(-1)  # (nb, G, 1): row i's texts
+
+    def same_text(candidates: torch.Tensor) -> torch.Tensor:
+        candidates = candidates.unsqueeze(1)  # (nb, 1, cols)
+        return (candidates == own_a) | (candidates == own_p)
+
+    off = torch.zeros((len(batches), batches.shape[1], batches.shape[1]), dtype=torch.bool, device=device)
+    masks = {"ap": same_text(ids["p"])}
+    masks["ap"].diagonal(dim1=1, dim2=2).fill_(False)
+    masks["aa"] = same_text(ids["a"]) if params.contrast_anchors else off
+    masks["pp"] = same_text(ids["p"]) if params.contrast_positives else off
+    masks["an"] = same_text(ids["n"])
+    return masks
+
+
+def mask_parts(source, data: TrainingData, batches: np.ndarray, params: PlanParams, device: str = "cpu"):
+    """(the plan's masks, the entries that duplicate masking added to the guide rule's) per block."""
+    masks = guide_masks(source, data, batches, params, device)
+    if not params.mask_duplicates:
+        return masks, {block: torch.zeros_like(mask) for block, mask in masks.items()}
+    duplicates = duplicate_masks(data, batches, params, masks["ap"].device)
+    added = {block: duplicates[block] & ~masks[block] for block in BLOCKS}
+    return {block: masks[block] | duplicates[block] for block in BLOCKS}, added
+
+
+def device_masks(source, data: TrainingData, batches: np.ndarray, params: PlanParams, device: str = "cpu") -> dict[str, torch.Tensor]:
+    """The plan's masks of each block for a stack of batches (nb, G): the guide rule's, and the exact
+    duplicates' when `params.mask_duplicates`; tensors on `device` shaped as `guide_masks` returns."""
+    return mask_parts(source, data, batches, params, device)[0]
 
 
 def batch_masks(embeddings: np.ndarray, data: TrainingData, batches: np.ndarray, params: PlanParams, device: str = "cpu") -> dict[str, np.ndarray]:
@@ -165,7 +227,7 @@ def _chunk_table(source, data: TrainingData, batches: np.ndarray, first: int, st
                  schema: pa.Schema, device: str) -> tuple[pa.Table, dict]:
     """One row group of masks.parquet: the planned batches `batches` starting at plan row `first`."""
     g = batches.shape[1]
-    masks = device_masks(source, data, batches, params, device)
+    masks, added = mask_parts(source, data, batches, params, device)
     step = np.arange(first, first + len(batches), dtype=np.int64)
     columns = {
         "epoch": pa.array((step // steps).astype(np.int32)),
@@ -174,13 +236,16 @@ def _chunk_table(source, data: TrainingData, batches: np.ndarray, first: int, st
     }
     for block in BLOCKS:
         columns[block] = _sparse(masks[block])
-    return pa.table(columns, schema=schema), {block: len(columns[block].values) for block in BLOCKS}
+    counts = {block: len(columns[block].values) for block in BLOCKS}
+    counts.update({f"{block}_duplicates": int(added[block].sum()) for block in BLOCKS})
+    return pa.table(columns, schema=schema), counts
 
 
 def write_masks(out_path: Path, embeddings: np.ndarray, data: TrainingData, plan: np.ndarray, params: PlanParams, meta: dict,
                 device: str = "cpu", rank: int = 0, world_size: int = 1) -> dict | None:
     """Compute the masks of every planned batch (torch on `device`) and write `masks.parquet`
-    (atomically, in row groups). Returns counts of masked entries per block, for the manifest and reports.
+    (atomically, in row groups). Returns counts of masked entries per block (and, as "BLOCK_duplicates",
+    of those that only duplicate masking masked), for the manifest and reports.
 
     Under torchrun (world_size > 1) rank r computes row groups r, r + W, ... into part files and
     rank 0 joins them in order (the bytes one process writes); ranks other than 0 return None.
@@ -193,7 +258,7 @@ def write_masks(out_path: Path, embeddings: np.ndarray, data: TrainingData, plan
     per_chunk = chunk_batches(g, data.num_negatives)
     starts = range(0, len(batches), per_chunk)
     schema = masks_schema({**meta, "format_version": FORMAT_VERSION, "plan": asdict(params), "num_negatives": data.num_negatives})
-    counts = {block: 0 for block in BLOCKS}
+    counts = {key: 0 for key in COUNTS}
     parts = out_path.parent / MASK_PARTS
     source = masks_source(embeddings, device)
     if world_size > 1 and rank == 0:
@@ -214,7 +279,7 @@ def write_masks(out_path: Path, embeddings: np.ndarray, data: TrainingData, plan
                 writer.write_table(table)
             else:
                 pq.write_table(table, parts / f"part-{number:06d}.parquet")
-            counts = {block: counts[block] + chunk_counts[block] for block in BLOCKS}
+            counts = {key: counts[key] + chunk_counts[key] for key in COUNTS}
             progress.advance(task, table.num_rows)
             del table
             pa.default_memory_pool().release_unused()  # mimalloc keeps freed row groups otherwise: memory would grow with the plan
@@ -222,7 +287,7 @@ def write_masks(out_path: Path, embeddings: np.ndarray, data: TrainingData, plan
         return counts
     import torch.distributed as dist
 
-    totals = torch.tensor([counts[block] for block in BLOCKS], dtype=torch.int64, device="cuda" if dist.get_backend() == "nccl" else "cpu")
+    totals = torch.tensor([counts[key] for key in COUNTS], dtype=torch.int64, device="cuda" if dist.get_backend() == "nccl" else "cpu")
     dist.all_reduce(totals)
     barrier(world_size)
     if rank != 0:
@@ -231,7 +296,7 @@ def write_masks(out_path: Path, embeddings: np.ndarray, data: TrainingData, plan
         for number in range(len(starts)):
             writer.write_table(pq.read_table(parts / f"part-{number:06d}.parquet", schema=schema))
     shutil.rmtree(parts)
-    return dict(zip(BLOCKS, totals.tolist()))
+    return dict(zip(COUNTS, totals.tolist()))
 
 
 class PlanCursor(TrainerCallback):
@@ -371,6 +436,9 @@ def write_plan_masks(out_dir: Path, embeddings: np.ndarray, data: TrainingData, 
         "masks_device": device,
         "steps_per_epoch": steps,
         "num_batches": epochs * steps,
-        "masked_entries": counts,
+        "masked_entries": {b: counts[b] for b in BLOCKS},
         "masked_fraction": {b: counts[b] / (totals[b] * epochs * steps) if totals[b] else 0.0 for b in BLOCKS},
+        # Entries masked because the candidate's text is the row's own anchor or positive text, that the
+        # guide rule alone keeps (what `mask_duplicates` changes against GISTEmbedLoss).
+        "duplicate_entries": {b: counts[f"{b}_duplicates"] for b in BLOCKS},
     }

@@ -60,7 +60,8 @@ PLANS = [
 @pytest.mark.parametrize("options", PLANS, ids=lambda o: f"{o['margin_strategy']}-{o['margin']}-aa{int(o['contrast_anchors'])}-pp{int(o['contrast_positives'])}")
 def test_guided_mask_loss_equals_gist_embed_loss(tmp_path, guide_run, pairs_run, triplets, pairs, guide, options, negatives):
     run, data_path = (guide_run, triplets) if negatives else (pairs_run, pairs)
-    plan_command(run, out=tmp_path, batch_size=16, **options)  # `gist plan`, in-process to save an interpreter start
+    # `gist plan --no-mask-duplicates` (GISTEmbedLoss's exact rule), in-process to save an interpreter start
+    plan_command(run, out=tmp_path, batch_size=16, mask_duplicates=False, **options)
     masks = PlannedMasks(tmp_path / MASKS)
     dataset = training_dataset(load_training_data(data_path))
     student = load_student()
@@ -195,7 +196,7 @@ def test_unguided_equals_mnrl_over_the_same_candidates(tmp_path, guide_run, trip
     temperature amplifies: compared to 1e-4."""
     from sentence_transformers.sentence_transformer.losses import MultipleNegativesRankingLoss
 
-    plan_command(guide_run, out=tmp_path, batch_size=16, margin=0.05, contrast_anchors=contrast_anchors, contrast_positives=False)
+    plan_command(guide_run, out=tmp_path, batch_size=16, margin=0.05, contrast_anchors=contrast_anchors, contrast_positives=False, mask_duplicates=False)
     masks = PlannedMasks(tmp_path / MASKS)
     dataset = training_dataset(load_training_data(triplets))
     student = load_student()

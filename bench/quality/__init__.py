@@ -12,7 +12,10 @@ fine-tunes the student on exactly the same planned batches (one plan, replayed t
                    the positives), re-planned with the same settings (`precompute-guide --reuse`:
                    nothing re-encoded);
 - guided+distill:  guided + 1.0 x in-batch KL distillation from the stored guide embeddings
-                   (`gist train --distill kl`).
+                   (`gist train --distill kl`);
+- guided+dedup:    guided, with exact duplicates masked by text id (`--mask-duplicates`: a candidate whose
+                   text is the row's own anchor or positive); every other variant uses GISTEmbedLoss's
+                   exact rule (`--no-mask-duplicates`).
 
 each with several trainer seeds (dropout), and evaluates them and the untrained student (base) on
 SciFact test (BEIR, nDCG@10, 300 queries) and STS-B test (Spearman, 1379 pairs). Statistics

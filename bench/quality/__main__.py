@@ -27,6 +27,8 @@ QUESTIONS = {
     ("mnrl", "unguided"): "extra candidates alone (aa, pp), no guidance",
     ("guided", "guided+filter"): "consistency filtering on top of guidance",
     ("guided", "guided+distill"): "KL distillation on top of guidance",
+    ("guided", "guided+dedup"): "exact duplicates masked by text id on top of guidance",
+    ("mnrl", "guided+dedup"): "guided with duplicate masking vs MNRL",
 }
 
 
@@ -46,7 +48,8 @@ def plan_summary(plan_dir: Path) -> dict:
 
     plan = read_manifest(plan_dir)["plan"]
     return {"dir": str(plan_dir), "steps_per_epoch": plan["steps_per_epoch"], "num_batches": plan["num_batches"],
-            "masked_fraction": plan["masked_fraction"], "masked_entries": plan["masked_entries"]}
+            "masked_fraction": plan["masked_fraction"], "masked_entries": plan["masked_entries"],
+            "duplicate_entries": plan["duplicate_entries"], "mask_duplicates": plan["params"]["mask_duplicates"]}
 
 
 def run(s: Settings, work: Path, strategy: str, variants: list[str], seeds: list[int], resume: bool) -> dict:
@@ -55,19 +58,22 @@ def run(s: Settings, work: Path, strategy: str, variants: list[str], seeds: list
     done = phases.Phases(work, resume)
     data_path, data_info = build_training_set(s, work)
     pass_dir = phases.guide_pass(s, data_path, work / "guide")
-    plans = {False: (data_path, phases.plan(s, pass_dir, strategy))}
+    # (filtered, dedup) -> (training data, plan directory)
+    plans = {(False, False): (data_path, phases.plan(s, pass_dir, strategy))}
+    if any(VARIANTS[v].dedup for v in variants):
+        plans[(False, True)] = (data_path, phases.plan(s, pass_dir, strategy, dedup=True))
     filter_summary = None
     if any(VARIANTS[v].filtered for v in variants):
         clean, filter_summary = phases.filtered_data(s, pass_dir, work)
         filtered_pass = phases.guide_pass(s, clean, work / "filtered" / "guide", reuse=(pass_dir,))
-        plans[True] = (clean, phases.plan(s, filtered_pass, strategy))
+        plans[(True, False)] = (clean, phases.plan(s, filtered_pass, strategy))
     base, base_details = phases.base_run(s, done)
     runs: dict[str, list[dict]] = {v: [] for v in variants}
     details: dict[str, list[dict]] = {v: [] for v in variants}
     for seed in seeds:  # every variant of a seed before the next seed: a partial run is already a comparison
         for name in variants:
             variant = VARIANTS[name]
-            data, plan_dir = plans[variant.filtered]
+            data, plan_dir = plans[(variant.filtered, variant.dedup)]
             result, detail = phases.train_run(s, variant, seed, data, plan_dir / "masks.parquet",
                                               work / "runs" / strategy / name / f"seed{seed}", done)
             runs[name].append(result)
@@ -89,7 +95,8 @@ def run(s: Settings, work: Path, strategy: str, variants: list[str], seeds: list
         "question": "same plan, same hyper-parameters, several trainer seeds: which signal of the guide pass trains the best student?",
         "settings": {k: v for k, v in vars(s).items() if k != "notes"}, "variants": {v: vars(VARIANTS[v]) for v in variants}, "seeds": seeds,
         "data": {"train": data_info, "eval": {"sts": s.sts, "beir": s.beir, "beir_split": "qrels/test.tsv"}},
-        "plans": {"unfiltered": plan_summary(plans[False][1]), **({"filtered": plan_summary(plans[True][1])} if True in plans else {})},
+        "plans": {name: plan_summary(plans[key][1]) for key, name in
+                  (((False, False), "unfiltered"), ((False, True), "dedup"), ((True, False), "filtered")) if key in plans},
         "filter": filter_summary and {k: filter_summary[k] for k in ("params", "examples", "kept", "dropped", "per_task", "rank_quantiles")},
         "base": base, "runs": runs, "summary": summary, "best_scifact": best, "comparisons": comparisons,
         "statistics": stats.__doc__.strip(), "notes": s.notes,

@@ -29,6 +29,7 @@ class Variant:
     filtered: bool = False
     distill: str | None = None
     distill_weight: float = 1.0
+    dedup: bool = False  # masks planned with mask_duplicates (exact duplicates by text id); otherwise GISTEmbedLoss's exact rule
 
 
 VARIANTS = {
@@ -39,6 +40,7 @@ VARIANTS = {
         Variant("guided", "guided"),
         Variant("guided+filter", "guided", filtered=True),
         Variant("guided+distill", "guided", distill="kl"),
+        Variant("guided+dedup", "guided", dedup=True),
     )
 }
 SEEDS = (0, 1, 2)

@@ -66,14 +66,14 @@ class Phases:
         write_json(self.dir / f"{name}.result.json", {"key": key, "value": result})
 
 
-def plan_params(s: Settings, strategy: str):
+def plan_params(s: Settings, strategy: str, dedup: bool = False):
     from pipeline.masks import PlanParams
 
     return PlanParams(batch_size=s.batch_size, epochs=s.epochs, seed=s.plan_seed, strategy=strategy, margin_strategy=s.margin_strategy,
-                      margin=s.margin, contrast_anchors=s.contrast_anchors, contrast_positives=s.contrast_positives)
+                      margin=s.margin, contrast_anchors=s.contrast_anchors, contrast_positives=s.contrast_positives, mask_duplicates=dedup)
 
 
-def _matches(out: Path, s: Settings, strategy: str, fingerprint: str) -> bool:
+def _matches(out: Path, s: Settings, strategy: str, fingerprint: str, dedup: bool = False) -> bool:
     """Whether OUT holds a finished pass or plan of this data with the wanted plan (and guide length)."""
     from pipeline.artifacts import read_manifest
 
@@ -83,7 +83,7 @@ def _matches(out: Path, s: Settings, strategy: str, fingerprint: str) -> bool:
     guide = manifest["guide"]
     guide_ok = Path(guide["path"]).resolve() == Path(s.guide).resolve() and (s.guide_max_seq_length in (None, guide.get("max_seq_length")))
     return (manifest["dataset"]["fingerprint"] == fingerprint and guide_ok
-            and manifest["plan"]["params"] == asdict(plan_params(s, strategy)))
+            and manifest["plan"]["params"] == asdict(plan_params(s, strategy, dedup)))
 
 
 def guide_pass(s: Settings, data_path: Path, out: Path, reuse: tuple = ()) -> Path:
@@ -98,17 +98,18 @@ def guide_pass(s: Settings, data_path: Path, out: Path, reuse: tuple = ()) -> Pa
     return out
 
 
-def plan(s: Settings, pass_dir: Path, strategy: str) -> Path:
-    """The directory whose masks.parquet is `strategy`'s plan: the pass itself, or `replan` from it."""
+def plan(s: Settings, pass_dir: Path, strategy: str, dedup: bool = False) -> Path:
+    """The directory whose masks.parquet is `strategy`'s plan (with duplicates masked by text id if
+    `dedup`): the pass itself, or `replan` from it."""
     from pipeline.artifacts import read_manifest
     from pipeline.stage1 import replan
 
-    if strategy == s.stage1_strategy:
+    if strategy == s.stage1_strategy and not dedup:
         return pass_dir
-    out = pass_dir.parent / "plans" / strategy
-    if not _matches(out, s, strategy, read_manifest(pass_dir)["dataset"]["fingerprint"]):
-        log(f"gist plan --strategy {strategy} from {pass_dir}")
-        replan(pass_dir, out, plan_params(s, strategy), overwrite=True)
+    out = pass_dir.parent / "plans" / (strategy + ("-dedup" if dedup else ""))
+    if not _matches(out, s, strategy, read_manifest(pass_dir)["dataset"]["fingerprint"], dedup):
+        log(f"gist plan --strategy {strategy} --{'' if dedup else 'no-'}mask-duplicates from {pass_dir}")
+        replan(pass_dir, out, plan_params(s, strategy, dedup), overwrite=True)
     return out
 
 
