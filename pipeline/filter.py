@@ -28,6 +28,7 @@ import numpy as np
 import pyarrow as pa
 
 from pipeline import GistError, artifacts, data as data_mod, guide as guide_mod
+from pipeline.conflicts import RADIUS_SLACK, _pair_dots as pair_dots
 
 AMONG = ("positives", "all")
 WORST_SHOWN = 20
@@ -77,7 +78,13 @@ def _same_anchor_positives(data: data_mod.TrainingData) -> dict[int, np.ndarray]
 
 
 def positive_ranks(embeddings: np.ndarray, data: data_mod.TrainingData, depth: int, among: str = "positives") -> PositiveRanks:
-    """Rank of every example's positive among the candidates, searched `depth` deep past the excluded texts."""
+    """Rank of every example's positive among the candidates, searched `depth` deep past the excluded texts.
+
+    FAISS only proposes candidates: every score compared is `pair_dots`, the expression that scores
+    the positive (as in pipeline.conflicts), so bit-identical vectors tie and the strict ">" holds.
+    A rank within `depth` is exact: where the positive scores within RADIUS_SLACK of the deepest
+    result (FAISS rounding could hide a candidate above it), its anchor is searched by range.
+    """
     import faiss
 
     candidates = np.unique(data.positive_ids) if among == "positives" else np.arange(len(data.texts))
@@ -87,23 +94,33 @@ def positive_ranks(embeddings: np.ndarray, data: data_mod.TrainingData, depth: i
     anchors = np.unique(data.anchor_ids)
     # Excluded texts (the anchor itself, its positives) can fill the top of a search: search past them.
     k = int(min(len(candidates), depth + 1 + max(len(g) for g in groups.values())))
-    scores = np.einsum("ij,ij->i", guide_mod.gather(embeddings, data.anchor_ids), guide_mod.gather(embeddings, data.positive_ids))
+    scores = pair_dots(embeddings, data.anchor_ids, data.positive_ids)
     ranks = np.empty(data.num_examples, dtype=np.int64)
     exact = np.empty(data.num_examples, dtype=bool)
     example_order = np.argsort(data.anchor_ids, kind="stable")
     first = np.searchsorted(data.anchor_ids[example_order], anchors)
     last = np.append(first[1:], data.num_examples)
+
+    def rank(anchor: int, texts: np.ndarray, texts_scores: np.ndarray, members: np.ndarray) -> None:
+        others = texts_scores[(texts != anchor) & ~np.isin(texts, groups[anchor])]
+        ranks[members] = 1 + (others[None, :] > scores[members, None]).sum(axis=1)
+
     with guide_mod.faiss_single_thread():  # the same results on any thread count
         for start in range(0, len(anchors), SEARCH_ROWS):
             block = anchors[start : start + SEARCH_ROWS]
             found_scores, found = index.search(guide_mod.gather(embeddings, block), k)
-            for row, anchor in enumerate(block):
-                texts = candidates[found[row]]
-                others = found_scores[row][(texts != anchor) & ~np.isin(texts, groups[int(anchor)])]
+            texts = candidates[found]
+            texts_scores = pair_dots(embeddings, np.repeat(block, k), texts.reshape(-1)).reshape(texts.shape)
+            for row, anchor in enumerate(block.tolist()):
                 members = example_order[first[start + row] : last[start + row]]
-                ranks[members] = 1 + (others[None, :] > scores[members, None]).sum(axis=1)
-                # Sorted results: every candidate above the positive was found once the search reached its score.
-                exact[members] = (k == len(candidates)) | (found_scores[row][-1] <= scores[members])
+                rank(anchor, texts[row], texts_scores[row], members)
+                # Sorted results: every candidate above the positive was found once the search passed its score.
+                exact[members] = (k == len(candidates)) | (found_scores[row][-1] < scores[members] - RADIUS_SLACK)
+                unsure = members[~exact[members] & (ranks[members] <= depth)]
+                if len(unsure):  # within the depth but near the deepest result: every candidate near or above, by range
+                    _, _, near = index.range_search(guide_mod.gather(embeddings, [anchor]), float(scores[unsure].min()) - RADIUS_SLACK)
+                    rank(anchor, candidates[near], pair_dots(embeddings, np.full(len(near), anchor), candidates[near]), unsure)
+                    exact[unsure] = True
     return PositiveRanks(scores, ranks, exact)
 
 

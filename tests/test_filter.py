@@ -6,11 +6,12 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
 from pipeline.artifacts import read_manifest
-from pipeline.data import read_table
+from pipeline.data import load_training_data, read_table
 from pipeline.filter import positive_ranks, summary_path
 from pipeline.guide import load_guide_pass
 from tests.conftest import GUIDE_STATIC, gist
@@ -86,3 +87,27 @@ def test_filter_formats_and_errors(static_run, tmp_path):
     assert proc.returncode == 1 and "--overwrite" in proc.stderr
     proc = gist("filter", static_run, "--out", tmp_path / "x.parquet", "--top-k", "1", "--among", "texts", check=False)
     assert proc.returncode == 1 and "--among texts" in proc.stderr
+
+
+def test_bit_identical_candidates_tie_with_the_positive(tmp_path):
+    """A candidate whose vector is bit-identical to the positive's (case variants under an uncased
+    guide) ties with it: it does not count against the positive (strict ">"), however it is found,
+    and the rank stays exact when more twins tie than the search is deep."""
+    rng = np.random.default_rng(0)
+    n, dim, twins = 128, 64, 3  # anchors 0..7 get `twins` more copies of their positive
+    anchors = rng.standard_normal((2 * n + 8 * twins, dim))
+    positives = anchors[:n] + 0.3 * rng.standard_normal((n, dim))  # each positive near its anchor: rank 1
+    copies = [(i, j) for i in range(8) for j in range(twins)]
+    rows = {"anchor": [f"a{i}" for i in range(len(anchors))],
+            "positive": [f"p{i}" for i in range(n)] + [f"P{i}" for i in range(n)] + [f"P{i}-{j}" for i, j in copies]}
+    pq.write_table(pa.table(rows), tmp_path / "twins.parquet")
+    data = load_training_data(tmp_path / "twins.parquet")
+    vectors = {f"a{i}": v for i, v in enumerate(anchors)}
+    vectors |= {f"p{i}": v for i, v in enumerate(positives)} | {f"P{i}": v for i, v in enumerate(positives)}
+    vectors |= {f"P{i}-{j}": positives[i] for i, j in copies}
+    embeddings = np.stack([vectors[t] for t in data.texts.to_pylist()]).astype(np.float32)
+    embeddings /= np.linalg.norm(embeddings, axis=1, keepdims=True)
+    for depth in (1, len(data.texts)):
+        ranks = positive_ranks(embeddings, data, depth=depth)
+        # "p{i}" for anchor i: its twins tie, every other candidate is far below
+        assert ranks.ranks[:n].tolist() == [1] * n and ranks.exact[:n].all()
