@@ -19,6 +19,7 @@ app = typer.Typer(
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     add_completion=False,
+    rich_markup_mode=None,  # click's plain help: option names whole, descriptions wrapped to the terminal
 )
 console = Console(stderr=True, soft_wrap=True)
 state = {"debug": False}
@@ -33,7 +34,7 @@ Margin = Annotated[float, typer.Option(help="Margin m of the false-negative rule
 ContrastAnchors = Annotated[bool, typer.Option(help="Include anchor-anchor candidates (GISTEmbedLoss default: on).")]
 ContrastPositives = Annotated[bool, typer.Option(help="Include positive-positive candidates (GISTEmbedLoss default: on).")]
 MaskDuplicates = Annotated[bool, typer.Option(help="Also mask candidates whose text is the row's own anchor or positive (same text id): never true negatives. --no-mask-duplicates reproduces GISTEmbedLoss exactly.")]
-Overwrite = Annotated[bool, typer.Option(help="Replace a finished run in --out (only files gist wrote are removed).")]
+Overwrite = Annotated[bool, typer.Option(show_default=False, help="Replace a finished run in --out (only files gist wrote are removed).")]
 Columns = Annotated[Optional[str], typer.Option(help="Map column names, e.g. 'anchor=query,positive=doc,task=source'.")]
 
 
@@ -47,7 +48,7 @@ def _print_versions(value: bool) -> None:
 
 @app.callback()
 def main_options(
-    debug: Annotated[bool, typer.Option(help="Show tracebacks for errors.")] = False,
+    debug: Annotated[bool, typer.Option(show_default=False, help="Show tracebacks for errors.")] = False,
     version: Annotated[bool, typer.Option("--version", callback=_print_versions, is_eager=True, help="Print the versions of gist and its main packages, then exit.")] = False,
 ) -> None:
     state["debug"] = debug
@@ -64,7 +65,7 @@ def _plan_params(batch_size, epochs, seed, strategy, margin_strategy, margin, co
     return PlanParams(batch_size, epochs, seed, strategy, margin_strategy, margin, contrast_anchors, contrast_positives, mask_duplicates)
 
 
-@app.command("precompute-guide")
+@app.command("precompute-guide", short_help="Stage 1: encode once with the guide, plan, store masks.")
 def precompute_guide(
     data_path: Annotated[Path, typer.Argument(metavar="DATA", help="Parquet, JSONL or CSV file, or a datasets.save_to_disk directory.")],
     guide: Annotated[str, typer.Option(help="Guide model directory (sentence-transformers).")],
@@ -86,8 +87,8 @@ def precompute_guide(
     guide_max_seq_length: Annotated[Optional[int], typer.Option(min=1, help="Truncate the guide's inputs at N tokens (default: the guide's own max_seq_length). GISTEmbedLoss with a guide that shares the student's tokenizer feeds the guide the student's tokens, cut at the student's max_seq_length: set N to that length to reproduce its masks exactly.")] = None,
     embedding_dtype: Annotated[str, typer.Option(help="Storage of the guide's vectors: float32 (exact) or float16 (half the disk and page cache; similarities change by ~1e-3).")] = "float32",
     rows_per_group: Annotated[int, typer.Option(min=1, help="Texts per embeddings row group: the unit a killed run resumes from.")] = 4096,
-    reuse: Annotated[Optional[list[Path]], typer.Option(help="An earlier precompute-guide directory of the same guide (repeatable): its texts are copied, not encoded again (e.g. after `gist mine`).")] = None,
-    trust_remote_code: Annotated[bool, typer.Option(help="Allow the guide's own Python code to run.")] = False,
+    reuse: Annotated[Optional[list[Path]], typer.Option(metavar="DIR", help="An earlier precompute-guide directory of the same guide (repeatable): its texts are copied, not encoded again (e.g. after `gist mine`).")] = None,
+    trust_remote_code: Annotated[bool, typer.Option(show_default=False, help="Allow the guide's own Python code to run.")] = False,
     overwrite: Overwrite = False,
 ) -> None:
     """Stage 1: encode every unique text with the guide once, index it, plan the batches, store their masks."""
@@ -113,7 +114,7 @@ def precompute_guide(
     )
 
 
-@app.command("plan")
+@app.command("plan", short_help="Re-plan batches and masks from a guide pass.")
 def plan_command(
     guide_dir: Annotated[Path, typer.Argument(metavar="GUIDE_DIR", help="A finished precompute-guide directory.")],
     out: Annotated[Path, typer.Option(help="Output directory for the new plan and masks.")],
@@ -140,7 +141,7 @@ def plan_command(
     console.print(f"[green]done[/] {out / 'masks.parquet'}: {plan['num_batches']} batches, masked ap {plan['masked_fraction']['ap']:.2%}")
 
 
-@app.command("mine")
+@app.command("mine", short_help="Mine hard negatives from the stored embeddings.")
 def mine_command(
     guide_dir: Annotated[Path, typer.Argument(metavar="GUIDE_DIR", help="A finished precompute-guide directory.")],
     out: Annotated[Path, typer.Option(help="Output .parquet: anchor, positive, negative_1..k[, task], ready for precompute-guide.")],
@@ -175,7 +176,7 @@ def mine_command(
     )
 
 
-@app.command("filter")
+@app.command("filter", short_help="Drop pairs the guide does not rank near the top.")
 def filter_command(
     guide_dir: Annotated[Path, typer.Argument(metavar="GUIDE_DIR", help="A finished precompute-guide directory.")],
     out: Annotated[Path, typer.Option(help="The kept examples, in DATA's format (.parquet, .jsonl, .csv, or a directory for save_to_disk) with its original columns.")],
@@ -197,7 +198,7 @@ def filter_command(
     )
 
 
-@app.command("report")
+@app.command("report", short_help="Data-quality report: false-negative rates, plots.")
 def report_command(
     guide_dir: Annotated[Path, typer.Argument(metavar="GUIDE_DIR", help="A finished precompute-guide or plan directory.")],
     out: Annotated[Path, typer.Option(help="Output directory for report.md, report.json and the plots.")],
@@ -212,7 +213,7 @@ def report_command(
     console.print(f"[green]done[/] {out / 'report.md'}: {report['counts']['batches']} batches, masked {rates}")
 
 
-@app.command("train")
+@app.command("train", short_help="Stage 2: train a student with the stored masks.")
 def train_command(
     data_path: Annotated[Path, typer.Argument(metavar="DATA", help="The training data stage 1 was run on.")],
     masks_path: Annotated[Path, typer.Option("--masks", help="masks.parquet from precompute-guide or plan.")],
@@ -228,12 +229,12 @@ def train_command(
     weight_decay: Annotated[float, typer.Option(help="AdamW weight decay.")] = 0.0,
     temperature: Annotated[float, typer.Option(help="Softmax temperature (GISTEmbedLoss default 0.01; MNRL's scale is 1/temperature).")] = 0.01,
     max_seq_length: Annotated[Optional[int], typer.Option(min=1, help="Truncate the student's inputs at N tokens (default: the student's own).")] = None,
-    gradient_checkpointing: Annotated[bool, typer.Option(help="Recompute activations in backward: less memory, ~30% slower steps.")] = False,
+    gradient_checkpointing: Annotated[bool, typer.Option(show_default=False, help="Recompute activations in backward: less memory, ~30% slower steps.")] = False,
     max_steps: Annotated[int, typer.Option(help="Stop after this many steps (-1: all planned epochs).")] = -1,
     logging_steps: Annotated[int, typer.Option(min=1, help="Log the loss every N steps.")] = 10,
     save_steps: Annotated[int, typer.Option(min=1, help="Checkpoint every N steps.")] = 500,
     eval_steps: Annotated[Optional[int], typer.Option(min=1, help="Evaluate on --sts/--beir every N steps during training (the trainer's evaluator); the best checkpoint is recorded in OUT/eval.json.")] = None,
-    resume: Annotated[bool, typer.Option(help="Continue from the last checkpoint in OUT/checkpoints (same options as the run being resumed).")] = False,
+    resume: Annotated[bool, typer.Option(show_default=False, help="Continue from the last checkpoint in OUT/checkpoints (same options as the run being resumed).")] = False,
     seed: Annotated[int, typer.Option(help="Trainer seed (initialisation, dropout); batches come from the plan.")] = 0,
     sts: Annotated[Optional[Path], typer.Option(help="STS file to evaluate on (after training, and with --eval-steps during it).")] = None,
     beir: Annotated[Optional[Path], typer.Option(help="BEIR directory to evaluate on (after training, and with --eval-steps during it).")] = None,
@@ -269,7 +270,7 @@ def train_command(
         print(json.dumps(json.loads((out / "eval.json").read_text()), indent=2))
 
 
-@app.command("evaluate")
+@app.command("evaluate", short_help="Evaluate a model on STS and/or BEIR retrieval.")
 def evaluate_command(
     model_path: Annotated[str, typer.Argument(metavar="MODEL", help="A sentence-transformers model directory.")],
     sts: Annotated[Optional[Path], typer.Option(help="STS file with sentence1, sentence2, score.")] = None,
