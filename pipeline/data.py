@@ -8,6 +8,7 @@ columns in canonical order; stage 2 compares it with the one stored in the masks
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import hashlib
 import json
@@ -123,14 +124,15 @@ def read_table(path) -> pa.Table:
     raise GistError(f"{path}: unknown format {path.suffix!r}; use .parquet, .jsonl, .csv or a save_to_disk directory")
 
 
-def write_table(table: pa.Table, path: Path) -> None:
-    """Write `table` where read_table reads it back: .parquet, .jsonl, .csv (optionally .gz), or else a
-    `datasets.save_to_disk` directory; written to a temporary name and renamed when complete."""
+def write_table(table: pa.Table, path: Path, into: Path | None = None) -> None:
+    """Write `table` in the format `path` names, as read_table reads it back: .parquet, .jsonl, .csv
+    (optionally .gz), or else a `datasets.save_to_disk` directory. Written to `into` when given (a
+    temporary name the caller renames), else to a temporary name renamed to `path` when complete."""
     from pipeline.artifacts import atomic_path
 
     path = Path(path)
     suffix = "".join(path.suffixes[-2:]) if path.suffix == ".gz" else path.suffix
-    with atomic_path(path) as tmp:
+    with contextlib.nullcontext(Path(into)) if into is not None else atomic_path(path) as tmp:
         if suffix == ".parquet":
             pq.write_table(table, tmp)
         elif suffix in (".jsonl", ".json", ".jsonl.gz", ".json.gz"):

@@ -15,11 +15,14 @@ depth, reported as a lower bound past it.
 
 Kept rows are written in the input's format with its original columns, in their original order,
 so `precompute-guide --reuse GUIDE_DIR` on them encodes nothing; `<out stem>.filter.json` beside
-them records the parameters, counts per task and the worst examples (`gist report --filter`).
+them records the parameters, counts per task and the worst examples (`gist report --filter`). Both
+are written as one unit, the data renamed into place last; `--overwrite` replaces only an earlier
+output of gist filter (its summary names it).
 """
 
 from __future__ import annotations
 
+import json
 import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -29,6 +32,7 @@ import pyarrow as pa
 
 from pipeline import GistError, artifacts, data as data_mod, guide as guide_mod
 from pipeline.conflicts import RADIUS_SLACK, _pair_dots as pair_dots
+from pipeline.report import NO_TASK
 
 AMONG = ("positives", "all")
 WORST_SHOWN = 20
@@ -133,6 +137,8 @@ def filter_pass(guide_dir: str | Path, out: str | Path, params: FilterParams, *,
         params: the keep rule (top_k and/or min_score) and the candidate pool.
         data: the pass's training data, if it moved (default: the path its manifest records);
             it must have the pass's fingerprint.
+        overwrite: replace an earlier output of gist filter at OUT (the summary beside it names
+            it); nothing else is ever replaced, and an OUT that is or contains DATA or GUIDE_DIR is refused.
     """
     guide_dir, out = Path(guide_dir), Path(out)
     params.check()
@@ -142,27 +148,57 @@ def filter_pass(guide_dir: str | Path, out: str | Path, params: FilterParams, *,
     if data_mod.load_training_data(source, ",".join(f"{k}={v}" for k, v in columns.items())).fingerprint != training.fingerprint:
         raise GistError(f"{source}: not the data of the guide pass {guide_dir} (fingerprints differ); pass its data with --data")
     summary_file = summary_path(out)
-    for path in (out, summary_file):
-        if path.exists() and not overwrite:
-            raise GistError(f"{path} exists; pass --overwrite to replace it")
-    if out.is_dir() and overwrite:  # a save_to_disk directory is replaced whole
-        shutil.rmtree(out)
+    _check_out(out, summary_file, overwrite, {"DATA": source, "GUIDE_DIR": guide_dir})
     ranks = positive_ranks(embeddings, training, params.top_k or WORST_SHOWN, params.among)
     keep = np.ones(training.num_examples, dtype=bool)
     if params.top_k is not None:
         keep &= ranks.ranks <= params.top_k
     if params.min_score is not None:
         keep &= ranks.scores >= params.min_score
-    table = data_mod.read_table(source)
-    data_mod.write_table(table.filter(pa.array(keep)), out)
     summary = _summary(guide_dir, source, out, params, training, ranks, keep)
-    artifacts.write_json(summary_file, summary)
+    # Data and summary are one unit: both complete under temporary names before the data, renamed
+    # last, appears under its name; a failure on the way leaves neither.
+    with artifacts.atomic_path(out) as tmp:
+        data_mod.write_table(data_mod.read_table(source).filter(pa.array(keep)), out, into=tmp)
+        artifacts.write_json(summary_file, summary)
+        if out.is_dir():  # an earlier gist filter's save_to_disk directory (_check_out): a rename cannot replace it
+            shutil.rmtree(out)
     return summary
+
+
+def _check_out(out: Path, summary_file: Path, overwrite: bool, inputs: dict[str, Path]) -> None:
+    """Refuse an OUT (or summary) that is or contains an input; refuse an existing OUT or summary
+    unless `overwrite` and an earlier gist filter wrote them (its summary beside OUT names OUT):
+    --overwrite replaces that output, never the user's other files."""
+    for target in (out.resolve(), summary_file.resolve()):
+        for name, path in inputs.items():
+            if target == path.resolve() or target in path.resolve().parents:
+                raise GistError(f"--out {out} is or contains {name} ({path}); choose another --out")
+    existing = [path for path in (out, summary_file) if path.exists()]
+    if not existing:
+        return
+    if not _written_by_filter(out, summary_file):
+        raise GistError(
+            f"{existing[0]} exists and is not the output of gist filter (no {summary_file.name} naming {out.name}); "
+            "remove it or choose another --out"
+        )
+    if not overwrite:
+        raise GistError(f"{existing[0]} exists; pass --overwrite to replace it")
+
+
+def _written_by_filter(out: Path, summary_file: Path) -> bool:
+    """Whether `summary_file` is a gist filter summary of an output named like `out`."""
+    try:
+        summary = json.loads(summary_file.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return False
+    return isinstance(summary, dict) and summary.get("kind") == "filter" and Path(str(summary.get("out"))).name == out.name
 
 
 def _summary(guide_dir: Path, source: Path, out: Path, params: FilterParams, training, ranks: PositiveRanks, keep: np.ndarray) -> dict:
     """Counts overall and per task, the rank distribution, and the worst examples (lowest pair score)."""
-    tasks = np.asarray(training.tasks if training.tasks is not None else ["(all)"] * training.num_examples, dtype=object)
+    # Null tasks, or no task column, count as NO_TASK, as in the report.
+    tasks = np.full(training.num_examples, NO_TASK, dtype=object) if training.tasks is None else np.where(np.equal(training.tasks, None), NO_TASK, training.tasks)
     per_task = {
         str(t): {"examples": int((tasks == t).sum()), "dropped": int(((tasks == t) & ~keep).sum())} for t in sorted(set(tasks.tolist()))
     }

@@ -4,17 +4,19 @@ kept rows in the input's format, and a `--reuse` pass over them that encodes not
 from __future__ import annotations
 
 import json
+import shutil
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from pipeline import artifacts
 from pipeline.artifacts import read_manifest
 from pipeline.data import load_training_data, read_table
 from pipeline.filter import positive_ranks, summary_path
 from pipeline.guide import load_guide_pass
-from tests.conftest import GUIDE_STATIC, gist
+from tests.conftest import GUIDE_STATIC, SAMPLE, gist
 
 
 @pytest.fixture(scope="module")
@@ -111,3 +113,55 @@ def test_bit_identical_candidates_tie_with_the_positive(tmp_path):
         ranks = positive_ranks(embeddings, data, depth=depth)
         # "p{i}" for anchor i: its twins tie, every other candidate is far below
         assert ranks.ranks[:n].tolist() == [1] * n and ranks.exact[:n].all()
+
+
+def test_overwrite_replaces_only_an_earlier_filter_output(static_run, triplets, tmp_path):
+    """--overwrite never removes DATA, GUIDE_DIR, a folder holding them or the user's own files:
+    only what an earlier gist filter wrote (its summary names it)."""
+    guide = tmp_path / "guide"
+    shutil.copytree(static_run, guide)
+    data = tmp_path / "data" / "triplets.parquet"
+    data.parent.mkdir()
+    shutil.copy(triplets, data)
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("the user's")
+
+    def run(out, *extra):
+        return gist("filter", guide, "--data", data, "--out", out, "--top-k", "2", "--overwrite", *extra, check=False)
+
+    for out in (data, data.parent, guide, tmp_path):
+        proc = run(out)
+        assert proc.returncode == 1 and "choose another --out" in proc.stderr, out
+    proc = run(tmp_path / "mine")
+    assert proc.returncode == 1 and "not the output of gist filter" in proc.stderr
+    assert (tmp_path / "mine" / "notes.txt").read_text() == "the user's"
+    assert read_table(data).equals(pq.read_table(triplets)) and read_manifest(guide)
+
+    clean = tmp_path / "clean"  # a save_to_disk directory, replaced whole by a second run
+    run(clean)
+    run(clean, "--top-k", "1", "--among", "all")
+    summary = json.loads(summary_path(clean).read_text())
+    assert read_table(clean).num_rows == summary["kept"] and summary["params"]["top_k"] == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["clean", "clean.filter.json", "data", "guide", "mine"]  # no temporary left
+
+
+def test_null_tasks_count_as_none_and_a_failed_filter_writes_nothing(tmp_path, monkeypatch):
+    """Rows without a task are counted under "(none)", as in the report; data and summary are one
+    unit: a failure while writing them leaves neither."""
+    table = pq.read_table(SAMPLE).slice(0, 64)
+    tasks = [None if i % 3 == 0 else task for i, task in enumerate(table.column("task").to_pylist())]
+    pq.write_table(table.set_column(table.column_names.index("task"), "task", pa.array(tasks, pa.string())), tmp_path / "data.parquet")
+    gist("precompute-guide", tmp_path / "data.parquet", "--guide", GUIDE_STATIC, "--out", tmp_path / "run", "--batch-size", "16")
+
+    gist("filter", tmp_path / "run", "--out", tmp_path / "clean.jsonl", "--top-k", "3")
+    per_task = json.loads(summary_path(tmp_path / "clean.jsonl").read_text())["per_task"]
+    assert per_task["(none)"]["examples"] == tasks.count(None)
+    assert sum(v["examples"] for v in per_task.values()) == 64
+
+    def disk_full(*args):
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(artifacts, "write_json", disk_full)
+    proc = gist("filter", tmp_path / "run", "--out", tmp_path / "again.parquet", "--top-k", "3", check=False)
+    assert proc.returncode == 1 and "No space left" in proc.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["clean.filter.json", "clean.jsonl", "data.parquet", "run"]
