@@ -297,6 +297,17 @@ def evaluate_command(
         artifacts.write_json(out, {"model": str(model_path), **results})
 
 
+@app.command("verify", short_help="Check every file of a run directory against its manifest.")
+def verify_command(
+    run_dir: Annotated[Path, typer.Argument(metavar="GUIDE_DIR", help="A finished precompute-guide or plan directory.")],
+) -> None:
+    """Hash every file the manifest of GUIDE_DIR lists, whole, against its recorded sha256; exits 1 naming the first missing or different file. (Opening a pass checks sizes and sampled blocks only.)"""
+    from pipeline.artifacts import MANIFEST, verify_run
+
+    files = verify_run(run_dir)["files"]
+    console.print(f"[green]ok[/] {run_dir}: {len(files)} files match {MANIFEST} ({sum(f['bytes'] for f in files.values()) / 2**20:,.1f} MiB hashed)")
+
+
 class Interrupted(BaseException):
     """Ctrl-C or SIGTERM. Not KeyboardInterrupt, which click turns into a silent exit before main()
     can say how to resume; a BaseException, so no `except Exception` on the way swallows it."""

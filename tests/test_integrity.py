@@ -144,3 +144,55 @@ def test_all_null_task_column_is_no_task_column_everywhere(tmp_path):
     assert_fails(gist(*stage1, "--out", tmp_path / "bytask", "--strategy", "by-task", check=False), "no 'task' column or it is all null")
     gist(*stage1, "--out", tmp_path / "pass")
     assert_fails(gist("plan", tmp_path / "pass", "--out", tmp_path / "plan", "--strategy", "by-task", check=False), "no 'task' column or it is all null")
+
+
+# Issue 24 item 1: opening a pass reads no large file whole; `gist verify` reads every file whole.
+def _sampled_pass(tmp_path, run, monkeypatch):
+    """A copy of `run` whose files all count as large (sampled at open: 64 blocks of 16 bytes), its
+    manifest entries rewritten by the writer's own `file_record` under those settings."""
+    from pipeline import artifacts
+
+    monkeypatch.setattr(artifacts, "FULL_CHECK_BYTES", 0)
+    monkeypatch.setattr(artifacts, "SAMPLE_BLOCK_BYTES", 16)
+    copy = tmp_path / "pass"
+    shutil.copytree(run, copy)
+    manifest = json.loads((copy / artifacts.MANIFEST).read_text())
+    manifest["files"] = {name: artifacts.file_record(copy / name) for name in manifest["files"]}
+    artifacts.write_json(copy / artifacts.MANIFEST, manifest)
+    return copy
+
+
+def test_truncated_embeddings_are_refused_at_open(tmp_path, static_run, monkeypatch):
+    from pipeline.guide import VECTORS, load_guide_pass
+
+    copy = _sampled_pass(tmp_path, static_run, monkeypatch)
+    load_guide_pass(copy)  # intact: opens
+    with open(copy / VECTORS, "r+b") as f:
+        f.truncate((copy / VECTORS).stat().st_size - 4)  # the last float: np.load alone may still map it
+    with pytest.raises(GistError, match=r"checksum does not match manifest.json \(\d+ bytes, \d+ recorded\); the file was truncated"):
+        load_guide_pass(copy)
+    assert_fails(gist("plan", copy, "--out", tmp_path / "plan", check=False), "embeddings.npy", "truncated")
+
+
+def test_verify_catches_a_flipped_byte_that_open_does_not_read(tmp_path, static_run, monkeypatch):
+    from pipeline import artifacts
+    from pipeline.guide import VECTORS, load_guide_pass
+
+    copy = _sampled_pass(tmp_path, static_run, monkeypatch)
+    ok = gist("verify", copy)
+    assert "ok" in ok.stderr and f"{len(json.loads((copy / 'manifest.json').read_text())['files'])} files match" in ok.stderr
+    path = copy / VECTORS
+    sampled = artifacts.sampled_sha256(path)
+    middle = path.stat().st_size // 2 + 7  # between two sampled blocks (checked below)
+    data = bytearray(path.read_bytes())
+    data[middle] ^= 0x01
+    path.chmod(0o644)
+    path.write_bytes(bytes(data))
+    assert artifacts.sampled_sha256(path) == sampled, "the flipped byte lies outside the sampled blocks"
+    load_guide_pass(copy)  # the open-time check does not read it: no whole-file hash at open
+    assert_fails(gist("verify", copy, check=False), str(path), "checksum does not match manifest.json")
+    (copy / "texts.parquet").unlink()  # the first bad file in the manifest's order is named
+    proc = gist("verify", copy, check=False)
+    assert_fails(proc, str(path))
+    assert "texts.parquet" not in proc.stderr
+    assert_fails(gist("verify", copy / "plan-nowhere", check=False), "no manifest.json")
