@@ -68,8 +68,9 @@ def _plan_params(batch_size, epochs, seed, strategy, margin_strategy, margin, co
 @app.command("precompute-guide", short_help="Stage 1: encode once with the guide, plan, store masks.")
 def precompute_guide(
     data_path: Annotated[Path, typer.Argument(metavar="DATA", help="Parquet, JSONL or CSV file, or a datasets.save_to_disk directory.")],
-    guide: Annotated[str, typer.Option(help="Guide model directory (sentence-transformers).")],
     out: Annotated[Path, typer.Option(help="Output directory for the guide pass.")],
+    guide: Annotated[Optional[str], typer.Option(help="Guide model directory (sentence-transformers). Or --embeddings: one of the two.")] = None,
+    embeddings: Annotated[Optional[Path], typer.Option(metavar="VECTORS", help="Instead of --guide: any embedder's vectors of DATA's texts, no model loaded. Parquet with a 'text' column and one vector column (list of floats), looked up by text (extra texts are ignored); or .npy, one row per unique text of DATA in text-id order: distinct texts in order of first appearance, down the anchor column, then positive, then negative_1, negative_2, ... Checked (every text covered, one dimension, finite, non-zero), normalised to unit norm; the file's name and sha256 are the guide's identity.")] = None,
     columns: Columns = None,
     batch_size: BatchSize = 32,
     epochs: Epochs = 1,
@@ -99,7 +100,7 @@ def precompute_guide(
     if index not in INDEX_KINDS:
         raise typer.BadParameter(f"use one of {', '.join(INDEX_KINDS)}", param_hint="--index")
     done = run_stage1(
-        data_path, guide, out, params, columns=columns, encode_batch_size=encode_batch_size, device=device, index=index,
+        data_path, guide, out, params, embeddings=embeddings, columns=columns, encode_batch_size=encode_batch_size, device=device, index=index,
         guide_max_seq_length=guide_max_seq_length, embedding_dtype=embedding_dtype, rows_per_group=rows_per_group, reuse=reuse or [], trust_remote_code=trust_remote_code,
         guide_dtype=guide_dtype,
         overwrite=overwrite,
@@ -108,8 +109,10 @@ def precompute_guide(
         return  # a rank other than 0 under torchrun: it only encoded
     m = done.manifest
     encoding, plan = m["encoding"], m["plan"]
+    source = (f"vectors from {m['guide']['name']}, {encoding['renormalized_texts']} renormalised" if m["guide"].get("source") == "embeddings"
+              else f"{encoding['encoded_texts']} encoded, {encoding['reused_texts']} reused, {encoding['resumed_texts']} resumed")
     console.print(
-        f"[green]done[/] {out}: {m['dataset']['num_texts']} texts ({encoding['encoded_texts']} encoded, {encoding['reused_texts']} reused, {encoding['resumed_texts']} resumed), "
+        f"[green]done[/] {out}: {m['dataset']['num_texts']} texts ({source}), "
         f"{plan['num_batches']} batches, masked ap {plan['masked_fraction']['ap']:.2%}, {m['timings']['total_s']:.1f}s"
     )
 
@@ -204,8 +207,24 @@ def report_command(
     out: Annotated[Path, typer.Option(help="Output directory for report.md, report.json and the plots.")],
     examples: Annotated[int, typer.Option(min=0, help="Most similar masked pairs to list.")] = 20,
     filter_summary: Annotated[Optional[Path], typer.Option("--filter", help="A `gist filter` summary (CLEAN.filter.json) to add: what the filter dropped, per task, the worst pairs.")] = None,
+    margins: Annotated[Optional[str], typer.Option(help="Instead of the report, sweep these margins (e.g. 0,0.02,0.05,0.1): masked fraction per block and similarity histograms at each, from the stored pass (margins.md/.json/.png).")] = None,
+    margin_strategy: Annotated[Optional[str], typer.Option(help="The sweep's margin strategy: absolute or relative (default: the plan's).")] = None,
 ) -> None:
     """Data-quality report: false-negative rates, guide-similarity plots, the guide's strongest vetoes. Loads no model."""
+    if margins is not None:
+        from pipeline.margins import parse_margins, write_margin_sweep
+
+        sweep = write_margin_sweep(guide_dir, out, parse_margins(margins), margin_strategy)
+        table = Table(title=f"masked fraction per block, {sweep['margin_strategy']} margin ({sweep['batches']} batches)")
+        for column in ("margin", "ap", "aa", "pp", "an"):
+            table.add_column(column, justify="right")
+        for row in sweep["margins"]:
+            table.add_row(f"{row['margin']:g}", *(f"{f:.2%}" if f is not None else "–" for f in row["masked_fraction"].values()))
+        Console().print(table)
+        console.print(f"[green]done[/] {out / 'margins.md'}")
+        return
+    if margin_strategy is not None:
+        raise typer.BadParameter("only with --margins", param_hint="--margin-strategy")
     from pipeline.report import write_report
 
     report = write_report(guide_dir, out, examples, filter_summary)

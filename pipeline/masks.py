@@ -27,7 +27,6 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from rich.progress import Progress
 import torch
-from transformers import TrainerCallback
 
 from pipeline import FORMAT_VERSION, GistError
 from pipeline.artifacts import atomic_path
@@ -120,34 +119,46 @@ def _gather(source, ids: list[np.ndarray], device: str) -> list[torch.Tensor]:
         return [torch.from_numpy(vectors).to(device) for vectors in pool.map(functools.partial(gather, source), ids)]
 
 
-def guide_masks(source, data: TrainingData, batches: np.ndarray, params: PlanParams, device: str = "cpu") -> dict[str, torch.Tensor]:
-    """The guide rule's boolean masks of each block for a stack of batches (nb, G) of example ids, on `device`.
+def guide_similarities(source, data: TrainingData, batches: np.ndarray, params: PlanParams, device: str = "cpu") -> dict[str, torch.Tensor]:
+    """The guide similarities of each enabled block for a stack of batches (nb, G) of example ids, on
+    `device`, and "threshold": t_i (nb, G, 1).
 
     `source`: the stored embeddings (numpy / memory map) or a tensor of them on `device`. The
     similarities are batched matrix products in torch (every CPU core, or the GPU), in full float32.
-    Returns {"ap": (nb, G, G), "aa": ..., "pp": ..., "an": (nb, G, k*G)}; disabled blocks are all False.
+    Blocks: "ap" (nb, G, G), "aa", "pp" (when the plan contrasts them), "an" (nb, G, k*G).
     """
-    nb, g = batches.shape
     # Negative columns in column-major order: column c * G + j is negative c of example j.
     anchors, positives, negatives = _gather(  # (nb, G, d), (nb, G, d), (nb, k * G, d)
         source, [data.anchor_ids[batches], data.positive_ids[batches], _negative_columns(data, batches)], device
     )
     with exact_float32_matmul():
-        ap = torch.bmm(anchors, positives.transpose(1, 2))
+        sims = {"ap": torch.bmm(anchors, positives.transpose(1, 2))}
         # t_i from the diagonal of the same product, as GISTEmbedLoss does: a candidate identical to the
         # positive then has g == t exactly and is kept (strict >), not masked by float rounding.
-        threshold = ap.diagonal(dim1=1, dim2=2).unsqueeze(-1)
+        sims["threshold"] = sims["ap"].diagonal(dim1=1, dim2=2).unsqueeze(-1)
+        if params.contrast_anchors:
+            sims["aa"] = torch.bmm(anchors, anchors.transpose(1, 2))
+        if params.contrast_positives:
+            sims["pp"] = torch.bmm(positives, positives.transpose(1, 2))
+        sims["an"] = torch.bmm(anchors, negatives.transpose(1, 2))
+    return sims
 
-        def rule(sim: torch.Tensor) -> torch.Tensor:
-            return false_negative_mask(sim, threshold, params.margin_strategy, params.margin)
 
-        off = torch.zeros((nb, g, g), dtype=torch.bool, device=anchors.device)
-        masks = {"ap": rule(ap)}
-        masks["ap"].diagonal(dim1=1, dim2=2).fill_(False)
-        masks["aa"] = rule(torch.bmm(anchors, anchors.transpose(1, 2))) if params.contrast_anchors else off
-        masks["pp"] = rule(torch.bmm(positives, positives.transpose(1, 2))) if params.contrast_positives else off
-        masks["an"] = rule(torch.bmm(anchors, negatives.transpose(1, 2)))
+def rule_masks(sims: dict[str, torch.Tensor], margin_strategy: str, margin: float) -> dict[str, torch.Tensor]:
+    """The guide rule applied to `guide_similarities`' blocks: {"ap", "aa", "pp", "an"} boolean masks;
+    the true pair ap[i, i] is never masked, a disabled block is all False."""
+    masks = {block: false_negative_mask(sims[block], sims["threshold"], margin_strategy, margin) for block in BLOCKS if block in sims}
+    masks["ap"].diagonal(dim1=1, dim2=2).fill_(False)
+    for block in ("aa", "pp"):
+        if block not in masks:
+            masks[block] = torch.zeros_like(masks["ap"])
     return masks
+
+
+def guide_masks(source, data: TrainingData, batches: np.ndarray, params: PlanParams, device: str = "cpu") -> dict[str, torch.Tensor]:
+    """The guide rule's boolean masks of each block for a stack of batches (nb, G) of example ids, on `device`:
+    {"ap": (nb, G, G), "aa": ..., "pp": ..., "an": (nb, G, k*G)}; disabled blocks are all False."""
+    return rule_masks(guide_similarities(source, data, batches, params, device), params.margin_strategy, params.margin)
 
 
 def _negative_columns(data: TrainingData, batches: np.ndarray) -> np.ndarray:
@@ -299,29 +310,6 @@ def write_masks(out_path: Path, embeddings: np.ndarray, data: TrainingData, plan
     return dict(zip(COUNTS, totals.tolist()))
 
 
-class PlanCursor(TrainerCallback):
-    """The plan row the trainer trains next: its global step (one planned batch per optimizer step).
-
-    The planned batch sampler and the loss read `step` from here rather than trusting the epoch the
-    trainer hands to samplers: on resume under torchrun that epoch never reaches the sampler
-    (SkipBatchSampler -> BatchSamplerShard -> sampler), which then silently replays epoch 0. Add it
-    to the trainer's callbacks (`build_trainer` does); tests set `step` by hand.
-    """
-
-    def __init__(self) -> None:
-        self.step = 0
-
-    def _follow(self, args, state, control, **kwargs):
-        self.step = state.global_step
-
-    on_epoch_begin = on_step_begin = _follow
-
-    def on_train_begin(self, args, state, control, **kwargs):
-        if args.gradient_accumulation_steps != 1:
-            raise GistError(f"gradient_accumulation_steps {args.gradient_accumulation_steps}: a planned batch is one optimizer step; plan larger batches (use CachedGuidedMaskLoss for memory) instead")
-        self._follow(args, state, control)
-
-
 class PlannedMasks:
     """The planned batches and their masks in `masks.parquet`, read lazily.
 
@@ -351,7 +339,14 @@ class PlannedMasks:
         self.num_batches = int(self._starts[-1])
         self.steps_per_epoch = self.num_batches // self.params.epochs
         self._cached: dict[str, tuple[int, pa.ListArray]] = {}
-        self.cursor = PlanCursor()
+
+    @functools.cached_property
+    def cursor(self):
+        """The trainer-step cursor (`pipeline.train.PlanCursor`), made on first use: planning, mining
+        and reports never import the trainer."""
+        from pipeline.train import PlanCursor
+
+        return PlanCursor()
 
     def __reduce__(self):
         # Pickled (e.g. in the trainer's training_args.bin) as its path: no open file, no cached row groups.

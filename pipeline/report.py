@@ -2,7 +2,9 @@
 
 `write_report` replays every planned batch from the stored guide embeddings: it reads the stored
 masks (what stage 2 trains with), recomputes the guide similarities of each block, checks that
-`pipeline.masks.batch_masks` (the one mask rule) reproduces the stored masks, and writes to OUT:
+`pipeline.masks.batch_masks` (the one mask rule) reproduces the stored masks (differences within
+float32 rounding of a threshold, as masks made on a GPU have, are counted apart:
+`pipeline.mask_check`), and writes to OUT:
 
 - `report.json`: false-negative rates (masked / candidate entries) per block, per epoch and per
   task of the anchor row; self-pair and identical-text counts; similarity histograms; the most
@@ -23,7 +25,6 @@ of a row's own mined negatives: a guide that masks many of them cannot tell them
 from __future__ import annotations
 
 import json
-import textwrap
 from pathlib import Path
 
 import numpy as np
@@ -33,14 +34,13 @@ from pipeline import GistError
 from pipeline.artifacts import atomic_path, read_manifest, verify_checksum, write_json
 from pipeline.data import TrainingData
 from pipeline.guide import gather, load_guide_pass
+from pipeline.mask_check import differences, rounding_band
 from pipeline.masks import BLOCKS, MASKS, PlannedMasks, batch_masks, chunk_batches
+from pipeline.report_plots import PLOTS, write_plots
 
 NBINS = 200  # similarity histogram bins over [-1, 1]
 MAX_TEXT = 200  # characters of a text shown in report.md
 NO_TASK = "(none)"
-PLOTS = {"similarity": "similarity.png", "epoch": "fn_rate_by_epoch.png", "task": "fn_rate_by_task.png"}
-COLORS = {"ap": "tab:blue", "aa": "tab:orange", "pp": "tab:green", "an": "tab:red"}
-BLOCK_TITLES = {"ap": "ap: a_i vs p_j (j≠i)", "aa": "aa: a_i vs a_j (j≠i)", "pp": "pp: p_i vs p_j (j≠i)", "an": "an: a_i vs every negative"}
 ROW_TEXT = {"ap": "anchor", "aa": "anchor", "pp": "positive", "an": "anchor"}
 
 
@@ -50,7 +50,7 @@ def _enabled(masks: PlannedMasks, data: TrainingData) -> dict[str, bool]:
     return {"ap": True, "aa": p.contrast_anchors, "pp": p.contrast_positives, "an": data.num_negatives > 0}
 
 
-def _load(run_dir: Path) -> tuple[dict, Path, PlannedMasks, TrainingData, np.ndarray]:
+def load_planned(run_dir: Path) -> tuple[dict, Path, PlannedMasks, TrainingData, np.ndarray]:
     """Manifest, guide directory, stored masks, data and embeddings, every file checked against its checksum."""
     manifest = read_manifest(run_dir)
     kind = manifest.get("kind")
@@ -84,7 +84,7 @@ def _chunk_blocks(embeddings: np.ndarray, data: TrainingData, rows: np.ndarray) 
     }
 
 
-def _bins(values: np.ndarray, mask: np.ndarray | None = None) -> np.ndarray:
+def histogram(values: np.ndarray, mask: np.ndarray | None = None) -> np.ndarray:
     """Histogram counts of `values` (where `mask`) over NBINS equal bins of [-1, 1]."""
     if mask is not None:
         values = values[mask]
@@ -132,13 +132,14 @@ def _scan(masks: PlannedMasks, data: TrainingData, embeddings: np.ndarray, task_
 
     acc = {
         "masked_epoch": zeros(epochs), "masked_task": zeros(ntasks), "self_masked": zeros(),
-        "identical_masked": zeros(), "identical_kept": zeros(), "mismatched": zeros(),
+        "identical_masked": zeros(), "identical_kept": zeros(), "mismatched": zeros(), "near_threshold": zeros(),
         "hist_masked": zeros(NBINS), "hist_kept": zeros(NBINS), "hist_positive": np.zeros(NBINS, dtype=np.int64),
         "threshold_sum": np.zeros(ntasks), "rows_task": np.zeros(ntasks, dtype=np.int64),
     }
     top = {"all": None, "distinct": None}
     per_chunk = chunk_batches(g, k)
     diagonal = np.eye(g, dtype=bool)
+    band = rounding_band(embeddings.shape[1], params)
     # Tiny per-batch products: one BLAS thread is fastest (see masks.write_masks) and leaves cores to others.
     with threadpool_limits(1):
         for start in range(0, masks.num_batches, per_chunk):
@@ -149,7 +150,7 @@ def _scan(masks: PlannedMasks, data: TrainingData, embeddings: np.ndarray, task_
             recomputed = batch_masks(embeddings, data, rows, params)
             a_ids, p_ids = data.anchor_ids[rows], data.positive_ids[rows]
             threshold = np.einsum("bgd,bgd->bg", gather(embeddings, a_ids), gather(embeddings, p_ids))  # t_i, as batch_masks
-            acc["hist_positive"] += _bins(threshold)
+            acc["hist_positive"] += histogram(threshold)
             acc["threshold_sum"] += np.bincount(tasks.ravel(), weights=threshold.ravel(), minlength=ntasks)
             acc["rows_task"] += np.bincount(tasks.ravel(), minlength=ntasks)
             pool = {"all": [], "distinct": []}
@@ -157,7 +158,9 @@ def _scan(masks: PlannedMasks, data: TrainingData, embeddings: np.ndarray, task_
                 if not enabled[block]:
                     continue
                 stored = masks.dense(block, start, stop, g, cols[block])
-                acc["mismatched"][block] += int((stored != recomputed[block]).sum())
+                real, near = differences(stored, recomputed[block], sim, threshold[..., None], params, band)
+                acc["mismatched"][block] += real
+                acc["near_threshold"][block] += near
                 acc["masked_epoch"][block] += np.bincount(epoch_of, weights=stored.sum(axis=(1, 2)), minlength=epochs).astype(np.int64)
                 acc["masked_task"][block] += np.bincount(tasks.ravel(), weights=stored.sum(axis=2).ravel(), minlength=ntasks).astype(np.int64)
                 candidate = np.ones(stored.shape, dtype=bool)
@@ -170,8 +173,8 @@ def _scan(masks: PlannedMasks, data: TrainingData, embeddings: np.ndarray, task_
                 masked, kept = stored & candidate, ~stored & candidate
                 acc["identical_masked"][block] += int((identical & masked).sum())
                 acc["identical_kept"][block] += int((identical & kept).sum())
-                acc["hist_masked"][block] += _bins(sim, masked)
-                acc["hist_kept"][block] += _bins(sim, kept)
+                acc["hist_masked"][block] += histogram(sim, masked)
+                acc["hist_kept"][block] += histogram(sim, kept)
                 if examples > 0:
                     for name, select in (("all", masked), ("distinct", masked & ~identical)):
                         select = select & (sim >= _cutoff(top[name], examples))
@@ -179,7 +182,7 @@ def _scan(masks: PlannedMasks, data: TrainingData, embeddings: np.ndarray, task_
             for name, parts in pool.items():
                 if parts:
                     top[name] = _merge(top[name], {key: np.concatenate([p[key] for p in parts]) for key in parts[0]}, examples)
-    return {**acc, "top": top, "cols": cols}
+    return {**acc, "top": top, "cols": cols, "band": band}
 
 
 def _pairs(top: dict | None, masks: PlannedMasks, data: TrainingData) -> list[dict]:
@@ -223,7 +226,7 @@ def _summarize(run_dir: Path, manifest: dict, guide_dir: Path, masks: PlannedMas
         blocks[b] = {
             "enabled": enabled[b], "masked": masked, "candidates": candidates, "rate": masked / candidates if candidates else None,
             "identical_text_masked": int(scan["identical_masked"][b]), "identical_text_kept": int(scan["identical_kept"][b]),
-            "mismatched_vs_rule": int(scan["mismatched"][b]),
+            "mismatched_vs_rule": int(scan["mismatched"][b]), "near_threshold_vs_rule": int(scan["near_threshold"][b]),
         }
         if b in ("aa", "pp"):
             self_candidates = g * batches if enabled[b] else 0
@@ -256,7 +259,8 @@ def _summarize(run_dir: Path, manifest: dict, guide_dir: Path, masks: PlannedMas
             "examples_per_epoch": steps * g, "texts": len(data.texts), "negatives_per_example": data.num_negatives, "tasks": len(task_names),
         },
         "blocks": blocks, "by_epoch": by_epoch, "by_task": by_task,
-        "mask_check": {"mismatched_entries": sum(int(scan["mismatched"][b]) for b in BLOCKS)},
+        "mask_check": {"mismatched_entries": sum(int(scan["mismatched"][b]) for b in BLOCKS),
+                       "near_threshold_entries": sum(int(scan["near_threshold"][b]) for b in BLOCKS), "rounding_band": scan["band"]},
         "similarity_histograms": {
             "bin_edges": [round(x, 4) for x in edges.tolist()], "positive": scan["hist_positive"].tolist(),
             "masked": {b: scan["hist_masked"][b].tolist() for b in BLOCKS}, "kept": {b: scan["hist_kept"][b].tolist() for b in BLOCKS},
@@ -265,114 +269,6 @@ def _summarize(run_dir: Path, manifest: dict, guide_dir: Path, masks: PlannedMas
         "top_masked_distinct_pairs": _pairs(scan["top"]["distinct"], masks, data),
         "plots": dict(PLOTS),
     }
-
-
-def _save(fig, path: Path) -> None:
-    """Render `fig` with the Agg backend (no pyplot, no display) to a PNG, atomically."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-
-    FigureCanvasAgg(fig)
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
-
-
-def _plot_similarity(report: dict, path: Path) -> None:
-    """One panel per block: kept negatives, masked candidates, and the true pairs' t_i; log counts."""
-    from matplotlib.figure import Figure
-
-    hist = report["similarity_histograms"]
-    edges = np.asarray(hist["bin_edges"])
-    shown = [b for b in BLOCKS if report["blocks"][b]["enabled"]]
-    every = np.asarray(hist["positive"]) + sum(np.asarray(hist[k][b]) for k in ("masked", "kept") for b in shown)
-    nonzero = np.flatnonzero(every)
-    lo, hi = edges[max(nonzero[0] - 2, 0)], edges[min(nonzero[-1] + 3, NBINS)] + 0.01
-    fig = Figure(figsize=(11, 3.2 * ((len(shown) + 1) // 2)), layout="constrained")
-    axes = fig.subplots((len(shown) + 1) // 2, 2, squeeze=False, sharex=True).ravel()
-    for ax, b in zip(axes, shown):
-        for counts, label, style in (
-            (hist["kept"][b], "kept in-batch negatives", {"color": "tab:blue", "fill": True, "alpha": 0.35}),
-            (hist["masked"][b], "masked (false negatives)", {"color": "tab:red", "fill": True, "alpha": 0.5}),
-            (hist["positive"], "true pairs t_i = g(a_i, p_i)", {"color": "black", "linestyle": "--", "linewidth": 1.3}),
-        ):
-            ax.stairs(counts, edges, label=f"{label} ({sum(counts):,})", **style)
-        ax.set_yscale("log")
-        ax.set_title(BLOCK_TITLES[b])
-        ax.set_xlim(lo, hi)
-        ax.set_ylabel("count (log)")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8, loc="upper left")
-    for ax in axes[len(shown):]:
-        ax.set_visible(False)
-    for ax in axes[-2:]:
-        ax.set_xlabel("guide cosine similarity")
-    p = report["plan"]
-    fig.suptitle(f"Guide similarity of in-batch candidates: {report['counts']['batches']:,} planned batches, "
-                 f"{p['margin_strategy']} margin {p['margin']}, bins of {2 / NBINS:g}")
-    _save(fig, path)
-
-
-def _self_pair_note(fig, report: dict) -> None:
-    """Caption: how much of the aa/pp rates the always-similar self-pairs make up."""
-    parts = [f"{b} {100 * report['blocks'][b]['self_masked'] / report['blocks'][b]['candidates']:.1f}"
-             for b in ("aa", "pp") if report["blocks"][b]["enabled"]]
-    if parts:
-        note = ("aa and pp count the self-pair (a_i, a_i) as a candidate, as GISTEmbedLoss does; "
-                f"masked self-pairs make up {' and '.join(parts)} points of their rates.")
-        fig.text(0.01, 0.0, textwrap.fill(note, int(fig.get_figwidth() * 14)), fontsize=8, ha="left", va="top")
-
-
-def _plot_rates(ax, labels: list[str], rates: list[dict], horizontal: bool) -> None:
-    """Grouped bars of false-negative rate (%) per block for each label."""
-    blocks = [b for b in BLOCKS if any(r[b] is not None for r in rates)]
-    width = 0.8 / max(len(blocks), 1)
-    pos = np.arange(len(labels))
-    for n, b in enumerate(blocks):
-        values = [100 * (r[b] or 0.0) for r in rates]
-        offset = pos - 0.4 + width * (n + 0.5)
-        bar = ax.barh if horizontal else ax.bar
-        bar(offset, values, width, label=b, color=COLORS[b])
-    (ax.set_yticks if horizontal else ax.set_xticks)(pos, labels)
-    (ax.set_xlabel if horizontal else ax.set_ylabel)("false-negative rate (% of candidates masked)")
-    ax.grid(alpha=0.3, axis="x" if horizontal else "y")
-    ax.legend(title="block", fontsize=8)
-
-
-def _plot_epochs(report: dict, path: Path) -> None:
-    """Rate per block per epoch: bars for a few epochs, lines for many."""
-    from matplotlib.figure import Figure
-
-    rows = report["by_epoch"]
-    fig = Figure(figsize=(min(4 + 0.6 * len(rows), 12), 4), layout="constrained")
-    ax = fig.subplots()
-    if len(rows) <= 12:
-        _plot_rates(ax, [str(r["epoch"]) for r in rows], [r["rate"] for r in rows], horizontal=False)
-    else:
-        for b in BLOCKS:
-            if rows[0]["rate"][b] is not None:
-                ax.plot([r["epoch"] for r in rows], [100 * r["rate"][b] for r in rows], marker=".", label=b, color=COLORS[b])
-        ax.set_ylim(bottom=0)
-        ax.set_ylabel("false-negative rate (% of candidates masked)")
-        ax.grid(alpha=0.3)
-        ax.legend(title="block", fontsize=8)
-    ax.set_xlabel("epoch")
-    ax.set_title(f"False-negative rate per epoch (strategy {report['plan']['strategy']}, margin {report['plan']['margin']})")
-    _self_pair_note(fig, report)
-    _save(fig, path)
-
-
-def _plot_tasks(report: dict, path: Path) -> None:
-    """Rate per block per task of the anchor row, horizontal bars; tasks labelled with their row counts."""
-    from matplotlib.figure import Figure
-
-    tasks = sorted(report["by_task"].items(), key=lambda item: -item[1]["anchor_rows"])
-    fig = Figure(figsize=(9, 1.5 + 0.25 * len(tasks) * (1 + sum(report["blocks"][b]["enabled"] for b in BLOCKS) / 2)), layout="constrained")
-    ax = fig.subplots()
-    labels = [f"{name}\n({v['anchor_rows']:,} anchor rows)" for name, v in tasks]
-    _plot_rates(ax, labels, [v["rate"] for _, v in tasks], horizontal=True)
-    ax.invert_yaxis()
-    ax.set_title("False-negative rate per task of the anchor row (all epochs)")
-    _self_pair_note(fig, report)
-    _save(fig, path)
 
 
 def _cell(value, digits: int = 2) -> str:
@@ -415,10 +311,8 @@ def _markdown(report: dict) -> str:
         "> t_i − |t_i|·m (relative), with t_i = g(a_i, p_i). Rates are masked / candidate entries; `aa` and `pp` "
         "count the self-pair (a_i, a_i) as a candidate, as `GISTEmbedLoss` does; the column without it shows genuine in-batch negatives.", "",
     ]
-    mismatched = report["mask_check"]["mismatched_entries"]
     lines += [
-        f"Mask check: the stored masks {'equal' if mismatched == 0 else f'**differ in {mismatched:,} entries from**'} "
-        "the mask rule applied to the stored embeddings.", "",
+        _mask_check_line(report["mask_check"]), "",
         "## False-negative rate per block", "",
         *_table(
             ["block", "masked", "candidates", "rate", "self-pairs / own negatives masked", "rate without self-pairs", "identical texts masked", "identical texts kept as negatives"],
@@ -460,6 +354,18 @@ def _markdown(report: dict) -> str:
     return "\n".join(lines)
 
 
+def _mask_check_line(check: dict) -> str:
+    """The mask check's verdict: differences beyond the rounding band are an integrity alarm, those within it are not."""
+    real, near, band = check["mismatched_entries"], check["near_threshold_entries"], check["rounding_band"]
+    rounding = (f"{near:,} entries within ±{band:.1e} of their threshold, where float32 rounding decides (masks "
+                "computed on another device, e.g. a GPU, sum the products in another order)")
+    if real:
+        return (f"Mask check: the stored masks **differ in {real:,} entries from** the mask rule applied to the stored "
+                f"embeddings, beyond float32 rounding of the threshold" + (f" (and in {rounding})" if near else "") + ".")
+    return ("Mask check: the stored masks equal the mask rule applied to the stored embeddings"
+            + (f", but for {rounding}: not an integrity problem." if near else "."))
+
+
 def _filter_section(f: dict) -> list[str]:
     """The `gist filter` summary: what the consistency filter dropped, per task, and its worst pairs."""
     rule = " and ".join(([f"rank <= {f['params']['top_k']}"] if f["params"]["top_k"] else [])
@@ -497,7 +403,7 @@ def write_report(run_dir: Path, out_dir: Path, examples: int = 20, filter_summar
     `filter_summary` (a `gist filter` summary, `*.filter.json`) adds its section.
     """
     run_dir, out_dir = Path(run_dir), Path(out_dir)
-    manifest, guide_dir, masks, data, embeddings = _load(run_dir)
+    manifest, guide_dir, masks, data, embeddings = load_planned(run_dir)
     tasks = [NO_TASK if t is None else t for t in (data.tasks if data.tasks is not None else [None] * data.num_examples)]
     task_names, task_of = np.unique(np.asarray(tasks, dtype=object).astype(str), return_inverse=True)
     scan = _scan(masks, data, embeddings, task_of.astype(np.int64), len(task_names), examples)
@@ -508,9 +414,7 @@ def write_report(run_dir: Path, out_dir: Path, examples: int = 20, filter_summar
         out_dir.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise GistError(f"{out_dir}: cannot create the report directory ({e.strerror})") from None
-    _plot_similarity(report, out_dir / PLOTS["similarity"])
-    _plot_epochs(report, out_dir / PLOTS["epoch"])
-    _plot_tasks(report, out_dir / PLOTS["task"])
+    write_plots(report, out_dir)
     with atomic_path(out_dir / "report.md") as tmp:
         tmp.write_text(_markdown(report) + "\n")
     write_json(out_dir / "report.json", report)
