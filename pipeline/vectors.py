@@ -1,0 +1,210 @@
+"""Any embedder's vectors as the guide pass (`gist precompute-guide DATA --embeddings VECTORS`).
+
+The strongest guides are often served outside sentence-transformers (API models, LLM embedders
+behind an inference server). Their vectors, computed once by whatever serves them, make the same
+guide pass a model would: nothing is loaded, nothing is encoded. VECTORS is one of
+
+- Parquet with a `text` column (strings) and one vector column (list or fixed-size list of
+  floats): looked up by text, so it may hold more texts than DATA, in any order; each text once.
+- NumPy `.npy`, a 2-d float array with one row per unique text of DATA in gist's text-id order:
+  DATA's distinct texts in order of first appearance, reading the anchor column top to bottom,
+  then the positive column, then negative_1, negative_2, ... (after `--columns`). That is the
+  order of `pipeline.data.load_training_data(DATA).texts`, and of `texts.parquet` in any guide
+  pass of DATA.
+
+`ExternalVectors` checks everything before anything is written (`check`: coverage, one dimension,
+finite, non-zero), then `write` stores them as a model pass stores its vectors: unit norm (the
+mask rule compares dot products as cosines), `embeddings.npy` and `embeddings.parquet`. Rows
+already of unit norm within float32 rounding (`UNIT_TOLERANCE`) are stored as given, so vectors a
+gist pass wrote reproduce that pass bit for bit; others are divided by their norm (in float64).
+The file's name and sha256 are the guide's identity in the manifest and the masks' metadata.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from pipeline import GistError
+from pipeline.artifacts import atomic_path, sha256_file
+from pipeline.data import TrainingData
+from pipeline.guide import EMBEDDINGS, VECTORS, embeddings_schema
+
+FORMATS = {".parquet": "parquet", ".npy": "npy"}
+BLOCK_ROWS = 1 << 16  # vectors read, checked and normalised at a time
+UNIT_TOLERANCE = 1e-5  # |norm - 1| below this: already unit (float32 rounding of a normalised vector); stored as given
+SHOWN = 3  # texts named in an error
+
+
+def _quote(text: str, width: int = 60) -> str:
+    return repr(text if len(text) <= width else text[: width - 3] + "...")
+
+
+def _named(texts: list[str]) -> str:
+    return ", ".join(_quote(t) for t in texts[:SHOWN]) + (", ..." if len(texts) > SHOWN else "")
+
+
+class ExternalVectors:
+    """VECTORS opened against DATA's texts: which row of the file holds each text id, its dimension.
+
+    Opening reads the file's metadata and, for Parquet, its text column (the lookup); the vectors
+    themselves are read in blocks by `check` and `write`, so a file larger than memory works.
+    """
+
+    def __init__(self, path: str | Path, training: TrainingData):
+        self.path = Path(path)
+        self.texts = training.texts
+        self.num_texts = len(training.texts)
+        self.format = FORMATS.get(self.path.suffix.lower())
+        if self.format is None:
+            raise GistError(f"--embeddings {self.path}: use a .parquet (text + vector columns) or .npy (rows in text-id order) file")
+        if not self.path.is_file():
+            raise GistError(f"--embeddings {self.path}: no such file")
+        if self.format == "npy":
+            self._open_npy()
+        else:
+            self._open_parquet(training)
+
+    def _open_npy(self) -> None:
+        try:
+            self.array = np.load(self.path, mmap_mode="r")
+        except (OSError, ValueError) as e:
+            raise GistError(f"--embeddings {self.path}: cannot read it as .npy ({str(e).splitlines()[0]})") from None
+        if self.array.ndim != 2 or not np.issubdtype(self.array.dtype, np.floating):
+            raise GistError(f"--embeddings {self.path}: a (texts, dim) float array is needed, it holds {self.array.dtype} {self.array.shape}")
+        if len(self.array) != self.num_texts:
+            raise GistError(
+                f"--embeddings {self.path}: {len(self.array)} rows but DATA has {self.num_texts} unique texts; a .npy holds one row "
+                "per text in text-id order (see `gist precompute-guide --help`), or use Parquet with a text column"
+            )
+        self.dim, self.dtype, self.column = self.array.shape[1], self.array.dtype.name, None
+        self.rows = np.arange(self.num_texts)  # file row of each text id
+
+    def _open_parquet(self, training: TrainingData) -> None:
+        try:
+            self.file = pq.ParquetFile(self.path)
+        except (pa.ArrowException, OSError) as e:
+            raise GistError(f"--embeddings {self.path}: cannot read it as Parquet ({str(e).splitlines()[0]})") from None
+        schema = self.file.schema_arrow
+        if "text" not in schema.names or not (pa.types.is_string(schema.field("text").type) or pa.types.is_large_string(schema.field("text").type)):
+            raise GistError(f"--embeddings {self.path}: needs a string column 'text' beside the vectors (columns: {', '.join(schema.names)})")
+        vector_columns = [f.name for f in schema if f.name != "text" and (pa.types.is_list(f.type) or pa.types.is_large_list(f.type) or pa.types.is_fixed_size_list(f.type))]
+        if len(vector_columns) != 1:
+            found = f"several ({', '.join(vector_columns)}): keep one" if vector_columns else f"none among {', '.join(schema.names)}"
+            raise GistError(f"--embeddings {self.path}: needs one vector column (a list of floats) beside 'text', found {found}")
+        self.column = vector_columns[0]
+        value_type = schema.field(self.column).type.value_type
+        if not pa.types.is_floating(value_type):
+            raise GistError(f"--embeddings {self.path}: column {self.column!r} holds lists of {value_type}, not of floats")
+        self.dtype = value_type.to_pandas_dtype().__name__
+        try:
+            texts = self.file.read(columns=["text"]).column("text").cast(pa.large_string())
+        except (pa.ArrowException, OSError) as e:
+            raise GistError(f"--embeddings {self.path}: cannot read its text column ({str(e).splitlines()[0]})") from None
+        if texts.null_count:
+            raise GistError(f"--embeddings {self.path}: {texts.null_count} null text(s)")
+        ids = pc.index_in(texts, value_set=training.texts).fill_null(-1).to_numpy().astype(np.int64)  # text id of each file row
+        used = ids >= 0
+        counts = np.bincount(ids[used], minlength=self.num_texts)
+        missing = np.flatnonzero(counts == 0)
+        if len(missing):
+            raise GistError(
+                f"--embeddings {self.path}: no vector for {len(missing)} of DATA's {self.num_texts} texts, e.g. "
+                f"{_named(self._texts(missing[:SHOWN + 1]))} (texts must match exactly)"
+            )
+        repeated = np.flatnonzero(counts > 1)
+        if len(repeated):
+            raise GistError(f"--embeddings {self.path}: {len(repeated)} text(s) appear more than once, e.g. {_named(self._texts(repeated[:SHOWN + 1]))}; keep one vector per text")
+        self.file_ids = ids
+        self.rows = np.empty(self.num_texts, dtype=np.int64)
+        self.rows[ids[used]] = np.flatnonzero(used)
+        first = next(self.file.iter_batches(batch_size=BLOCK_ROWS, columns=[self.column])).column(0)
+        dims = self._parquet_dims(first)[first.is_valid().to_numpy(zero_copy_only=False)]
+        self.dim = int(dims[0]) if len(dims) else 0  # of the first vector; every other must have it
+
+    @staticmethod
+    def _parquet_dims(vectors: pa.Array) -> np.ndarray:
+        if pa.types.is_fixed_size_list(vectors.type):
+            return np.full(len(vectors), vectors.type.list_size)
+        return pc.list_value_length(vectors).fill_null(0).to_numpy()
+
+    def _raw_blocks(self) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """(text ids, their vectors as read) block by block; Parquet rows whose text DATA lacks are skipped."""
+        if self.format == "npy":
+            for start in range(0, self.num_texts, BLOCK_ROWS):
+                yield np.arange(start, min(start + BLOCK_ROWS, self.num_texts)), np.asarray(self.array[start : start + BLOCK_ROWS])
+            return
+        start = 0
+        for batch in self.file.iter_batches(batch_size=BLOCK_ROWS, columns=[self.column]):
+            vectors, ids = batch.column(0), self.file_ids[start : start + batch.num_rows]
+            start += batch.num_rows
+            dims = self._parquet_dims(vectors)
+            bad = np.flatnonzero((dims != self.dim) | ~vectors.is_valid().to_numpy(zero_copy_only=False))
+            if len(bad):
+                row = int(bad[0])
+                what = "no vector" if not vectors[row].is_valid else f"a {dims[row]}-dim vector"
+                raise GistError(f"--embeddings {self.path}: row {start - batch.num_rows + row} has {what}, the first vector {self.dim} dims; every vector needs the same dimension")
+            values = vectors.flatten()
+            if values.null_count:
+                raise GistError(f"--embeddings {self.path}: null values inside the vectors of column {self.column!r}")
+            keep = ids >= 0
+            yield ids[keep], values.to_numpy(zero_copy_only=False).reshape(-1, self.dim)[keep]
+
+    def blocks(self) -> Iterator[tuple[np.ndarray, np.ndarray, int]]:
+        """(text ids, unit float32 vectors, how many were renormalised), checked block by block."""
+        if self.dim == 0:
+            raise GistError(f"--embeddings {self.path}: the vectors are empty (dimension 0)")
+        for ids, raw in self._raw_blocks():
+            wide = raw.astype(np.float64)
+            norms = np.linalg.norm(wide, axis=1)
+            finite = np.isfinite(wide).all(axis=1)
+            for bad, what in ((~finite, "NaN or inf values"), (finite & ~(norms > 0), "a zero vector")):
+                if bad.any():
+                    texts = self._texts(ids[np.flatnonzero(bad)[:SHOWN + 1]])
+                    raise GistError(f"--embeddings {self.path}: {int(bad.sum())} vector(s) with {what}, e.g. for {_named(texts)}; cosine similarity needs finite non-zero vectors")
+            off = np.abs(norms - 1) > UNIT_TOLERANCE
+            vectors = raw.astype(np.float32)
+            vectors[off] = (wide[off] / norms[off, None]).astype(np.float32)
+            yield ids, vectors, int(off.sum())
+
+    def _texts(self, ids: np.ndarray) -> list[str]:
+        return [self.texts[int(i)].as_py() for i in ids]
+
+    def check(self) -> None:
+        """Every check, reading the whole file, writing nothing: a bad file fails here, before --out is touched."""
+        for _ in self.blocks():
+            pass
+
+    def write(self, out_dir: Path, embedding_dtype: str, rows_per_group: int) -> dict:
+        """Store the unit vectors by text id as `embeddings.npy` and `embeddings.parquet` (as a model pass
+        does); returns the encoding counts for the manifest."""
+        renormalized = 0
+        with atomic_path(out_dir / VECTORS) as raw:
+            array = np.lib.format.open_memmap(raw, mode="w+", dtype=embedding_dtype, shape=(self.num_texts, self.dim))
+            for ids, vectors, off in self.blocks():
+                array[ids] = vectors.astype(embedding_dtype)
+                renormalized += off
+            array.flush()
+            del array
+        stored = np.load(out_dir / VECTORS, mmap_mode="r")
+        schema = embeddings_schema(self.dim, embedding_dtype)
+        with atomic_path(out_dir / EMBEDDINGS) as tmp, pq.ParquetWriter(tmp, schema) as writer:
+            for start in range(0, self.num_texts, rows_per_group):
+                block = np.asarray(stored[start : start + rows_per_group])
+                writer.write_table(pa.table(
+                    {"text_id": np.arange(start, start + len(block), dtype=np.int64),
+                     "embedding": pa.FixedSizeListArray.from_arrays(block.reshape(-1), self.dim)}, schema=schema,
+                ))
+        return {"dim": self.dim, "encoded_texts": 0, "reused_texts": 0, "resumed_texts": 0, "vector_texts": self.num_texts,
+                "renormalized_texts": renormalized, "encode_seconds": 0.0}
+
+    def identity(self) -> dict:
+        """The guide's identity for the manifest and the masks' metadata: the file's name, path and sha256
+        (and ENCODING_KEYS: the file's float type, no sequence length)."""
+        return {"source": "embeddings", "path": str(self.path.resolve()), "name": self.path.name, "sha256": sha256_file(self.path),
+                "format": self.format, "column": self.column, "dtype": self.dtype, "max_seq_length": None}
