@@ -116,12 +116,22 @@ def read_table(path) -> pa.Table:
         if suffix in (".jsonl", ".json", ".jsonl.gz", ".json.gz"):
             return pyarrow.json.read_json(path)
         if suffix in (".csv", ".csv.gz"):
-            return pyarrow.csv.read_csv(path)
+            return _read_csv(path)
     except GistError:
         raise
     except (pa.ArrowException, OSError, ValueError) as e:
         raise GistError(f"{path}: cannot read ({str(e).splitlines()[0]})") from None
     raise GistError(f"{path}: unknown format {path.suffix!r}; use .parquet, .jsonl, .csv or a save_to_disk directory")
+
+
+def _read_csv(path: Path) -> pa.Table:
+    """Every column as strings (CSV holds no types: a text of digits stays that text, never an int),
+    newlines inside quoted values parsed (pyarrow.csv.write_csv writes them so), an empty cell null
+    (write_csv writes a null so; an empty text is refused either way)."""
+    parse = pyarrow.csv.ParseOptions(newlines_in_values=True)
+    names = pyarrow.csv.open_csv(path, parse_options=parse).schema.names
+    convert = pyarrow.csv.ConvertOptions(column_types=dict.fromkeys(names, pa.string()), strings_can_be_null=True, null_values=[""])
+    return pyarrow.csv.read_csv(path, parse_options=parse, convert_options=convert)
 
 
 def write_table(table: pa.Table, path: Path, into: Path | None = None) -> None:
