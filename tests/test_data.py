@@ -1,8 +1,9 @@
-"""Reading DATA: CSV with multi-line texts past pyarrow's first block and CSV columns
-as strings, read as the same examples as a plain Parquet file."""
+"""Reading DATA: CSV with multi-line texts past pyarrow's first block, CSV columns as strings, and
+dictionary-encoded (pandas `category`) columns, each read as the same examples as a plain Parquet file."""
 
 from __future__ import annotations
 
+import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -42,3 +43,12 @@ def test_csv_columns_are_read_as_strings(tmp_path):
     assert data.tasks.tolist() == ["1", None, "2"]
     assert read_corpus(tmp_path / "data.csv", "anchor") == ["0042", "17", "5"]
 
+
+def test_dictionary_encoded_columns_are_decoded(tmp_path):
+    """pandas `category` columns written to Parquet come back dictionary-encoded: read as their values."""
+    frame = pd.DataFrame({"anchor": ["a", "b", "a", "c"], "positive": ["p", "q", "r", "p"], "task": ["t", "u", "t", None]})
+    frame.to_parquet(tmp_path / "plain.parquet")
+    frame.astype("category").to_parquet(tmp_path / "category.parquet")
+    assert pa.types.is_dictionary(pq.read_table(tmp_path / "category.parquet").schema.field("anchor").type)
+    assert_same_examples(load_training_data(tmp_path / "category.parquet"), load_training_data(tmp_path / "plain.parquet"))
+    assert read_corpus(tmp_path / "category.parquet", "positive") == ["p", "q", "r"]
