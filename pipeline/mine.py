@@ -212,16 +212,22 @@ def mine_from_pass(
     else:
         # A corpus file: its texts already in the guide pass reuse their vectors, the rest are encoded once.
         corpus_texts = data_mod.read_corpus(Path(corpus), corpus_column)
-        model_path = guide or manifest["guide"]["path"]
-        model = guide_mod.load_model(model_path, device)  # checks the directory before hashing its files
-        if guide_mod.model_identity(model_path)["sha256"] != manifest["guide"]["sha256"]:
-            raise GistError(f"--guide {model_path}: not the guide of {guide_dir} (model files differ); mining needs one guide's embeddings")
-        guide_mod.set_guide_dtype(model, manifest["guide"]["dtype"])  # encode as the guide pass did
-        if manifest["guide"]["max_seq_length"] is not None:
-            model.max_seq_length = manifest["guide"]["max_seq_length"]  # encode as the guide pass did
         rows = guide_mod.StoredEmbeddings([guide_dir], manifest["guide"], manifest["encoding"]["embedding_dtype"]).lookup(corpus_texts)
         new_texts = [corpus_texts[i] for i in np.flatnonzero(rows < 0)]
-        new_vectors, _ = guide_mod.embed(model, new_texts, encode_batch_size, first_id=len(texts))
+        if manifest["guide"].get("source") == "embeddings":  # a pass from --embeddings VECTORS: no model to encode with
+            if new_texts:
+                raise GistError(f"--corpus {corpus}: {len(new_texts)} text(s) not in {guide_dir}, e.g. {new_texts[0][:60]!r}, and its vectors came from "
+                                f"--embeddings {manifest['guide']['name']} (no model to encode them): add their vectors there and run precompute-guide again")
+            new_vectors = np.zeros((0, embeddings.shape[1]), dtype=np.float32)
+        else:
+            model_path = guide or manifest["guide"]["path"]
+            model = guide_mod.load_model(model_path, device)  # checks the directory before hashing its files
+            if guide_mod.model_identity(model_path)["sha256"] != manifest["guide"]["sha256"]:
+                raise GistError(f"--guide {model_path}: not the guide of {guide_dir} (model files differ); mining needs one guide's embeddings")
+            guide_mod.set_guide_dtype(model, manifest["guide"]["dtype"])  # encode as the guide pass did
+            if manifest["guide"]["max_seq_length"] is not None:
+                model.max_seq_length = manifest["guide"]["max_seq_length"]  # encode as the guide pass did
+            new_vectors, _ = guide_mod.embed(model, new_texts, encode_batch_size, first_id=len(texts))
         rows[rows < 0] = len(texts) + np.arange(len(new_texts))
         texts = pa.concat_arrays([texts, pa.array(new_texts, pa.large_string())])
         embeddings, corpus_ids = np.concatenate([embeddings, new_vectors]), rows

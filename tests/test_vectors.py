@@ -176,3 +176,23 @@ def test_guide_and_embeddings_exclusive(args, words, exported, guide_run, triple
     proc = gist("precompute-guide", triplets, *args, "--out", tmp_path / "out", check=False)
     assert_fails(proc, 1, *words)
     assert not (tmp_path / "out").exists()
+
+
+def test_mine_and_filter_on_a_vectors_pass(vectors_run, guide_run, tmp_path):
+    """gist mine (stored corpus, or a corpus file of the pass's texts) and gist filter give what they give on the
+    model pass; a corpus file with texts the vectors lack is refused in one line (no model to encode them)."""
+    for run, name in ((vectors_run, "vectors"), (guide_run, "model")):
+        gist("mine", run, "--out", tmp_path / f"mined-{name}.parquet", "--corpus", "all", "--num-negatives", "2")
+        gist("filter", run, "--out", tmp_path / f"kept-{name}.parquet", "--top-k", "3")
+    for kind in ("mined", "kept"):
+        ours, theirs = (pq.read_table(tmp_path / f"{kind}-{name}.parquet") for name in ("vectors", "model"))
+        assert ours.num_rows > 0 and ours.equals(theirs), kind
+    texts, _ = model_vectors(guide_run)
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts[:200]))
+    gist("mine", vectors_run, "--out", tmp_path / "mined-file.parquet", "--corpus", corpus, "--num-negatives", "1")
+    assert json.loads(pq.read_table(tmp_path / "mined-file.parquet").schema.metadata[b"gist"])["encoded_texts"] == 0
+    corpus.write_text(corpus.read_text() + json.dumps({"text": "a text no vector was served for"}) + "\n")
+    proc = gist("mine", vectors_run, "--out", tmp_path / "mined-new.parquet", "--corpus", corpus, "--num-negatives", "1", check=False)
+    assert_fails(proc, 1, "1 text(s) not in", "--embeddings served.parquet")
+    assert len(proc.stderr.strip().splitlines()) == 1 and not (tmp_path / "mined-new.parquet").exists()
