@@ -7,6 +7,7 @@ import json
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -16,7 +17,12 @@ from typer.testing import CliRunner
 import cli
 
 from pipeline import GistError
+from pipeline.artifacts import file_record
+from pipeline.guide import gather, load_guide_pass
+from pipeline.mask_check import rounding_band
+from pipeline.masks import PlannedMasks, PlanParams
 from pipeline.report import PLOTS, write_report
+from pipeline.stage1 import replan
 from tests.conftest import GUIDE_STATIC, SAMPLE, gist
 
 BATCH = 16
@@ -149,3 +155,64 @@ def test_plan_directory_and_checksums(report_run, tmp_path):
         f.write(b"x")
     with pytest.raises(GistError, match="checksum"):
         write_report(broken, tmp_path / "out2")
+
+
+def toggle_masks(run_dir: Path, entries: list[tuple[int, str, int]]) -> None:
+    """Flip the stored mask of each (plan row, block, flat position) in run_dir's masks.parquet and
+    record the new checksum, as masks computed elsewhere (another device's rounding) would store them."""
+    path = run_dir / "masks.parquet"
+    table = pq.read_table(path)
+    for row, block, position in entries:
+        column = table.column(block).to_pylist()
+        column[row] = sorted(set(column[row]) ^ {position})
+        table = table.set_column(table.schema.get_field_index(block), block, pa.array(column, table.schema.field(block).type))
+    pq.write_table(table, path)
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    manifest["files"]["masks.parquet"] = file_record(path)
+    (run_dir / "manifest.json").write_text(json.dumps(manifest))
+
+
+def test_mask_check_tells_rounding_at_the_threshold_from_real_differences(report_run, tmp_path):
+    """Issue 22 item 11: masks made on a GPU differ from the report's CPU recomputation where float32
+    rounding decides an entry at its threshold. Made here by planning with a margin that puts one
+    `ap` entry exactly on its boundary (t - m == g to the last bit or so) and flipping that entry, as
+    another summation order may: the report counts it near the threshold, not as a mismatch (before,
+    "differ in 1 entries from the mask rule"). A flipped entry far from its threshold stays a mismatch."""
+    first = replan(report_run, tmp_path / "p0", PlanParams(batch_size=BATCH, strategy="random"))
+    batch = PlannedMasks(first.masks).batch_rows(0, 2)
+    _, data, embeddings = load_guide_pass(report_run)
+    sims = gather(embeddings, data.anchor_ids[batch]) @ gather(embeddings, data.positive_ids[batch]).transpose(0, 2, 1)
+    t = sims[0, 0, 0]
+    j = max((j for j in range(1, BATCH) if sims[0, 0, j] < t), key=lambda j: sims[0, 0, j])
+    margin = float(t - sims[0, 0, j])  # the boundary t - m of row 0 is g(a_0, p_j), within float32 rounding
+    run = replan(report_run, tmp_path / "p1", PlanParams(batch_size=BATCH, strategy="random", margin=margin)).dir
+    assert np.array_equal(PlannedMasks(run / "masks.parquet").batch_rows(0, 2), batch)
+    band = rounding_band(embeddings.shape[1], PlanParams(margin=margin))
+    far = int(np.argmin(sims[1, 1]))
+    assert sims[1, 1, far] < sims[1, 1, 1] - margin - 100 * band  # far below its boundary: the rule keeps it
+    toggle_masks(run, [(0, "ap", j)])
+    near = write_report(run, tmp_path / "near", examples=0)
+    assert near["mask_check"] == {"mismatched_entries": 0, "near_threshold_entries": 1, "rounding_band": band}
+    assert near["blocks"]["ap"]["near_threshold_vs_rule"] == 1 and near["blocks"]["ap"]["mismatched_vs_rule"] == 0
+    markdown = (tmp_path / "near" / "report.md").read_text()
+    assert "not an integrity problem" in markdown and "**differ" not in markdown
+    toggle_masks(run, [(1, "ap", BATCH + far)])
+    real = write_report(run, tmp_path / "real", examples=0)
+    assert real["mask_check"]["mismatched_entries"] == 1 and real["mask_check"]["near_threshold_entries"] == 1
+    assert "**differ in 1 entries from**" in (tmp_path / "real" / "report.md").read_text()
+
+
+def test_rounding_band_covers_float32_summation_orders():
+    """The band bounds the float32 error of a unit-vector similarity against its threshold in any
+    summation order: a float64 reference and float32 products in several orders stay within it."""
+    rng = np.random.default_rng(0)
+    dim = 768
+    x = rng.standard_normal((64, dim)).astype(np.float32)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    exact = x.astype(np.float64) @ x.T.astype(np.float64)
+    orders = [x @ x.T, np.cumsum(x[:, None, :] * x[None, :, :], axis=-1, dtype=np.float32)[..., -1],
+              sum(x[:, k : k + 96] @ x[:, k : k + 96].T for k in range(0, dim, 96))]  # pairwise, sequential, in 8 blocks
+    band = rounding_band(dim, PlanParams())
+    assert 1e-4 < band < 3e-4
+    for sims in orders:
+        assert np.abs(sims - exact).max() < band / 4
