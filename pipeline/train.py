@@ -28,6 +28,29 @@ from pipeline.masks import PlannedMasks
 TRAIN_LOG = "train_log.jsonl"
 
 
+class PlanCursor(TrainerCallback):
+    """The plan row the trainer trains next: its global step (one planned batch per optimizer step).
+
+    The planned batch sampler and the loss read `step` from here rather than trusting the epoch the
+    trainer hands to samplers: on resume under torchrun that epoch never reaches the sampler
+    (SkipBatchSampler -> BatchSamplerShard -> sampler), which then silently replays epoch 0. Add
+    `masks.cursor` to the trainer's callbacks (`build_trainer` does); tests set `step` by hand.
+    """
+
+    def __init__(self) -> None:
+        self.step = 0
+
+    def _follow(self, args, state, control, **kwargs):
+        self.step = state.global_step
+
+    on_epoch_begin = on_step_begin = _follow
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if args.gradient_accumulation_steps != 1:
+            raise GistError(f"gradient_accumulation_steps {args.gradient_accumulation_steps}: a planned batch is one optimizer step; plan larger batches (use CachedGuidedMaskLoss for memory) instead")
+        self._follow(args, state, control)
+
+
 class PlannedBatchSampler(DefaultBatchSampler):
     """Yields the planned batches of the epoch the trainer is in, in order.
 
