@@ -204,14 +204,23 @@ class JsonlLogCallback(TrainerCallback):
                 f.write(json.dumps({"step": state.global_step, "epoch": state.epoch, **logs}) + "\n")
 
 
+def check_max_steps(masks: PlannedMasks, max_steps: int) -> None:
+    """Refuse more steps than the plan has batches (the trainer would train the whole plan, then fail
+    asking for an epoch the plan lacks, with no final model)."""
+    if max_steps > masks.num_batches:
+        raise GistError(f"--max-steps {max_steps} exceeds the {masks.num_batches} planned batches of {masks.path}; re-plan with more --epochs")
+
+
 def planned_training_args(masks: PlannedMasks, **training_args):
     """SentenceTransformerTrainingArguments that replay the plan of `masks`; `training_args` (e.g.
     output_dir, learning_rate) override the defaults. The plan fixes the batch size, the epochs and
     the batch sampler; under torchrun every planned batch (G examples) is split across the W
-    ranks, G / W each, and each rank's loss gathers the others' candidates.
+    ranks, G / W each, and each rank's loss gathers the others' candidates. A `max_steps` beyond
+    the plan is refused.
     """
     from sentence_transformers import SentenceTransformerTrainingArguments
 
+    check_max_steps(masks, training_args.get("max_steps", -1))
     world_size = int(os.environ.get("WORLD_SIZE", 1))  # set by torchrun; torch.distributed starts later
     epochs, g = masks.params.epochs, masks.params.batch_size
     if g % world_size:
@@ -354,8 +363,7 @@ def train_student(
         raise GistError("--eval-steps needs --sts and/or --beir to evaluate on")
     masks = masks if isinstance(masks, PlannedMasks) else PlannedMasks(Path(masks))
     training = planned_training_data(data, masks, columns)
-    if settings.max_steps > masks.num_batches:
-        raise GistError(f"--max-steps {settings.max_steps} exceeds the {masks.num_batches} planned batches; re-plan with more --epochs")
+    check_max_steps(masks, settings.max_steps)  # before OUT is claimed or the model loaded
     evaluator = training_evaluator(sts, beir) if settings.eval_steps else None  # reads the files: fails before training
     record = {
         "data_fingerprint": training.fingerprint, "masks_plan": masks.meta["plan"], "masks_guide": masks.meta["guide_sha256"],

@@ -205,3 +205,14 @@ def test_a_checkpoint_or_log_line_cut_by_a_kill_is_skipped(tmp_path):
     log.write_text('{"step": 1, "loss": 1.0}\n{"step": 2, "loss": 0.9}\n{"step": 3, "lo')
     JsonlLogCallback(log).on_train_begin(None, SimpleNamespace(global_step=2, is_world_process_zero=True), None)
     assert [json.loads(line)["step"] for line in log.read_text().splitlines()] == [1, 2]
+
+
+def test_planned_training_args_refuse_more_steps_than_the_plan(tmp_path, guide_run):
+    """As `gist train --max-steps` is: a script passing max_steps beyond the plan (examples/train_with_gist.py
+    passes --max-steps through) would train the whole plan, then fail asking for an epoch the plan lacks."""
+    from pipeline.train import planned_training_args
+
+    masks = PlannedMasks(guide_run / "masks.parquet")
+    assert planned_training_args(masks, output_dir=str(tmp_path), max_steps=masks.num_batches).max_steps == masks.num_batches
+    with pytest.raises(GistError, match=f"--max-steps {masks.num_batches + 1} exceeds the {masks.num_batches} planned batches"):
+        planned_training_args(masks, output_dir=str(tmp_path), max_steps=masks.num_batches + 1)
