@@ -301,3 +301,21 @@ def test_guide_dtype_default_is_float32_and_a_bad_value_is_one_line(tmp_path, gu
     result = gist("precompute-guide", data, "--guide", GUIDE_SAMEVOCAB, "--out", out, "--guide-dtype", "fp8", check=False)
     assert result.returncode == 1 and not out.exists()
     assert result.stderr.strip() == "error: --guide-dtype fp8: use one of float32, float16, bfloat16", result.stderr
+
+
+def test_gpu_check_online_guide_runs_in_float32_under_autocast(guide):
+    """bench/gpu_check compares float32 stored masks with GISTEmbedLoss's online guide: under the
+    student's autocast that guide must still embed in float32, the pass's own arithmetic (issue 22 item 11)."""
+    import copy
+
+    from bench.gpu_check import float32_online
+
+    features = guide.preprocess(["a short text", "another, somewhat longer text to embed"])
+    with torch.no_grad():
+        plain = guide(dict(features))["sentence_embedding"]
+        wrapped = float32_online(copy.deepcopy(guide))
+        with torch.autocast("cpu", dtype=BF16):
+            under_autocast = guide(dict(features))["sentence_embedding"]
+            kept = wrapped(dict(features))["sentence_embedding"]
+    assert not torch.equal(under_autocast.float(), plain)  # autocast alone changes the guide's embeddings
+    assert kept.dtype == FP32 and torch.equal(kept, plain)
