@@ -342,11 +342,12 @@ class PlannedMasks:
 
     @functools.cached_property
     def cursor(self):
-        """The trainer-step cursor (`pipeline.train.PlanCursor`), made on first use: planning, mining
-        and reports never import the trainer."""
-        from pipeline.train import PlanCursor
+        """The trainer-step cursor of this masks file (`pipeline.train.plan_cursor`): one per file in a
+        process, shared by every PlannedMasks of it (the sampler's, and one a loss opened from the
+        path). Made on first use: planning, mining and reports never import the trainer."""
+        from pipeline.train import plan_cursor
 
-        return PlanCursor()
+        return plan_cursor(self.path)
 
     def __reduce__(self):
         # Pickled (e.g. in the trainer's training_args.bin) as its path: no open file, no cached row groups.

@@ -12,6 +12,7 @@ import contextlib
 import functools
 import json
 import os
+import weakref
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -51,6 +52,20 @@ class PlanCursor(TrainerCallback):
         self._follow(args, state, control)
 
 
+_CURSORS: weakref.WeakValueDictionary[Path, PlanCursor] = weakref.WeakValueDictionary()
+
+
+def plan_cursor(masks_path: Path) -> PlanCursor:
+    """The one PlanCursor of the masks file at `masks_path` in this process (by resolved path, kept
+    while a PlannedMasks holds it): a loss opened from the path and the sampler given a PlannedMasks
+    follow the same trainer step, whichever of them reached the trainer's callbacks."""
+    key = Path(masks_path).resolve()
+    cursor = _CURSORS.get(key)
+    if cursor is None:
+        cursor = _CURSORS[key] = PlanCursor()
+    return cursor
+
+
 class PlannedBatchSampler(DefaultBatchSampler):
     """Yields the planned batches of the epoch the trainer is in, in order.
 
@@ -64,6 +79,7 @@ class PlannedBatchSampler(DefaultBatchSampler):
         self.masks = masks
         # The planned (global) batch size: accelerate splits batches of exactly this size over the ranks.
         self.batch_size = masks.params.batch_size
+        self._epoch: int | None = None  # the epoch the last iteration replayed
 
     def __len__(self) -> int:
         return self.masks.steps_per_epoch
@@ -71,8 +87,13 @@ class PlannedBatchSampler(DefaultBatchSampler):
     def __iter__(self):
         epochs, steps = self.masks.params.epochs, self.masks.steps_per_epoch
         epoch = self.masks.cursor.step // steps
+        if self._epoch is not None and epoch <= self._epoch:
+            # The cursor did not follow the trainer through the last epoch: a loss that checks no
+            # batch (MNRL) would otherwise train this epoch's batches again, silently.
+            raise GistError(f"a new epoch began with the plan cursor still in epoch {epoch + 1}: add `masks.cursor` to the trainer's callbacks")
         if epoch >= epochs:
             raise GistError(f"the trainer asked for epoch {epoch + 1}, the plan has {epochs}; re-plan with more --epochs")
+        self._epoch = epoch
         for row in range(epoch * steps, (epoch + 1) * steps):  # read row group by row group, never the whole plan
             yield self.masks.batch_rows(row, row + 1)[0].tolist()
 

@@ -216,3 +216,29 @@ def test_planned_training_args_refuse_more_steps_than_the_plan(tmp_path, guide_r
     assert planned_training_args(masks, output_dir=str(tmp_path), max_steps=masks.num_batches).max_steps == masks.num_batches
     with pytest.raises(GistError, match=f"--max-steps {masks.num_batches + 1} exceeds the {masks.num_batches} planned batches"):
         planned_training_args(masks, output_dir=str(tmp_path), max_steps=masks.num_batches + 1)
+
+
+def test_a_loss_given_the_masks_path_follows_the_trainers_cursor(tmp_path, guide_run, triplets):
+    """The documented `GuidedMaskLoss(model, ".../masks.parquet")` opens its own PlannedMasks; both share the
+    file's one cursor, so the batch check passes at every step (it failed at step 2: a second cursor never moved)."""
+    path = guide_run / "masks.parquet"
+    masks, student = PlannedMasks(path), load_student()
+    loss = GuidedMaskLoss(student, str(path))
+    assert loss.masks is not masks and loss.masks.cursor is masks.cursor
+    trainer = build_trainer(student, load_training_data(triplets), masks, loss, tmp_path, max_steps=3, save_strategy="no",
+                            logging_steps=1, use_cpu=True, disable_tqdm=True)
+    trainer.train()
+    assert trainer.state.global_step == 3 and masks.cursor.step == 2
+
+
+def test_sampler_refuses_a_later_epoch_when_the_cursor_has_not_moved(guide_run, triplets):
+    """Without `masks.cursor` among the callbacks and with a loss that checks no batch (MNRL), epoch 2
+    replayed epoch 1's batches silently; the sampler now refuses to start an epoch the cursor has not reached."""
+    masks = PlannedMasks(guide_run / "masks.parquet")
+    sampler = PlannedBatchSampler(training_dataset(load_training_data(triplets)), 16, True, masks=masks)
+    masks.cursor.step = 0
+    assert list(sampler) == masks.plan[0].tolist()
+    with pytest.raises(GistError, match="add `masks.cursor` to the trainer's callbacks"):
+        list(sampler)
+    masks.cursor.step = masks.steps_per_epoch  # where the trainer's callback puts it at epoch 2
+    assert list(sampler) == masks.plan[1].tolist()
