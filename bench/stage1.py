@@ -47,9 +47,7 @@ def bare_once(model, texts: list[str]) -> float:
 def run(ctx: Context) -> dict:
     data_path = ctx.sample(quick_rows=300)
     texts = load_training_data(data_path).texts.to_pylist()
-    model = guide_mod.load_model(str(ctx.guide))
-    if model.device.type == "cuda":
-        model.half()  # as precompute-guide does on GPU
+    model = guide_mod.load_model(str(ctx.guide))  # float32, as precompute-guide's default --guide-dtype
     work = ctx.work_dir(NAME)
     reps = ctx.repetitions(2, 2)
     precomputes, bares = [], []

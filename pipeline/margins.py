@@ -25,6 +25,7 @@ from pipeline import GistError
 from pipeline.artifacts import atomic_path, write_json
 from pipeline.masks import BLOCKS, MARGIN_STRATEGIES, chunk_batches, duplicate_masks, guide_similarities, rule_masks
 from pipeline.report import NBINS, histogram, load_planned
+from pipeline.report_plots import save_figure
 
 MARGINS = "margins.json", "margins.md", "margins.png"
 
@@ -110,7 +111,6 @@ def _markdown(sweep: dict) -> str:
 
 def _plot(sweep: dict, path: Path) -> None:
     """One panel per margin: kept and masked candidates of every enabled block pooled, and the true pairs."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
     edges = np.asarray(sweep["bin_edges"])
@@ -126,9 +126,7 @@ def _plot(sweep: dict, path: Path) -> None:
         ax.legend(fontsize=8, loc="upper left")
         ax.grid(alpha=0.3)
     axes[-1].set_xlabel("guide cosine similarity")
-    FigureCanvasAgg(fig)
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=100, bbox_inches="tight")
+    save_figure(fig, path)
 
 
 def write_margin_sweep(run_dir: Path, out_dir: Path, margins: list[float], margin_strategy: str | None = None) -> dict:
