@@ -4,6 +4,13 @@ Mask cost does not depend on what the vectors mean, but the size of masks.parque
 many entries are masked. Random vectors would give random thresholds and mask about half of every
 block, so each positive is made its anchor plus equal-norm noise (cosine ~0.71, far above the
 ~1/sqrt(dim) spread of unrelated pairs): masks stay sparse, mostly the self-pairs of `aa`/`pp`.
+
+`write_pass` also gives the anchors paraphrase families, as training sets hold repeated and
+reworded queries: FAMILY consecutive anchors around one random direction, at a pairwise cosine
+drawn per family from FAMILY_COSINES. Their `aa` pairs beat the ~0.71 threshold, so fn-aware's
+conflict graph has similarity edges to find (without them isotropic random vectors have none at
+margin 0, and the search would be timed on an empty graph). A random batch of 32 of 100k
+examples rarely holds two of a family: masks stay sparse.
 """
 
 from __future__ import annotations
@@ -58,6 +65,22 @@ def guide_embeddings(data: TrainingData, num_texts: int, dim: int, seed: int = 0
 
 
 TASKS = 8  # synthetic tasks (round robin), for by-task plans
+FAMILY = 4  # write_pass: consecutive anchors sharing a direction (paraphrases)...
+FAMILY_COSINES = (0.75, 0.95)  # ... at a pairwise cosine drawn uniformly from this range per family
+
+
+def _family_anchors(rng: np.random.Generator, rows: int, dim: int) -> np.ndarray:
+    """`rows` (a multiple of FAMILY, but for the last chunk) unit anchors, FAMILY at a time around a
+    random direction: centre + s u (u a random unit vector) has cosine 1 / (1 + s^2) with another."""
+    families = -(-rows // FAMILY)
+    centres = rng.standard_normal((families, dim), dtype=np.float32)
+    _normalize(centres)
+    cosine = rng.uniform(*FAMILY_COSINES, size=(families, 1)).astype(np.float32)
+    spread = rng.standard_normal((families * FAMILY, dim), dtype=np.float32)
+    _normalize(spread)
+    anchors = np.repeat(centres, FAMILY, axis=0) + np.repeat(np.sqrt(1 / cosine - 1), FAMILY, axis=0) * spread
+    _normalize(anchors)
+    return anchors[:rows]
 
 
 def write_pass(out: Path, num_examples: int, dim: int, dtype: str = "float32", seed: int = 0) -> dict:
@@ -65,8 +88,8 @@ def write_pass(out: Path, num_examples: int, dim: int, dtype: str = "float32", s
 
     DATA (`out/data.parquet`): anchor `a<i>`, positive `p<i>`, negative `p<j>` (j random), task
     `t<i mod 8>`; texts and examples tables written by the pipeline's own writer from its own loader;
-    `embeddings.npy` (unit vectors, positive = normalize(anchor + noise), generated a chunk at a
-    time into the memory map) and `embeddings.parquet` from it; a manifest with checksums. No index
+    `embeddings.npy` (unit vectors: anchors in paraphrase families, positive = normalize(anchor +
+    noise), generated a chunk at a time into the memory map) and `embeddings.parquet` from it; a manifest with checksums. No index
     (nothing after encoding needs one for `gist plan`, except fn-aware's own search). Returns sizes.
     """
     import pyarrow as pa
@@ -91,11 +114,10 @@ def write_pass(out: Path, num_examples: int, dim: int, dtype: str = "float32", s
     assert np.array_equal(data.anchor_ids, np.arange(n)) and np.array_equal(data.positive_ids, np.arange(n, 2 * n))
     data_mod.write_data_tables(out, data)
     vectors = np.lib.format.open_memmap(out / guide_mod.VECTORS, mode="w+", dtype=dtype, shape=(2 * n, dim))
-    chunk = max(1, CHUNK_BYTES // (4 * dim))
+    chunk = max(FAMILY, CHUNK_BYTES // (4 * dim) // FAMILY * FAMILY)  # families never straddle chunks
     for start in range(0, n, chunk):
         stop = min(n, start + chunk)
-        anchors = rng.standard_normal((stop - start, dim), dtype=np.float32)
-        _normalize(anchors)
+        anchors = _family_anchors(rng, stop - start, dim)
         positives = anchors + rng.standard_normal(anchors.shape, dtype=np.float32) / np.sqrt(dim, dtype=np.float32)
         _normalize(positives)
         vectors[start:stop], vectors[n + start : n + stop] = anchors, positives

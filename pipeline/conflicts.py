@@ -2,10 +2,20 @@
 
 Example j conflicts with example i when a batch holding both would get a mask entry: the mask rule
 (pipeline.masks.false_negative_mask, with the plan's margin and contrast flags) flags j's positive,
-anchor or a negative for i's anchor, or j's positive for i's positive. A FAISS range search over
-the guide embeddings proposes the candidates; the rule alone decides. The search is exhaustive
-while affordable (EXACT_SEARCH_MADDS); above, IVF serves all rows but the EXHAUSTIVE_SHARE with the
-lowest thresholds (whose flagged texts lie far from the query) and may miss a few conflicts.
+anchor or a negative for i's anchor, or j's positive for i's positive. A search over the guide
+embeddings proposes candidate texts for each row; the rule alone decides, on similarities
+recomputed the same way wherever a pair sits. Each row's own texts (its anchor, positive and
+negatives) are always proposed, so a text shared by two examples (a duplicate positive, an anchor
+that is another's negative) never escapes the search.
+
+The search is a join of inner products against a per-row bound (each query vector carries
+-bound as one more coordinate, so one FAISS range search at radius 0 applies every row's own
+bound, in BLAS blocks). While affordable (EXACT_SEARCH_MADDS) it is exhaustive over the full
+vectors. Above, it is bounded: the vectors are projected on their SEARCH_DIM leading principal
+directions (uncentred, from a seeded sample) and normalised; spherical k-means cuts the texts into
+2 sqrt(texts) lists; each query is joined with the members of its PROBES nearest lists at a bound
+PROJECTION_SLACK lower (work ~ queries x PROBES x sqrt(texts)), and every proposal is scored
+exactly. It may miss a conflict, never invent one; bench/fn_aware_recall.py measures how many.
 """
 
 from __future__ import annotations
@@ -13,15 +23,20 @@ from __future__ import annotations
 import numpy as np
 
 from pipeline.data import TrainingData
-from pipeline.guide import ADD_ROWS, IVF_NPROBE, faiss_single_thread, gather, ivf_lists, training_sample
+from pipeline.guide import ADD_ROWS, faiss_single_thread, gather, training_sample
 from pipeline.masks import false_negative_mask
 
-RADIUS_SLACK = 1e-3  # FAISS radius below a chunk's lowest bound: FAISS rounding (~1e-5) cannot lose a candidate
+RADIUS_SLACK = 1e-3  # search bound below the rule's lowest: float32 rounding (~1e-5) cannot lose a candidate
 MAX_FLAGGED_TEXTS = 256  # per anchor (positive for pp): the most similar flagged texts kept; bounds memory on bad rows
-RESULTS_PER_SEARCH = 1 << 22  # range-search results aimed at per FAISS call (the chunk size adapts)
-EXACT_SEARCH_MADDS = 5e10  # queries x texts x dim up to which the search is exhaustive (IndexFlatIP), IVF above
-EXHAUSTIVE_SHARE = 0.05  # above that: this share of rows (lowest thresholds) exhaustive, the rest IVF
+EXACT_SEARCH_MADDS = 5e10  # queries x texts x dim up to which the search is exhaustive, bounded above
+SEARCH_DIM = 64  # bounded search: dimensions of the projection the candidates are proposed in
+PROJECTION_SLACK = 0.1  # ... at a bound this much lower (projected cosines err ~0.02-0.06 at 768 -> 64 dims)
+LISTS_PER_SQRT = 2  # ... in 2 sqrt(texts) k-means lists
+PROBES = 16  # ... joining each query with the members of the lists nearest to it
+PCA_SAMPLE = 1 << 14  # texts the projection is fitted on
+KMEANS_POINTS_PER_LIST = 40  # k-means training sample per list (FAISS warns below 39)
 GATHER_VALUES = 1 << 24  # floats gathered at a time when recomputing similarities
+
 
 def _pair_dots(embeddings: np.ndarray, left: np.ndarray, right: np.ndarray) -> np.ndarray:
     """float32 g(left[k], right[k]) for text ids, row by row (the same value wherever a pair sits)."""
@@ -49,73 +64,140 @@ def _expand(rows: np.ndarray, keys: np.ndarray, indptr: np.ndarray, indices: np.
     return np.repeat(rows, counts), indices[positions]
 
 
-def _add(index, embeddings: np.ndarray, ids: np.ndarray):
-    """Add the rows `ids` to `index` a chunk at a time (widened to float32 chunk by chunk); returns it."""
-    for start in range(0, len(ids), ADD_ROWS):
-        index.add(gather(embeddings, ids[start : start + ADD_ROWS]))
-    return index
+def _leading_directions(moments: np.ndarray, k: int, seed: int) -> np.ndarray:
+    """float32 (dim, k): orthonormal directions spanning (nearly) the k leading eigenvectors of the
+    symmetric `moments`, by seeded subspace iteration (LAPACK's full eigh or QR of a 768-row matrix
+    took seconds on a busy 2-core CPU; this takes milliseconds)."""
+    basis = np.random.default_rng(seed).standard_normal((len(moments), k + 16))
+    for _ in range(6):  # orthonormalised through the Cholesky factor of its small Gram matrix
+        basis = moments @ basis
+        basis = basis @ np.linalg.inv(np.linalg.cholesky(basis.T @ basis)).T
+    vectors = np.linalg.eigh(basis.T @ moments @ basis)[1]
+    return (basis @ vectors[:, ::-1][:, :k]).astype(np.float32)
 
 
-def _ivf_index(embeddings: np.ndarray, ids: np.ndarray):
-    """IVF inner-product index over rows `ids` (approximate: a query scans the IVF_NPROBE lists nearest to it)."""
-    import faiss
+class SearchSpace:
+    """The vectors the search compares and the lists it joins, for the texts `text_ids` (sorted).
 
-    dim = embeddings.shape[1]
-    nlist = ivf_lists(len(ids))
-    index = faiss.IndexIVFFlat(faiss.IndexFlatIP(dim), dim, nlist, faiss.METRIC_INNER_PRODUCT)
-    index.cp.spherical = True
-    index.cp.min_points_per_centroid = 1
-    with faiss_single_thread():  # k-means on a seeded sample of 16 vectors per list: training stays cheap
-        index.train(gather(embeddings, ids[training_sample(len(ids), 16 * nlist)]))
-    index.nprobe = min(nlist, IVF_NPROBE)
-    return _add(index, embeddings, ids)
+    Exhaustive (`exact`): the stored vectors, gathered a list at a time; list k holds the texts at
+    positions k * ADD_ROWS onwards, every query joins every list. Bounded: unit vectors of the
+    SEARCH_DIM-dim projection (the stored vectors where they have no more dimensions), held; each
+    text's nearest k-means lists (its own first), of which a query joins all and a member sits in one.
+    """
+
+    def __init__(self, embeddings: np.ndarray, text_ids: np.ndarray, exact: bool, seed: int = 0):
+        self.embeddings, self.text_ids, self.exact = embeddings, text_ids, exact
+        self.slack, self.lists = 0.0, None
+        if exact:
+            self.num_lists = max(1, -(-len(text_ids) // ADD_ROWS))
+            return
+        import faiss
+
+        dim = embeddings.shape[1]
+        basis = None
+        if dim > SEARCH_DIM:  # leading directions of the uncentred second moments: inner products kept best
+            sample = gather(embeddings, text_ids[training_sample(len(text_ids), PCA_SAMPLE, seed)])
+            basis = _leading_directions((sample.T @ sample).astype(np.float64), SEARCH_DIM, seed)
+            self.slack = PROJECTION_SLACK
+        self.vectors = np.empty((len(text_ids), min(dim, SEARCH_DIM)), dtype=np.float32)
+        for start in range(0, len(text_ids), ADD_ROWS):
+            rows = gather(embeddings, text_ids[start : start + ADD_ROWS])
+            self.vectors[start : start + ADD_ROWS] = rows if basis is None else rows @ basis
+        if basis is not None:
+            self.vectors /= np.maximum(np.linalg.norm(self.vectors, axis=1, keepdims=True), 1e-12)
+        self.num_lists = max(1, min(len(text_ids) // KMEANS_POINTS_PER_LIST, int(LISTS_PER_SQRT * np.sqrt(len(text_ids)))))
+        probes = min(self.num_lists, PROBES)
+        kmeans = faiss.Kmeans(self.vectors.shape[1], self.num_lists, niter=10, seed=seed, spherical=True)
+        with faiss_single_thread():  # k-means sums in a fixed order: the same lists on every run
+            kmeans.train(self.vectors[training_sample(len(text_ids), KMEANS_POINTS_PER_LIST * self.num_lists, seed)])
+        self.lists = np.empty((len(text_ids), probes), dtype=np.int32)
+        for start in range(0, len(text_ids), ADD_ROWS):
+            self.lists[start : start + ADD_ROWS] = kmeans.index.search(self.vectors[start : start + ADD_ROWS], probes)[1]
+
+    def _vectors(self, positions: np.ndarray) -> np.ndarray:
+        return gather(self.embeddings, self.text_ids[positions]) if self.exact else self.vectors[positions]
+
+    def proposals(self, query_ids: np.ndarray, bounds: np.ndarray, candidates: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(row, candidate text) pairs whose compared similarity beats the row's bound less the
+        slack, each row against the candidates of the lists it joins. One FAISS range search per
+        list at radius 0: members carry a 1 and queries -(bound - slack) as one more coordinate."""
+        import faiss
+
+        queries, members = np.searchsorted(self.text_ids, query_ids), np.searchsorted(self.text_ids, candidates)
+        member_ptr, member_order = _csr(members // ADD_ROWS if self.exact else self.lists[members, 0], np.arange(len(members)), self.num_lists)
+        if not self.exact:
+            probes = self.lists[queries]
+            row_ptr, row_order = _csr(probes.reshape(-1), np.repeat(np.arange(len(queries)), probes.shape[1]), self.num_lists)
+        shifted = (bounds - self.slack).astype(np.float32)[:, None]
+        rows_out, texts_out = [np.empty(0, np.int64)], [np.empty(0, np.int64)]
+        for c in range(self.num_lists):
+            found = member_order[member_ptr[c] : member_ptr[c + 1]]
+            rows = np.arange(len(queries)) if self.exact else row_order[row_ptr[c] : row_ptr[c + 1]]
+            if not len(found) or not len(rows):
+                continue
+            vectors = self._vectors(members[found])
+            index = faiss.IndexFlatIP(vectors.shape[1] + 1)
+            index.add(np.hstack([vectors, np.ones((len(found), 1), np.float32)]))
+            for start in range(0, len(rows), ADD_ROWS):
+                block = rows[start : start + ADD_ROWS]
+                lims, _, hits = index.range_search(np.hstack([self._vectors(queries[block]), -shifted[block]]), 0.0)
+                rows_out.append(block[np.repeat(np.arange(len(block)), np.diff(lims).astype(np.int64))])
+                texts_out.append(candidates[found[hits]])
+        return np.concatenate(rows_out), np.concatenate(texts_out)
 
 
-def _flagged_texts(
-    embeddings: np.ndarray, query_ids: np.ndarray, thresholds: np.ndarray, candidates: np.ndarray,
-    margin_strategy: str, margin: float,
+def flagged_texts(
+    embeddings: np.ndarray, space: SearchSpace, query_ids: np.ndarray, own_ids: np.ndarray, thresholds: np.ndarray,
+    candidates: np.ndarray, margin_strategy: str, margin: float,
 ) -> tuple[np.ndarray, np.ndarray]:
     """(row, text) pairs where the mask rule flags candidate text for the row's query text.
 
-    Row r queries text `query_ids[r]` with threshold `thresholds[r]`; `candidates` are the text ids
-    searched. FAISS only proposes: every proposal is re-scored with `_pair_dots` and kept iff
-    `false_negative_mask` says so. Each row keeps its MAX_FLAGGED_TEXTS most similar flagged texts.
+    Row r queries text `query_ids[r]` with threshold `thresholds[r]` against `candidates` (text ids);
+    `own_ids[r]` (the row's own texts) are proposed besides what `space` proposes. Every proposal
+    is re-scored with `_pair_dots` and kept iff `false_negative_mask` says so; each row keeps its
+    MAX_FLAGGED_TEXTS most similar flagged texts (ties by text id).
     """
-    import faiss
+    # The rule's bound is never below t - |m| (t - m, or t - |t| m with |t| <= 1).
+    bounds = thresholds - abs(margin) - RADIUS_SLACK
+    rows, texts = space.proposals(query_ids, bounds, candidates)
+    own_rows = np.repeat(np.arange(len(query_ids)), own_ids.shape[1])
+    own_texts = own_ids.reshape(-1)
+    is_candidate = np.isin(own_texts, candidates)
+    pairs = np.unique(np.concatenate([rows, own_rows[is_candidate]]) * len(embeddings) + np.concatenate([texts, own_texts[is_candidate]]))
+    rows, texts = pairs // len(embeddings), pairs % len(embeddings)
+    sims = _pair_dots(embeddings, query_ids[rows], texts)
+    keep = false_negative_mask(sims, thresholds[rows], margin_strategy, margin)
+    rows, texts, sims = rows[keep], texts[keep], sims[keep]
+    if len(rows) and np.bincount(rows).max() > MAX_FLAGGED_TEXTS:
+        by_row = np.lexsort((texts, -sims, rows))  # most similar first, ties by text id
+        rows, texts = rows[by_row], texts[by_row]
+        rank = np.arange(len(rows)) - np.searchsorted(rows, rows)  # position within its row
+        rows, texts = rows[rank < MAX_FLAGGED_TEXTS], texts[rank < MAX_FLAGGED_TEXTS]
+    return rows, texts
 
-    flat = _add(faiss.IndexFlatIP(embeddings.shape[1]), embeddings, candidates)
-    # Exhaustive search costs queries x texts x dim; above EXACT_SEARCH_MADDS only the rows with the
-    # lowest thresholds (many flagged texts, far from the query: IVF misses them) are searched
-    # exhaustively, the others with IVF.
-    ivf, exhaustive_rows = None, len(query_ids)
-    if len(query_ids) * len(candidates) * embeddings.shape[1] > EXACT_SEARCH_MADDS:
-        ivf, exhaustive_rows = _ivf_index(embeddings, candidates), int(np.ceil(EXHAUSTIVE_SHARE * len(query_ids)))
-    # One radius per FAISS call: rows sorted by threshold, each chunk searched just below its lowest
-    # bound. The rule's bound is never below t - |m| (t - m, or t - |t| m with |t| <= 1).
-    order = np.argsort(thresholds, kind="stable")
-    rows_out, texts_out = [], []
-    start, size = 0, 64
-    while start < len(order):
-        chunk = order[start : start + min(size, max(exhaustive_rows - start, 0) or size)]
-        radius = float(thresholds[chunk[0]]) - abs(margin) - RADIUS_SLACK
-        queries = gather(embeddings, query_ids[chunk])
-        lims, _, found = (flat if start < exhaustive_rows else ivf).range_search(queries, radius)
-        local = np.repeat(np.arange(len(chunk)), np.diff(lims).astype(np.int64))
-        rows, texts = chunk[local], candidates[found]
-        sims = _pair_dots(embeddings, query_ids[rows], texts)
-        keep = false_negative_mask(sims, thresholds[rows], margin_strategy, margin)
-        local, rows, texts, sims = local[keep], rows[keep], texts[keep], sims[keep]
-        if len(local) and np.bincount(local).max() > MAX_FLAGGED_TEXTS:
-            by_row = np.lexsort((texts, -sims, local))  # most similar first, ties by text id
-            local, rows, texts = local[by_row], rows[by_row], texts[by_row]
-            rank = np.arange(len(local)) - np.searchsorted(local, local)  # position within its row
-            rows, texts = rows[rank < MAX_FLAGGED_TEXTS], texts[rank < MAX_FLAGGED_TEXTS]
-        rows_out.append(rows)
-        texts_out.append(texts)
-        start += len(chunk)
-        # rows further on have higher thresholds, so at most this many results per row
-        size = int(np.clip(RESULTS_PER_SEARCH / max(len(found) / len(chunk), 1.0), 16, 4096))
-    return np.concatenate(rows_out), np.concatenate(texts_out)
+
+def searches(data: TrainingData, num_texts: int, contrast_anchors: bool = True, contrast_positives: bool = True) -> list[tuple]:
+    """(query text ids, own text ids (rows, k), holders CSR: text id -> examples) of each search:
+    anchors against the texts an anchor meets (positives, anchors if contrast_anchors, negatives),
+    and, if contrast_positives, positives against positives."""
+    n = data.num_examples
+    examples = np.arange(n, dtype=np.int64)
+    keys = [data.positive_ids] + ([data.anchor_ids] if contrast_anchors else []) + [data.negative_ids.reshape(-1)]
+    values = [examples] + ([examples] if contrast_anchors else []) + [np.repeat(examples, data.num_negatives)]
+    own = np.column_stack([data.anchor_ids, data.positive_ids, data.negative_ids])
+    found = [(data.anchor_ids, own, _csr(np.concatenate(keys), np.concatenate(values), num_texts))]
+    if contrast_positives:
+        found.append((data.positive_ids, data.positive_ids[:, None], _csr(data.positive_ids, examples, num_texts)))
+    return found
+
+
+def search_space(embeddings: np.ndarray, data: TrainingData, found: list[tuple], exact: bool | None = None) -> SearchSpace:
+    """One SearchSpace over every text the searches query or meet; exhaustive while the largest
+    search's queries x texts x dim stays within EXACT_SEARCH_MADDS (unless `exact` says)."""
+    texts = np.unique(np.concatenate([np.concatenate([q, np.flatnonzero(np.diff(indptr))]) for q, _, (indptr, _) in found]))
+    if exact is None:
+        exact = len(data.anchor_ids) * len(texts) * embeddings.shape[1] <= EXACT_SEARCH_MADDS
+    return SearchSpace(embeddings, texts, exact)
 
 
 def conflict_graph(
@@ -129,18 +211,13 @@ def conflict_graph(
     contrast_anchors), a negative of j (an), or, for p_i, p_j (pp, if contrast_positives).
     """
     n = data.num_examples
-    examples = np.arange(n, dtype=np.int64)
     thresholds = _pair_dots(embeddings, data.anchor_ids, data.positive_ids)
-    # text id -> the examples holding it where an anchor meets it: positive, anchor, negative
-    keys = [data.positive_ids] + ([data.anchor_ids] if contrast_anchors else []) + [data.negative_ids.reshape(-1)]
-    values = [examples] + ([examples] if contrast_anchors else []) + [np.repeat(examples, data.num_negatives)]
-    searches = [(data.anchor_ids, _csr(np.concatenate(keys), np.concatenate(values), len(embeddings)))]
-    if contrast_positives:
-        searches.append((data.positive_ids, _csr(data.positive_ids, examples, len(embeddings))))
+    found = searches(data, len(embeddings), contrast_anchors, contrast_positives)
+    space = search_space(embeddings, data, found)
     pairs = []
-    for query_ids, (indptr, holders) in searches:
+    for query_ids, own_ids, (indptr, holders) in found:
         candidates = np.flatnonzero(np.diff(indptr))
-        rows, texts = _flagged_texts(embeddings, query_ids, thresholds, candidates, margin_strategy, margin)
+        rows, texts = flagged_texts(embeddings, space, query_ids, own_ids, thresholds, candidates, margin_strategy, margin)
         pairs.append(_expand(rows, texts, indptr, holders))
     left = np.concatenate([p[0] for p in pairs] + [p[1] for p in pairs])
     right = np.concatenate([p[1] for p in pairs] + [p[0] for p in pairs])
