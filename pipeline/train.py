@@ -225,6 +225,25 @@ class JsonlLogCallback(TrainerCallback):
                 f.write(json.dumps({"step": state.global_step, "epoch": state.epoch, **logs}) + "\n")
 
 
+class BestCheckpointCallback(TrainerCallback):
+    """Checkpoints every evaluation that improves on the best metric, so the best step has its own checkpoint.
+
+    The trainer records a best checkpoint only where a save happens to fall on the best evaluation's
+    step: with --save-steps not a multiple of --eval-steps (or a best evaluation between saves) the
+    recorded one was none, or an older, worse one. Compares as the trainer does (strictly better,
+    `greater_is_better`), before it updates `state.best_metric`.
+    """
+
+    def on_evaluate(self, args, state, control, metrics=None, **kwargs):
+        name = args.metric_for_best_model
+        if not name or not metrics or args.save_strategy == "no":
+            return
+        value = metrics[name if name.startswith("eval_") else f"eval_{name}"]
+        best = state.best_metric
+        if best is None or (value > best if args.greater_is_better else value < best):
+            control.should_save = True
+
+
 def check_max_steps(masks: PlannedMasks, max_steps: int) -> None:
     """Refuse more steps than the plan has batches (the trainer would train the whole plan, then fail
     asking for an epoch the plan lacks, with no final model)."""
@@ -269,12 +288,13 @@ def planned_training_args(masks: PlannedMasks, **training_args):
 
 def build_trainer(model, data: TrainingData, masks: PlannedMasks, loss, out_dir: Path, *, evaluator=None, callbacks=(), **training_args):
     """A SentenceTransformerTrainer that replays the plan of `masks` with `loss`, checkpoints in
-    OUT/checkpoints; `training_args` override planned_training_args' defaults."""
+    OUT/checkpoints (and at every evaluation that improves `metric_for_best_model`: the best step's
+    own checkpoint); `training_args` override planned_training_args' defaults."""
     from sentence_transformers import SentenceTransformerTrainer
 
     args = planned_training_args(masks, **{"output_dir": str(Path(out_dir) / "checkpoints"), **training_args})
     return SentenceTransformerTrainer(
-        model=model, args=args, train_dataset=training_dataset(data), loss=loss, evaluator=evaluator, callbacks=[masks.cursor, *callbacks]
+        model=model, args=args, train_dataset=training_dataset(data), loss=loss, evaluator=evaluator, callbacks=[masks.cursor, BestCheckpointCallback(), *callbacks]
     )
 
 LOSSES = ("guided", "unguided", "mnrl", "none")
@@ -422,6 +442,7 @@ def train_student(
             results = evaluate_model(model, sts, beir)
             if evaluator is not None:
                 results["best_checkpoint"] = trainer.state.best_model_checkpoint
+                results["best_step"] = trainer.state.best_global_step
                 results["best_metric"] = trainer.state.best_metric
             artifacts.write_json(out / "eval.json", results)
         guide_mod.leave_distributed(world_size)

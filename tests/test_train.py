@@ -242,3 +242,30 @@ def test_sampler_refuses_a_later_epoch_when_the_cursor_has_not_moved(guide_run, 
         list(sampler)
     masks.cursor.step = masks.steps_per_epoch  # where the trainer's callback puts it at epoch 2
     assert list(sampler) == masks.plan[1].tolist()
+
+
+def test_eval_json_names_the_best_steps_own_checkpoint(tmp_path, guide_run, triplets, monkeypatch):
+    """--eval-steps 1 --save-steps 100 --max-steps 3, scores falling: the best evaluation is step 1, where no
+    save falls; eval.json named no best checkpoint (or, with other steps, an older one). Now that step is saved."""
+    from sentence_transformers.sentence_transformer.evaluation import SentenceEvaluator
+
+    import pipeline.evaluate
+    from pipeline.train import TrainSettings, train_student
+
+    class Falling(SentenceEvaluator):
+        def __init__(self):
+            super().__init__()
+            self.primary_metric, self.scores = "sts_spearman_cosine", iter([0.9, 0.8, 0.7])
+
+        def __call__(self, model, output_path=None, epoch=-1, steps=-1):
+            return {"sts_spearman_cosine": next(self.scores)}
+
+    monkeypatch.setattr(pipeline.evaluate, "training_evaluator", lambda sts, beir: Falling())
+    settings = TrainSettings(eval_steps=1, save_steps=100, max_steps=3, logging_steps=1)
+    out = tmp_path / "run"
+    train_student(triplets, guide_run / "masks.parquet", STUDENT, out, settings, device="cpu", sts=ROOT / "data" / "stsb_dev.parquet")
+    results = json.loads((out / "eval.json").read_text())
+    assert results["best_checkpoint"] == str(out / "checkpoints" / "checkpoint-1")
+    assert results["best_step"] == 1 and results["best_metric"] == 0.9
+    assert (out / "checkpoints" / "checkpoint-1" / "model.safetensors").exists()
+    assert sorted(p.name for p in (out / "checkpoints").glob("checkpoint-*")) == ["checkpoint-1", "checkpoint-3"]  # no save at the worse step 2
