@@ -82,6 +82,40 @@ def test_matryoshka_loss(planned, guide, options, cached):
     assert_wrapped_equal(student, masks, dataset, ours, reference)
 
 
+def test_matryoshka_runs_the_online_guide_once_per_dimension(planned, guide):
+    """Why MatryoshkaLoss(GISTEmbedLoss) costs a guide forward per dimension and MatryoshkaLoss(GuidedMaskLoss) none
+    (bench train_step's `+matryoshka` rows): the wrapper embeds with the student once and calls the wrapped loss once
+    per dimension; GISTEmbedLoss runs its guide inside that call, GuidedMaskLoss reads the stored masks."""
+    masks, dataset = planned
+    student = load_student()
+    dims = [64, 32, 16, 8]
+    calls = {"student": 0, "guide": 0}
+
+    def counted(model, name):
+        forward = model.forward
+
+        def wrapper(*args, **kwargs):
+            calls[name] += 1
+            return forward(*args, **kwargs)
+        return wrapper
+
+    guide.forward, student.forward = counted(guide, "guide"), counted(student, "student")
+    try:
+        def counts(loss) -> dict:
+            calls.update(student=0, guide=0)
+            masks.cursor.step = ROWS[0]
+            loss_and_grads(student, loss, dataset, masks.batches[ROWS[0]])
+            return dict(calls)
+
+        ours, reference = inner_losses(student, masks, guide, cached=False)
+        plain = counts(reference)
+        assert plain["guide"] > 0 and counts(ours) == {"student": plain["student"], "guide": 0}
+        assert counts(MatryoshkaLoss(student, reference, dims)) == {"student": plain["student"], "guide": len(dims) * plain["guide"]}
+        assert counts(MatryoshkaLoss(student, ours, dims)) == {"student": plain["student"], "guide": 0}
+    finally:
+        del guide.forward, student.forward
+
+
 LAYER_WRAPPERS = [  # the wrappers sentence-transformers accepts only around uncached losses
     pytest.param(AdaptiveLayerLoss, dict(), id="adaptive-defaults"),  # one sampled prior layer, KL to the last layer
     pytest.param(AdaptiveLayerLoss, dict(n_layers_per_step=-1, layer_weighting="linear", last_layer_weight=2.0, kl_temperature=0.5), id="adaptive-all-layers-linear"),
