@@ -202,18 +202,19 @@ def search_space(embeddings: np.ndarray, data: TrainingData, found: list[tuple],
 
 def conflict_graph(
     data: TrainingData, embeddings: np.ndarray, margin_strategy: str = "absolute", margin: float = 0.0,
-    contrast_anchors: bool = True, contrast_positives: bool = True,
+    contrast_anchors: bool = True, contrast_positives: bool = True, space: SearchSpace | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Which examples must not share a batch: a symmetric CSR (indptr, indices) over example ids.
 
     j is a neighbour of i (i != j) when a batch holding both gets a mask entry in row i or row j:
     false_negative_mask(g, t_i) with t_i = g(a_i, p_i) flags p_j (ap), a_j (aa, if
     contrast_anchors), a negative of j (an), or, for p_i, p_j (pp, if contrast_positives).
+    `space`: the search_space of these searches, if already built (bench.fn_aware_recall).
     """
     n = data.num_examples
     thresholds = _pair_dots(embeddings, data.anchor_ids, data.positive_ids)
     found = searches(data, len(embeddings), contrast_anchors, contrast_positives)
-    space = search_space(embeddings, data, found)
+    space = space or search_space(embeddings, data, found)
     pairs = []
     for query_ids, own_ids, (indptr, holders) in found:
         candidates = np.flatnonzero(np.diff(indptr))
