@@ -8,6 +8,7 @@ and train --distill run on it; every bad file is one line on stderr, exit 1, not
 from __future__ import annotations
 
 import json
+import shutil
 
 import numpy as np
 import pyarrow as pa
@@ -18,7 +19,8 @@ from pipeline.artifacts import read_manifest, sha256_file
 from pipeline.data import TEXTS, load_training_data
 from pipeline.guide import VECTORS
 from pipeline.masks import MASKS, PlannedMasks
-from tests.conftest import GUIDE_SAMEVOCAB, STUDENT, gist
+from tests.conftest import GUIDE_SAMEVOCAB, ROOT, STUDENT, gist
+from tests.test_distributed import torchrun
 from tests.test_errors import assert_fails
 
 PLAN = ("--batch-size", "16", "--epochs", "2", "--margin", "0.05")  # guide_run's plan
@@ -196,3 +198,15 @@ def test_mine_and_filter_on_a_vectors_pass(vectors_run, guide_run, tmp_path):
     proc = gist("mine", vectors_run, "--out", tmp_path / "mined-new.parquet", "--corpus", corpus, "--num-negatives", "1", check=False)
     assert_fails(proc, 1, "1 text(s) not in", "--embeddings served.parquet")
     assert len(proc.stderr.strip().splitlines()) == 1 and not (tmp_path / "mined-new.parquet").exists()
+
+
+def test_vectors_pass_under_torchrun_equals_one_process(exported, triplets, tmp_path):
+    """Two ranks: every rank checks the file, rank 0 stores the vectors, each computes every other row group of the
+    masks (40 epochs: 2 row groups), rank 0 joins them: the files of one process."""
+    args = ["precompute-guide", triplets, "--embeddings", exported, "--batch-size", "16", "--epochs", "40", "--margin", "0.05"]
+    torchrun(shutil.which("gist") or ROOT / ".venv" / "bin" / "gist", *args, "--out", tmp_path / "two")
+    gist(*args, "--out", tmp_path / "one")
+    assert pq.ParquetFile(tmp_path / "two" / MASKS).num_row_groups == 2
+    for name in (TEXTS, "examples.parquet", "embeddings.parquet", VECTORS, MASKS):
+        assert (tmp_path / "two" / name).read_bytes() == (tmp_path / "one" / name).read_bytes(), name
+    assert read_manifest(tmp_path / "two")["world_size"] == 2
