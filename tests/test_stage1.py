@@ -164,7 +164,8 @@ def test_mask_rule_margins():
 
 
 def test_candidate_identical_to_the_positive_is_kept_at_margin_zero():
-    """g(a_i, p_j) == t_i exactly when p_j is p_i's text: strict > keeps it, as in GISTEmbedLoss."""
+    """g(a_i, p_j) == t_i exactly when p_j is p_i's text: strict > keeps it, as in GISTEmbedLoss
+    (--no-mask-duplicates); duplicate masking (the default) masks every such candidate."""
     from pipeline.data import TrainingData
     from pipeline.masks import batch_masks
 
@@ -174,8 +175,10 @@ def test_candidate_identical_to_the_positive_is_kept_at_margin_zero():
     n = 16
     data = TrainingData(texts=pa.array([str(i) for i in range(40)], pa.large_string()), anchor_ids=np.arange(1, n + 1), positive_ids=np.zeros(n, dtype=np.int64),
                         negative_ids=np.zeros((n, 0), dtype=np.int64), tasks=None, fingerprint="", columns={})
-    masks = batch_masks(emb, data, np.arange(n)[None, :], PlanParams(batch_size=n))
+    masks = batch_masks(emb, data, np.arange(n)[None, :], PlanParams(batch_size=n, mask_duplicates=False))
     assert not masks["ap"].any()  # every candidate is the row's own positive text
+    masks = batch_masks(emb, data, np.arange(n)[None, :], PlanParams(batch_size=n))
+    assert np.array_equal(masks["ap"][0], ~np.eye(n, dtype=bool))  # all but the true pair
 
 
 @pytest.mark.parametrize("margin_strategy", ["absolute", "relative"])
