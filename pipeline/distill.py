@@ -13,6 +13,10 @@ guide is loaded, nothing is re-encoded, the dataset keeps its example ids (the m
   a learned projection when the dimensions differ) or `kl` (in-batch score distillation: the KL
   divergence from the guide's softmax over the batch's candidates [ap, aa, pp, an] to the student's,
   both at the loss temperature, with the masked candidates left out of both).
+
+The learned projection of `embed` is a module of the student (`GuideProjection`), not of the loss as
+in EmbedDistillLoss: what the trainer wraps in DDP and writes into checkpoints is the model, so only
+there are its gradients all-reduced under torchrun and its weights restored by --resume.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from typing import Any
 import numpy as np
 import torch
 from sentence_transformers.base.losses.merged_forward import embed_columns
+from sentence_transformers.base.modules.dense import Dense
 from torch import Tensor, nn
 
 from pipeline import GistError
@@ -81,6 +86,10 @@ class TeacherLabelLoss(nn.Module):
         ids are replaced by the (batch, columns, dim) teacher embeddings that ``loss`` expects, as if
         they had been precomputed into the dataset with ``teacher.encode``.
 
+        A projection that lives on ``loss`` (``EmbedDistillLoss(projection_dim=...)``) is neither
+        all-reduced under torchrun nor checkpointed by the trainer; ``DistilledLoss(kind="embed")``
+        keeps its projection in the student instead.
+
         Args:
             loss: e.g. ``EmbedDistillLoss(student, projection_dim=teacher.dim)`` or ``MSELoss(student)``.
             teacher: the guide pass's embeddings (``GuideTeacher``).
@@ -104,12 +113,65 @@ class TeacherLabelLoss(nn.Module):
         return {"loss": type(self.loss).__name__, **self.loss.get_config_dict(), "teacher": str(self.teacher.guide_dir)}
 
 
-def embed_distill_loss(model, teacher: GuideTeacher):
-    """sentence-transformers' EmbedDistillLoss (cosine), projecting the student into the guide's space when the dims differ."""
-    from sentence_transformers.sentence_transformer.losses import EmbedDistillLoss
+GUIDE_SPACE = "guide_space_embedding"  # the features key GuideProjection writes
 
+
+class GuideProjection(Dense):
+    """The learned linear map of the student's sentence embedding into the guide's space (--distill embed
+    when the dimensions differ), as a module of the student.
+
+    It writes `guide_space_embedding` beside the unchanged `sentence_embedding`, so the student encodes
+    as before and reports its own dimension. Being in the model, the trainer's DDP wrapper all-reduces
+    its gradients and every checkpoint holds its weights (resume restores them with Adam's state); the
+    final model is saved without it (`remove_guide_projection`).
+    """
+
+    def __init__(self, in_features: int, out_features: int, **kwargs) -> None:
+        kwargs = {"activation_function": nn.Identity(), "module_output_name": GUIDE_SPACE, **kwargs}
+        super().__init__(in_features, out_features, **kwargs)
+
+    def get_embedding_dimension(self) -> None:
+        return None  # sentence_embedding is not changed: the student's dimension is the module's before
+
+
+def guide_projection(model) -> GuideProjection | None:
+    """The student's GuideProjection, if it has one."""
+    return next((module for module in model if isinstance(module, GuideProjection)), None)
+
+
+def add_guide_projection(model, guide_dim: int, seed: int = 0) -> GuideProjection | None:
+    """Append a GuideProjection into `guide_dim` to the student (once), unless its dimension is the guide's.
+
+    Its initial weights come from `seed` alone (the caller's random state is left as it was): the
+    trainer seeds only later, so one process and every torchrun world start from the same projection.
+    """
     dim = model.get_embedding_dimension()
-    return EmbedDistillLoss(model, distance_metric="cosine", projection_dim=None if dim == teacher.dim else teacher.dim)
+    if dim == guide_dim or guide_projection(model) is not None:
+        return guide_projection(model)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model.append(GuideProjection(dim, guide_dim).to(model.device))
+    return model[-1]
+
+
+def remove_guide_projection(model) -> None:
+    """Take the GuideProjection out of the student (before saving it as the trained model)."""
+    projection = guide_projection(model)
+    if projection is not None:
+        del model[[index for index, module in enumerate(model) if module is projection][0]]
+
+
+def embed_columns_and_projections(model, features: list[dict[str, Tensor]], dim: int) -> tuple[list[Tensor], list[Tensor]]:
+    """Per column, the student's sentence embeddings (`dim` wide) and their GuideProjection outputs, from
+    the forwards `embed_columns` makes (columns merged as it merges them): each forward returns both,
+    joined. `model` may be the trainer's DDP wrapper of the student."""
+
+    def joined(column_features):
+        out = model(column_features)
+        return {"sentence_embedding": torch.cat([out["sentence_embedding"], out[GUIDE_SPACE]], dim=-1)}
+
+    columns = embed_columns(joined, features)
+    return [column[..., :dim] for column in columns], [column[..., dim:] for column in columns]
 
 
 def masked_kl(teacher_logits: Tensor, student_logits: Tensor) -> Tensor:
@@ -122,7 +184,8 @@ def masked_kl(teacher_logits: Tensor, student_logits: Tensor) -> Tensor:
 
 
 class DistilledLoss(nn.Module):
-    def __init__(self, contrastive, teacher: GuideTeacher, kind: str = "kl", weight: float = 1.0, contrastive_weight: float = 1.0) -> None:
+    def __init__(self, contrastive, teacher: GuideTeacher, kind: str = "kl", weight: float = 1.0, contrastive_weight: float = 1.0,
+                 seed: int = 0) -> None:
         """
         GuidedMaskLoss plus distillation from the stored guide pass, from one student forward.
 
@@ -130,7 +193,10 @@ class DistilledLoss(nn.Module):
 
         - ``embed``: sentence-transformers ``EmbedDistillLoss`` (cosine distance, averaged over the
           columns) between the student's embeddings (projected by a learned linear layer when its
-          dimension differs from the guide's) and the guide's stored ones;
+          dimension differs from the guide's) and the guide's stored ones. The layer is a
+          ``GuideProjection`` appended to the student here, so that the trainer all-reduces its
+          gradients under torchrun and checkpoints it; ``remove_guide_projection(student)`` before
+          saving the trained model (``gist train`` does);
         - ``kl``: in-batch score distillation: per anchor, KL(guide || student) over the softmax of the
           candidates GuidedMaskLoss scores ([ap, aa, pp, an], divided by its temperature), the
           candidates the guide masked (or, unguided, the self-pairs) left out of both.
@@ -142,6 +208,7 @@ class DistilledLoss(nn.Module):
             weight: the distillation term's weight.
             contrastive_weight: the contrastive term's weight (0: distillation alone, the masks still
                 checking that every batch is the planned one).
+            seed: initialises the ``embed`` projection (``gist train``: its --seed).
 
         References:
             - EmbedDistill, https://arxiv.org/abs/2301.12005
@@ -165,11 +232,21 @@ class DistilledLoss(nn.Module):
         self.kind = kind
         self.weight = weight
         self.contrastive_weight = contrastive_weight
-        self.embed_distill = embed_distill_loss(self.model, teacher) if kind == "embed" else None
+        self.embed_distill = self.student_dim = None
+        self.projected = False
+        if kind == "embed":
+            from sentence_transformers.sentence_transformer.losses import EmbedDistillLoss
+
+            self.embed_distill = EmbedDistillLoss(self.model, distance_metric="cosine")  # fed projected embeddings
+            self.student_dim = self.model.get_embedding_dimension()
+            self.projected = add_guide_projection(self.model, teacher.dim, seed) is not None
 
     def forward(self, sentence_features: Iterable[dict[str, Tensor]], labels: Tensor) -> Tensor:
         sentence_features = list(sentence_features)
-        embeddings = embed_columns(self.model, sentence_features)
+        if self.kind == "embed" and self.projected:
+            embeddings, in_guide_space = embed_columns_and_projections(self.model, sentence_features, self.student_dim)
+        else:
+            embeddings = in_guide_space = embed_columns(self.model, sentence_features)
         anchor, positive, *negatives = embeddings
         local = anchor.size(0)
         positive, negatives, row, offset = self.contrastive.global_batch(positive, negatives, labels)
@@ -178,7 +255,7 @@ class DistilledLoss(nn.Module):
         loss = self.contrastive_weight * nn.functional.cross_entropy(scores, target)
         if self.kind == "embed":
             guide = self.teacher.labels(labels, len(embeddings)).to(anchor.device)
-            return loss + self.weight * self.embed_distill.compute_loss_from_embeddings(embeddings, list(guide.unbind(1)))
+            return loss + self.weight * self.embed_distill.compute_loss_from_embeddings(in_guide_space, list(guide.unbind(1)))
         planned = self.contrastive.masks.batch_rows(row, row + 1)[0]  # the whole (global) batch's ids
         with torch.no_grad():
             guide = self.teacher.labels(planned, len(embeddings)).to(device=anchor.device, dtype=anchor.dtype)

@@ -23,7 +23,7 @@ from transformers import TrainerCallback
 
 from pipeline import GistError
 from pipeline.data import TrainingData
-from pipeline.distill import DISTILL_KINDS
+from pipeline.distill import DISTILL_KINDS, remove_guide_projection
 from pipeline.masks import PlannedMasks
 
 TRAIN_LOG = "train_log.jsonl"
@@ -373,7 +373,7 @@ def build_loss(model, masks: PlannedMasks, settings: TrainSettings):
 
         contrastive = GuidedMaskLoss(model, masks, temperature=settings.temperature, guided=guided)
         return DistilledLoss(contrastive, GuideTeacher.for_masks(masks), settings.distill, settings.distill_weight,
-                             contrastive_weight=0.0 if settings.loss == "none" else 1.0)
+                             contrastive_weight=0.0 if settings.loss == "none" else 1.0, seed=settings.seed)
     if settings.loss != "mnrl" and settings.mini_batch_size:
         loss = CachedGuidedMaskLoss(model, masks, temperature=settings.temperature, mini_batch_size=settings.mini_batch_size, guided=guided)
     elif settings.loss != "mnrl":
@@ -436,6 +436,7 @@ def train_student(
             guide_mod.leave_distributed(world_size)  # wait until rank 0 has saved (and evaluated) the model
             return None
         final = out / "final"
+        remove_guide_projection(model)  # --distill embed's projection was trained with the student, not part of it
         with artifacts.atomic_path(final) as tmp:
             model.save(str(tmp))
         if sts or beir:

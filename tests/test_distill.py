@@ -130,3 +130,27 @@ def test_gist_train_with_distillation(tmp_path, guide_run, triplets):
                           (["--loss", "none"], "--loss none trains only"), (["--distill", "logits"], "--distill logits")):
         proc = gist("train", triplets, "--masks", guide_run / MASKS, "--student", STUDENT, "--out", tmp_path / "x", *args, check=False)
         assert proc.returncode != 0 and message in proc.stderr, proc.stderr
+
+
+def test_embed_projection_is_a_seeded_module_of_the_student(tmp_path, triplets):
+    """With a guide of another dimension the projection is a GuideProjection in the student (what DDP wraps
+    and checkpoints hold), initialised from the seed alone: it drew from the unseeded global state before
+    the trainer seeded it, so two runs (and one process against a torchrun world) started apart."""
+    from pipeline.distill import GuideProjection, remove_guide_projection
+    from tests.conftest import GUIDE_RETOKENIZE
+
+    gist("precompute-guide", triplets, "--guide", GUIDE_RETOKENIZE, "--out", tmp_path / "guide", "--batch-size", "16")
+    masks = PlannedMasks(tmp_path / "guide" / MASKS)
+    teacher = GuideTeacher.for_masks(masks)
+    weights = []
+    for draw in range(2):
+        torch.manual_seed(draw)  # whatever the caller's random state
+        student = load_student()
+        state = torch.random.get_rng_state()
+        DistilledLoss(GuidedMaskLoss(student, masks), teacher, "embed", seed=3)
+        assert isinstance(student[-1], GuideProjection) and student.get_embedding_dimension() == 64 and teacher.dim == 48
+        assert torch.equal(torch.random.get_rng_state(), state)
+        weights.append(student[-1].linear.weight.detach().clone())
+        remove_guide_projection(student)
+        assert not any(isinstance(module, GuideProjection) for module in student)
+    torch.testing.assert_close(weights[0], weights[1], rtol=0, atol=0)

@@ -158,3 +158,35 @@ def test_second_writer_is_refused_and_sigterm_leaves_a_resumable_run(tmp_path, t
     assert "resumed" in result.stderr
     for name in FILES:
         assert (out / name).read_bytes() == (uninterrupted / name).read_bytes(), name
+
+
+def test_resume_restores_the_distillation_projection(tmp_path):
+    """--distill embed with a guide of another dimension (48, the student 64) learns a projection; it is
+    a module of the student, so a checkpoint holds it and --resume continues with the trained one (it
+    was rebuilt from initialisation while Adam's state was the trained one's: other losses from the
+    first resumed step on, final weights 2e-3 apart). The run resumed from checkpoint 3 is a copy of
+    the uninterrupted run's directory as it was then."""
+    from tests.conftest import GUIDE_RETOKENIZE, small_data
+
+    data = small_data(tmp_path / "data.parquet", 64)
+    gist("precompute-guide", data, "--guide", GUIDE_RETOKENIZE, "--out", tmp_path / "guide", "--batch-size", "16", "--epochs", "2")
+    args = ("train", data, "--masks", tmp_path / "guide" / "masks.parquet", "--student", STUDENT, "--max-steps", "5", "--save-steps", "3",
+            "--logging-steps", "1", "--lr", "1e-3", "--seed", "5", "--distill", "embed", "--device", "cpu")
+    full = tmp_path / "full"
+    gist(*args, "--out", full)
+    assert (full / "checkpoints" / "checkpoint-3" / "3_GuideProjection" / "model.safetensors").exists()
+    assert not (full / "final" / "3_GuideProjection").exists()  # the trained student, without the projection
+    resumed = tmp_path / "resumed"
+    shutil.copytree(full, resumed)
+    shutil.rmtree(resumed / "final")
+    shutil.rmtree(resumed / "checkpoints" / "checkpoint-5")
+    gist(*args, "--out", resumed, "--resume")
+
+    def losses(out):
+        return {entry["step"]: entry["loss"] for entry in map(json.loads, (out / "train_log.jsonl").read_text().splitlines()) if "loss" in entry}
+
+    assert sorted(losses(resumed)) == list(range(1, 6))
+    assert losses(resumed) == pytest.approx(losses(full), abs=2e-4)  # the trainer logs losses rounded to 4 digits
+    a, b = load_file(full / "final" / "model.safetensors"), load_file(resumed / "final" / "model.safetensors")
+    for name in a:
+        torch.testing.assert_close(b[name], a[name], atol=1e-6, rtol=0, msg=name)
