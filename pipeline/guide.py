@@ -37,9 +37,9 @@ EMBEDDING_DTYPES = ("float32", "float16")
 INDEX = "index.faiss"
 FLAT_INDEX_MAX = 200_000  # above this many texts, "auto" builds an IVF index instead of a flat one
 INDEX_KINDS = ("auto", "flat", "ivf", "hnsw")
-IVF_LISTS_PER_SQRT = 4  # IVF lists: 4 sqrt(texts), as the conflict search's index
+IVF_LISTS_PER_SQRT = 4  # IVF lists of index.faiss: 4 sqrt(texts)
 IVF_TRAIN_PER_LIST = 64  # training sample: this many vectors per list (FAISS warns below 39)
-IVF_NPROBE = 32  # lists scanned per query (conflict search: recall of the exact edges 0.65 at 8, 0.88 at 32, 0.95 at 64 on 10156 triplets)
+IVF_NPROBE = 32  # lists of index.faiss scanned per query (its nprobe, for mining and reports)
 ADD_ROWS = 1 << 16  # vectors widened to float32 and added at a time: no full float32 copy of a float16 pass
 
 

@@ -67,13 +67,13 @@ def test_masks_are_computed_in_chunks_bounded_by_entries(tmp_path, monkeypatch):
     params = PlanParams(batch_size=g, margin=0.1)
     chunks = []
 
-    device_masks = masks_mod.device_masks
+    mask_parts = masks_mod.mask_parts
 
     def recording(source, data, batches, params, device):
         chunks.append(len(batches))
-        return device_masks(source, data, batches, params, device)
+        return mask_parts(source, data, batches, params, device)
 
-    monkeypatch.setattr(masks_mod, "device_masks", recording)
+    monkeypatch.setattr(masks_mod, "mask_parts", recording)
     write_masks(tmp_path / "masks.parquet", embeddings, data, plan, params, {})
     assert sum(chunks) == steps and len(chunks) > 1
     assert max(chunks) * g * g * 4 <= CHUNK_ENTRIES, chunks  # ap, aa, pp and one negative column
