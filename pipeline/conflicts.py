@@ -38,7 +38,7 @@ KMEANS_POINTS_PER_LIST = 40  # k-means training sample per list (FAISS warns bel
 GATHER_VALUES = 1 << 24  # floats gathered at a time when recomputing similarities
 
 
-def _pair_dots(embeddings: np.ndarray, left: np.ndarray, right: np.ndarray) -> np.ndarray:
+def pair_dots(embeddings: np.ndarray, left: np.ndarray, right: np.ndarray) -> np.ndarray:
     """float32 g(left[k], right[k]) for text ids, row by row (the same value wherever a pair sits)."""
     out = np.empty(len(left), dtype=np.float32)
     step = max(1, GATHER_VALUES // embeddings.shape[1])
@@ -148,13 +148,14 @@ class SearchSpace:
 
 def flagged_texts(
     embeddings: np.ndarray, space: SearchSpace, query_ids: np.ndarray, own_ids: np.ndarray, thresholds: np.ndarray,
-    candidates: np.ndarray, margin_strategy: str, margin: float,
+    candidates: np.ndarray, margin_strategy: str, margin: float, duplicate_ids: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """(row, text) pairs where the mask rule flags candidate text for the row's query text.
 
     Row r queries text `query_ids[r]` with threshold `thresholds[r]` against `candidates` (text ids);
     `own_ids[r]` (the row's own texts) are proposed besides what `space` proposes. Every proposal
-    is re-scored with `_pair_dots` and kept iff `false_negative_mask` says so; each row keeps its
+    is re-scored with `pair_dots` and kept iff `false_negative_mask` says so, or iff it is one of
+    `duplicate_ids[r]` (duplicate masking: the row's anchor and positive texts); each row keeps its
     MAX_FLAGGED_TEXTS most similar flagged texts (ties by text id).
     """
     # The rule's bound is never below t - |m| (t - m, or t - |t| m with |t| <= 1).
@@ -165,8 +166,10 @@ def flagged_texts(
     is_candidate = np.isin(own_texts, candidates)
     pairs = np.unique(np.concatenate([rows, own_rows[is_candidate]]) * len(embeddings) + np.concatenate([texts, own_texts[is_candidate]]))
     rows, texts = pairs // len(embeddings), pairs % len(embeddings)
-    sims = _pair_dots(embeddings, query_ids[rows], texts)
+    sims = pair_dots(embeddings, query_ids[rows], texts)
     keep = false_negative_mask(sims, thresholds[rows], margin_strategy, margin)
+    if duplicate_ids is not None:
+        keep |= (duplicate_ids[rows] == texts[:, None]).any(axis=1)
     rows, texts, sims = rows[keep], texts[keep], sims[keep]
     if len(rows) and np.bincount(rows).max() > MAX_FLAGGED_TEXTS:
         by_row = np.lexsort((texts, -sims, rows))  # most similar first, ties by text id
@@ -202,23 +205,25 @@ def search_space(embeddings: np.ndarray, data: TrainingData, found: list[tuple],
 
 def conflict_graph(
     data: TrainingData, embeddings: np.ndarray, margin_strategy: str = "absolute", margin: float = 0.0,
-    contrast_anchors: bool = True, contrast_positives: bool = True, space: SearchSpace | None = None,
+    contrast_anchors: bool = True, contrast_positives: bool = True, mask_duplicates: bool = False, space: SearchSpace | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Which examples must not share a batch: a symmetric CSR (indptr, indices) over example ids.
 
     j is a neighbour of i (i != j) when a batch holding both gets a mask entry in row i or row j:
     false_negative_mask(g, t_i) with t_i = g(a_i, p_i) flags p_j (ap), a_j (aa, if
-    contrast_anchors), a negative of j (an), or, for p_i, p_j (pp, if contrast_positives).
+    contrast_anchors), a negative of j (an), or, for p_i, p_j (pp, if contrast_positives); with
+    `mask_duplicates`, also when a text of j is a_i's or p_i's own text (pipeline.masks.duplicate_masks).
     `space`: the search_space of these searches, if already built (bench.fn_aware_recall).
     """
     n = data.num_examples
-    thresholds = _pair_dots(embeddings, data.anchor_ids, data.positive_ids)
+    thresholds = pair_dots(embeddings, data.anchor_ids, data.positive_ids)
     found = searches(data, len(embeddings), contrast_anchors, contrast_positives)
     space = space or search_space(embeddings, data, found)
     pairs = []
     for query_ids, own_ids, (indptr, holders) in found:
         candidates = np.flatnonzero(np.diff(indptr))
-        rows, texts = flagged_texts(embeddings, space, query_ids, own_ids, thresholds, candidates, margin_strategy, margin)
+        duplicate_ids = np.column_stack([data.anchor_ids, data.positive_ids]) if mask_duplicates else None  # one row per example
+        rows, texts = flagged_texts(embeddings, space, query_ids, own_ids, thresholds, candidates, margin_strategy, margin, duplicate_ids)
         pairs.append(_expand(rows, texts, indptr, holders))
     left = np.concatenate([p[0] for p in pairs] + [p[1] for p in pairs])
     right = np.concatenate([p[1] for p in pairs] + [p[0] for p in pairs])

@@ -31,7 +31,7 @@ import numpy as np
 import pyarrow as pa
 
 from pipeline import GistError, artifacts, data as data_mod, guide as guide_mod
-from pipeline.conflicts import RADIUS_SLACK, _pair_dots as pair_dots
+from pipeline.conflicts import RADIUS_SLACK, pair_dots
 from pipeline.report import NO_TASK
 
 AMONG = ("positives", "all")

@@ -199,13 +199,13 @@ def check_rule(params) -> None:
 
 def rule_options(params) -> dict:
     """The mask rule's parameters of a PlanParams, as plan_batches' keyword arguments."""
-    return {name: getattr(params, name) for name in ("margin_strategy", "margin", "contrast_anchors", "contrast_positives")}
+    return {name: getattr(params, name) for name in ("margin_strategy", "margin", "contrast_anchors", "contrast_positives", "mask_duplicates")}
 
 
 def plan_batches(
     data: TrainingData, batch_size: int, epochs: int, seed: int, strategy: str, embeddings: np.ndarray | None = None,
     *, margin_strategy: str = "absolute", margin: float = 0.0, contrast_anchors: bool = True, contrast_positives: bool = True,
-    device: str = "cpu",
+    mask_duplicates: bool = True, device: str = "cpu",
 ) -> np.ndarray:
     """Plan every batch of every epoch; returns int64 (epochs, steps_per_epoch, batch_size).
 
@@ -228,7 +228,7 @@ def plan_batches(
         )
         epoch_batches = functools.partial(_no_duplicates_epoch, sampler)
     elif strategy == "fn-aware":
-        graph = conflict_graph(data, embeddings, margin_strategy, margin, contrast_anchors, contrast_positives)
+        graph = conflict_graph(data, embeddings, margin_strategy, margin, contrast_anchors, contrast_positives, mask_duplicates)
         batcher, groups = _ConflictBatcher(*graph, data.num_examples), _task_groups(data)
         epoch_batches = lambda e: _grouped_epoch(groups, batch_size, _generator(seed, e), batcher)  # noqa: E731
     else:

@@ -92,3 +92,22 @@ def test_duplicates_the_guide_rule_keeps_are_masked_by_default(tmp_path, duplica
     deduped = PlannedMasks(duplicated_run / MASKS)
     assert np.array_equal(deduped.batches, masks.batches)
     assert sum(len(deduped.positions("ap", r)) for r in range(masks.num_batches)) > sum(len(masks.positions("ap", r)) for r in range(masks.num_batches))
+
+
+def test_fn_aware_keeps_duplicates_apart_when_they_are_masked(duplicated_run):
+    """The fn-aware conflict graph follows the plan's rule: with duplicate masking, an example whose
+    negative is another's positive conflicts with it (the guide rule alone, at margin 0, has g == t there)."""
+    from pipeline.conflicts import conflict_graph
+
+    _, data, embeddings = load_guide_pass(duplicated_run)
+
+    def neighbours(graph, example):
+        indptr, indices = graph
+        return set(indices[indptr[example] : indptr[example + 1]].tolist())
+
+    deduped, exact = conflict_graph(data, embeddings, mask_duplicates=True), conflict_graph(data, embeddings)
+    pairs = [(4 + k % 4, row) for k, row in enumerate(range(280, 330))]  # row's negative is the source's positive
+    assert all(row in neighbours(deduped, source) and source in neighbours(deduped, row) for source, row in pairs)
+    assert any(row not in neighbours(exact, source) for source, row in pairs)
+    for example in range(data.num_examples):  # duplicate masking only adds edges
+        assert neighbours(exact, example) <= neighbours(deduped, example)
