@@ -2,7 +2,7 @@
 
 `gist report GUIDE_DIR --margins 0,0.02,0.05,0.1` replays the planned batches of a precompute-guide
 or plan directory from the stored guide embeddings (no model) and applies the one mask rule
-(`pipeline.masks.rule_masks`, plus duplicate masking when the plan has it) at every margin: the
+(`pipeline.masks.plan_masks`: the guide rule, plus duplicate masking when the plan has it) at every margin: the
 masked fraction of each block, and histograms of the guide similarity of masked and kept candidates
 beside the true pairs' t_i. A user picks a margin in seconds instead of training runs, then plans
 it with `gist plan --margin M`.
@@ -16,6 +16,7 @@ margins.png.
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import numpy as np
@@ -23,7 +24,7 @@ import torch
 
 from pipeline import GistError
 from pipeline.artifacts import atomic_path, write_json
-from pipeline.masks import BLOCKS, MARGIN_STRATEGIES, chunk_batches, duplicate_masks, guide_similarities, rule_masks
+from pipeline.masks import BLOCKS, MARGIN_STRATEGIES, chunk_batches, duplicate_masks, guide_similarities, plan_masks
 from pipeline.report import NBINS, histogram, load_planned
 from pipeline.report_plots import save_figure
 
@@ -67,11 +68,11 @@ def margin_sweep(run_dir: Path, margins: list[float], margin_strategy: str | Non
         positive += histogram(sims["threshold"].numpy())
         candidate = {b: off_diagonal.expand(len(rows), g, g) if b != "an" else torch.ones_like(sims["an"], dtype=torch.bool) for b in BLOCKS}
         for m, margin in enumerate(margins):
-            rule = rule_masks(sims, strategy, margin)
+            swept, _ = plan_masks(sims, dataclasses.replace(params, margin_strategy=strategy, margin=margin), duplicates)
             for b, block in enumerate(BLOCKS):
                 if not enabled[block]:
                     continue
-                mask = rule[block] | duplicates[block] if duplicates is not None else rule[block]
+                mask = swept[block]
                 masked[m, b] += int(mask.sum())
                 sim, shown = sims[block].numpy(), candidate[block]
                 hist["masked"][m, b] += histogram(sim, (mask & shown).numpy())

@@ -129,7 +129,7 @@ def guide_similarities(source, data: TrainingData, batches: np.ndarray, params: 
     """
     # Negative columns in column-major order: column c * G + j is negative c of example j.
     anchors, positives, negatives = _gather(  # (nb, G, d), (nb, G, d), (nb, k * G, d)
-        source, [data.anchor_ids[batches], data.positive_ids[batches], _negative_columns(data, batches)], device
+        source, [data.anchor_ids[batches], data.positive_ids[batches], negative_columns(data, batches)], device
     )
     with exact_float32_matmul():
         sims = {"ap": torch.bmm(anchors, positives.transpose(1, 2))}
@@ -155,23 +155,17 @@ def rule_masks(sims: dict[str, torch.Tensor], margin_strategy: str, margin: floa
     return masks
 
 
-def guide_masks(source, data: TrainingData, batches: np.ndarray, params: PlanParams, device: str = "cpu") -> dict[str, torch.Tensor]:
-    """The guide rule's boolean masks of each block for a stack of batches (nb, G) of example ids, on `device`:
-    {"ap": (nb, G, G), "aa": ..., "pp": ..., "an": (nb, G, k*G)}; disabled blocks are all False."""
-    return rule_masks(guide_similarities(source, data, batches, params, device), params.margin_strategy, params.margin)
-
-
-def _negative_columns(data: TrainingData, batches: np.ndarray) -> np.ndarray:
+def negative_columns(data: TrainingData, batches: np.ndarray) -> np.ndarray:
     """Text ids of the `an` block's candidates, (nb, k * G): column c * G + j is negative c of example j."""
     return data.negative_ids[batches].transpose(0, 2, 1).reshape(len(batches), -1)
 
 
 def duplicate_masks(data: TrainingData, batches: np.ndarray, params: PlanParams, device: str = "cpu") -> dict[str, torch.Tensor]:
     """Candidates whose text is the row's own anchor or positive text (equal text ids), per block,
-    as `guide_masks` shapes them: never true negatives. The true pair ap[i, i] is not one; disabled
+    as `rule_masks` shapes them: never true negatives. The true pair ap[i, i] is not one; disabled
     blocks are all False."""
     ids = {name: torch.from_numpy(np.ascontiguousarray(a)).to(device) for name, a in
-           (("a", data.anchor_ids[batches]), ("p", data.positive_ids[batches]), ("n", _negative_columns(data, batches)))}
+           (("a", data.anchor_ids[batches]), ("p", data.positive_ids[batches]), ("n", negative_columns(data, batches)))}
     own_a, own_p = ids["a"].unsqueeze(-1), ids["p"].unsqueeze(-1)  # (nb, G, 1): row i's texts
 
     def same_text(candidates: torch.Tensor) -> torch.Tensor:
@@ -187,19 +181,27 @@ def duplicate_masks(data: TrainingData, batches: np.ndarray, params: PlanParams,
     return masks
 
 
-def mask_parts(source, data: TrainingData, batches: np.ndarray, params: PlanParams, device: str = "cpu"):
-    """(the plan's masks, the entries that duplicate masking added to the guide rule's) per block."""
-    masks = guide_masks(source, data, batches, params, device)
+def plan_masks(sims: dict[str, torch.Tensor], params: PlanParams, duplicates: dict[str, torch.Tensor] | None) -> tuple[dict, dict]:
+    """The plan's masks from `guide_similarities`: the guide rule's, OR-ed with `duplicates` (the
+    batches' `duplicate_masks`) when `params.mask_duplicates`; and, per block, the entries that duplicate
+    masking added to the guide rule's."""
+    masks = rule_masks(sims, params.margin_strategy, params.margin)
     if not params.mask_duplicates:
         return masks, {block: torch.zeros_like(mask) for block, mask in masks.items()}
-    duplicates = duplicate_masks(data, batches, params, masks["ap"].device)
     added = {block: duplicates[block] & ~masks[block] for block in BLOCKS}
     return {block: masks[block] | duplicates[block] for block in BLOCKS}, added
 
 
+def mask_parts(source, data: TrainingData, batches: np.ndarray, params: PlanParams, device: str = "cpu"):
+    """`plan_masks` of a stack of batches (nb, G): (the plan's masks, the entries duplicate masking added)."""
+    sims = guide_similarities(source, data, batches, params, device)
+    duplicates = duplicate_masks(data, batches, params, sims["ap"].device) if params.mask_duplicates else None
+    return plan_masks(sims, params, duplicates)
+
+
 def device_masks(source, data: TrainingData, batches: np.ndarray, params: PlanParams, device: str = "cpu") -> dict[str, torch.Tensor]:
     """The plan's masks of each block for a stack of batches (nb, G): the guide rule's, and the exact
-    duplicates' when `params.mask_duplicates`; tensors on `device` shaped as `guide_masks` returns."""
+    duplicates' when `params.mask_duplicates`: {"ap": (nb, G, G), "aa", "pp", "an": (nb, G, k*G)} on `device`."""
     return mask_parts(source, data, batches, params, device)[0]
 
 

@@ -1,8 +1,9 @@
 """Data-quality report of a stage-1 (`precompute-guide`) or `gist plan` directory, without any model.
 
 `write_report` replays every planned batch from the stored guide embeddings: it reads the stored
-masks (what stage 2 trains with), recomputes the guide similarities of each block, checks that
-`pipeline.masks.batch_masks` (the one mask rule) reproduces the stored masks (differences within
+masks (what stage 2 trains with), recomputes the guide similarities of each block with the mask
+kernel's own products (`pipeline.masks.guide_similarities`), checks that the one mask rule
+(`pipeline.masks.plan_masks`) reproduces the stored masks from them (differences within
 float32 rounding of a threshold, as masks made on a GPU have, are counted apart:
 `pipeline.mask_check`), and writes to OUT:
 
@@ -33,9 +34,9 @@ from threadpoolctl import threadpool_limits
 from pipeline import GistError
 from pipeline.artifacts import atomic_path, read_manifest, verify_checksum, write_json
 from pipeline.data import TrainingData
-from pipeline.guide import gather, load_guide_pass
+from pipeline.guide import load_guide_pass
 from pipeline.mask_check import differences, rounding_band
-from pipeline.masks import BLOCKS, MASKS, PlannedMasks, batch_masks, chunk_batches
+from pipeline.masks import BLOCKS, MASKS, PlannedMasks, chunk_batches, duplicate_masks, guide_similarities, negative_columns, plan_masks
 from pipeline.report_plots import PLOTS, write_plots
 
 NBINS = 200  # similarity histogram bins over [-1, 1]
@@ -65,23 +66,6 @@ def load_planned(run_dir: Path) -> tuple[dict, Path, PlannedMasks, TrainingData,
     if masks.meta["dataset_fingerprint"] != data.fingerprint:
         raise GistError(f"{run_dir}/{MASKS} was planned for other data than {guide_dir} holds (fingerprint mismatch)")
     return manifest, guide_dir, masks, data, embeddings
-
-
-def _chunk_blocks(embeddings: np.ndarray, data: TrainingData, rows: np.ndarray) -> dict[str, tuple]:
-    """Per block: (guide similarities (nb, G, cols), row text ids (nb, G), column text ids (nb, cols)).
-
-    The same products and column order as `masks.batch_masks` (negative column c * G + j).
-    """
-    nb, g = rows.shape
-    a_ids, p_ids = data.anchor_ids[rows], data.positive_ids[rows]
-    n_ids = data.negative_ids[rows].transpose(0, 2, 1).reshape(nb, -1)
-    a, p, n = gather(embeddings, a_ids), gather(embeddings, p_ids), gather(embeddings, n_ids)
-    return {
-        "ap": (a @ p.transpose(0, 2, 1), a_ids, p_ids),
-        "aa": (a @ a.transpose(0, 2, 1), a_ids, a_ids),
-        "pp": (p @ p.transpose(0, 2, 1), p_ids, p_ids),
-        "an": (a @ n.transpose(0, 2, 1), a_ids, n_ids),
-    }
 
 
 def histogram(values: np.ndarray, mask: np.ndarray | None = None) -> np.ndarray:
@@ -147,18 +131,23 @@ def _scan(masks: PlannedMasks, data: TrainingData, embeddings: np.ndarray, task_
             rows = masks.batch_rows(start, stop)
             epoch_of = np.arange(start, stop) // steps
             tasks = task_of[rows]  # (nb, G)
-            recomputed = batch_masks(embeddings, data, rows, params)
-            a_ids, p_ids = data.anchor_ids[rows], data.positive_ids[rows]
-            threshold = np.einsum("bgd,bgd->bg", gather(embeddings, a_ids), gather(embeddings, p_ids))  # t_i, as batch_masks
+            # The similarities once, in the mask kernel's own products; the rule recomputed from them.
+            sims = guide_similarities(embeddings, data, rows, params)
+            duplicates = duplicate_masks(data, rows, params)  # "identical" pairs, and the plan's duplicate masks
+            recomputed = plan_masks(sims, params, duplicates)[0]
+            a_ids, p_ids, n_ids = data.anchor_ids[rows], data.positive_ids[rows], negative_columns(data, rows)
+            ids = {"ap": (a_ids, p_ids), "aa": (a_ids, a_ids), "pp": (p_ids, p_ids), "an": (a_ids, n_ids)}
+            threshold = sims["threshold"][..., 0].numpy()  # t_i, (nb, G)
             acc["hist_positive"] += histogram(threshold)
             acc["threshold_sum"] += np.bincount(tasks.ravel(), weights=threshold.ravel(), minlength=ntasks)
             acc["rows_task"] += np.bincount(tasks.ravel(), minlength=ntasks)
             pool = {"all": [], "distinct": []}
-            for code, (block, (sim, row_ids, col_ids)) in enumerate(_chunk_blocks(embeddings, data, rows).items()):
+            for code, block in enumerate(BLOCKS):
                 if not enabled[block]:
                     continue
+                sim, (row_ids, col_ids) = sims[block].numpy(), ids[block]
                 stored = masks.dense(block, start, stop, g, cols[block])
-                real, near = differences(stored, recomputed[block], sim, threshold[..., None], params, band)
+                real, near = differences(stored, recomputed[block].numpy(), sim, threshold[..., None], params, band)
                 acc["mismatched"][block] += real
                 acc["near_threshold"][block] += near
                 acc["masked_epoch"][block] += np.bincount(epoch_of, weights=stored.sum(axis=(1, 2)), minlength=epochs).astype(np.int64)
@@ -169,7 +158,7 @@ def _scan(masks: PlannedMasks, data: TrainingData, embeddings: np.ndarray, task_
                     acc["self_masked"][block] += int(stored[:, diagonal].sum())
                 else:  # the row's own (mined) negatives: columns c * G + i
                     acc["self_masked"][block] += int(stored.reshape(len(rows), g, k, g).transpose(0, 2, 1, 3)[:, :, diagonal].sum())
-                identical = (col_ids[:, None, :] == a_ids[:, :, None]) | (col_ids[:, None, :] == p_ids[:, :, None])
+                identical = duplicates[block].numpy()  # the candidate's text is the row's own anchor or positive
                 masked, kept = stored & candidate, ~stored & candidate
                 acc["identical_masked"][block] += int((identical & masked).sum())
                 acc["identical_kept"][block] += int((identical & kept).sum())
@@ -398,7 +387,7 @@ def write_report(run_dir: Path, out_dir: Path, examples: int = 20, filter_summar
     """Write a data-quality report of a stage-1 or plan directory to `out_dir`; returns its numbers.
 
     Loads no model: similarities come from the stored guide embeddings, masks from `masks.parquet`
-    (checked against `pipeline.masks.batch_masks`). Writes `report.json`, `report.md` and three PNG
+    (checked against `pipeline.masks.plan_masks`). Writes `report.json`, `report.md` and three PNG
     plots, each atomically. `examples` is the length of each list of most similar masked pairs;
     `filter_summary` (a `gist filter` summary, `*.filter.json`) adds its section.
     """
