@@ -29,6 +29,8 @@ NEGATIVE_COLUMN = re.compile(r"^negative(_\d+)?$")
 MAX_REPORTED_ROWS = 5
 
 
+NO_TASK = "(none)"  # the task label of an example with a null task, or of data without tasks
+
 @dataclass
 class TrainingData:
     """Deduplicated training examples: every text once, examples as text ids.
@@ -61,6 +63,13 @@ class TrainingData:
     @property
     def num_negatives(self) -> int:
         return self.negative_ids.shape[1]
+
+    def task_labels(self) -> np.ndarray:
+        """Each example's task name, a null task (or no task column) as NO_TASK: how reports and
+        summaries group examples."""
+        if self.tasks is None:
+            return np.full(self.num_examples, NO_TASK, dtype=object)
+        return np.where(np.equal(self.tasks, None), NO_TASK, self.tasks)
 
     def text(self, text_id) -> str:
         """One text by its id."""

@@ -32,7 +32,6 @@ import pyarrow as pa
 
 from pipeline import GistError, artifacts, data as data_mod, guide as guide_mod
 from pipeline.conflicts import RADIUS_SLACK, pair_dots
-from pipeline.report import NO_TASK
 
 AMONG = ("positives", "all")
 WORST_SHOWN = 20
@@ -197,8 +196,7 @@ def _written_by_filter(out: Path, summary_file: Path) -> bool:
 
 def _summary(guide_dir: Path, source: Path, out: Path, params: FilterParams, training, ranks: PositiveRanks, keep: np.ndarray) -> dict:
     """Counts overall and per task, the rank distribution, and the worst examples (lowest pair score)."""
-    # Null tasks, or no task column, count as NO_TASK, as in the report.
-    tasks = np.full(training.num_examples, NO_TASK, dtype=object) if training.tasks is None else np.where(np.equal(training.tasks, None), NO_TASK, training.tasks)
+    tasks = training.task_labels()  # null tasks, or no task column, count as "(none)", as in the report
     per_task = {
         str(t): {"examples": int((tasks == t).sum()), "dropped": int(((tasks == t) & ~keep).sum())} for t in sorted(set(tasks.tolist()))
     }

@@ -33,7 +33,7 @@ from threadpoolctl import threadpool_limits
 
 from pipeline import GistError
 from pipeline.artifacts import atomic_path, read_manifest, verify_checksum, write_json
-from pipeline.data import TrainingData
+from pipeline.data import NO_TASK, TrainingData
 from pipeline.guide import load_guide_pass
 from pipeline.mask_check import differences, rounding_band
 from pipeline.masks import BLOCKS, MASKS, PlannedMasks, chunk_batches, duplicate_masks, guide_similarities, negative_columns, plan_masks
@@ -41,7 +41,6 @@ from pipeline.report_plots import PLOTS, write_plots
 
 NBINS = 200  # similarity histogram bins over [-1, 1]
 MAX_TEXT = 200  # characters of a text shown in report.md
-NO_TASK = "(none)"
 ROW_TEXT = {"ap": "anchor", "aa": "anchor", "pp": "positive", "an": "anchor"}
 
 
@@ -393,8 +392,7 @@ def write_report(run_dir: Path, out_dir: Path, examples: int = 20, filter_summar
     """
     run_dir, out_dir = Path(run_dir), Path(out_dir)
     manifest, guide_dir, masks, data, embeddings = load_planned(run_dir)
-    tasks = [NO_TASK if t is None else t for t in (data.tasks if data.tasks is not None else [None] * data.num_examples)]
-    task_names, task_of = np.unique(np.asarray(tasks, dtype=object).astype(str), return_inverse=True)
+    task_names, task_of = np.unique(data.task_labels().astype(str), return_inverse=True)
     scan = _scan(masks, data, embeddings, task_of.astype(np.int64), len(task_names), examples)
     report = _summarize(run_dir, manifest, guide_dir, masks, data, scan, task_names.tolist())
     if filter_summary is not None:
