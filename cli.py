@@ -11,6 +11,7 @@ from typing import Annotated, Optional
 import typer
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 from pipeline import GistError
 
@@ -24,6 +25,12 @@ app = typer.Typer(
 console = Console(stderr=True, soft_wrap=True)
 state = {"debug": False}
 
+
+def say(label: str, style: str, message: str) -> None:
+    """One status line on stderr: a styled label, then `message` as plain text. Paths and corpus
+    texts are user data: never parsed as rich markup (`runs/[exp1]` prints as written)."""
+    console.print(Text.assemble((label, style), " ", message), highlight=False)
+
 # Plan options, shared by `precompute-guide` and `plan`.
 BatchSize = Annotated[int, typer.Option(min=2, help="Examples per (global) batch. Incomplete last batches are dropped.")]
 Epochs = Annotated[int, typer.Option(min=1, help="Epochs to plan; stage 2 trains at most this many.")]
@@ -34,7 +41,7 @@ Margin = Annotated[float, typer.Option(help="Margin m of the false-negative rule
 ContrastAnchors = Annotated[bool, typer.Option(help="Include anchor-anchor candidates (GISTEmbedLoss default: on).")]
 ContrastPositives = Annotated[bool, typer.Option(help="Include positive-positive candidates (GISTEmbedLoss default: on).")]
 MaskDuplicates = Annotated[bool, typer.Option(help="Also mask candidates whose text is the row's own anchor or positive (same text id): never true negatives. --no-mask-duplicates reproduces GISTEmbedLoss exactly.")]
-Overwrite = Annotated[bool, typer.Option(show_default=False, help="Replace a finished run in --out (only files gist wrote are removed).")]
+Overwrite = Annotated[bool, typer.Option(show_default=False, help="Replace an earlier output of this command at --out, once the new one is complete (never anything else; your own files inside an output directory are kept).")]
 Columns = Annotated[Optional[str], typer.Option(help="Map column names, e.g. 'anchor=query,positive=doc,task=source'.")]
 
 
@@ -111,10 +118,8 @@ def precompute_guide(
     encoding, plan = m["encoding"], m["plan"]
     source = (f"vectors from {m['guide']['name']}, {encoding['renormalized_texts']} renormalised" if m["guide"].get("source") == "embeddings"
               else f"{encoding['encoded_texts']} encoded, {encoding['reused_texts']} reused, {encoding['resumed_texts']} resumed")
-    console.print(
-        f"[green]done[/] {out}: {m['dataset']['num_texts']} texts ({source}), "
-        f"{plan['num_batches']} batches, masked ap {plan['masked_fraction']['ap']:.2%}, {m['timings']['total_s']:.1f}s"
-    )
+    say("done", "green", f"{out}: {m['dataset']['num_texts']} texts ({source}), "
+        f"{plan['num_batches']} batches, masked ap {plan['masked_fraction']['ap']:.2%}, {m['timings']['total_s']:.1f}s")
 
 
 @app.command("plan", short_help="Re-plan batches and masks from a guide pass.")
@@ -141,7 +146,7 @@ def plan_command(
     if done is None:
         return  # a torchrun rank other than 0: rank 0 joined the masks and reports
     plan = done.manifest["plan"]
-    console.print(f"[green]done[/] {out / 'masks.parquet'}: {plan['num_batches']} batches, masked ap {plan['masked_fraction']['ap']:.2%}")
+    say("done", "green", f"{out / 'masks.parquet'}: {plan['num_batches']} batches, masked ap {plan['masked_fraction']['ap']:.2%}")
 
 
 @app.command("mine", short_help="Mine hard negatives from the stored embeddings.")
@@ -172,11 +177,11 @@ def mine_command(
         meta = mine_from_pass(guide_dir, out, params, corpus=corpus, corpus_column=corpus_column, guide=guide,
                               encode_batch_size=encode_batch_size, device=device, overwrite=overwrite)
     kept, dropped = meta["rows"], meta["examples"] - meta["rows"]
-    console.print(
-        f"[green]done[/] {out}: {kept} rows x {num_negatives} negatives"
+    # A model pass's vectors are reused; a pass from --embeddings VECTORS takes its vectors from VECTORS again.
+    guide_option = f"--embeddings {meta['guide']['path']}" if meta["guide"].get("source") == "embeddings" else f"--reuse {guide_dir}"
+    say("done", "green", f"{out}: {kept} rows x {num_negatives} negatives"
         + (f" ({dropped} dropped: not enough negatives in the window; widen --range-max or lower the margin)" if dropped else "")
-        + f", mined in {meta['timings']['mine_s']:.2f}s; next: gist precompute-guide {out} --reuse {guide_dir} ..."
-    )
+        + f", mined in {meta['timings']['mine_s']:.2f}s; next: gist precompute-guide {out} {guide_option} ...")
 
 
 @app.command("filter", short_help="Drop pairs the guide does not rank near the top.")
@@ -195,10 +200,10 @@ def filter_command(
     with console.status("ranking every positive for its anchor"):
         summary = filter_pass(guide_dir, out, FilterParams(top_k, min_score, among), data=data_path, overwrite=overwrite)
     dropped = ", ".join(f"{t} {v['dropped']}/{v['examples']}" for t, v in summary["per_task"].items())
-    console.print(
-        f"[green]done[/] {out}: kept {summary['kept']} of {summary['examples']} examples (dropped per task: {dropped}); "
-        f"summary {summary_path(out)}; next: gist precompute-guide {out} --reuse {guide_dir} ... (encodes nothing)"
-    )
+    manifest = summary["guide"]
+    guide_option = f"--embeddings {manifest['path']}" if manifest.get("source") == "embeddings" else f"--reuse {guide_dir}"
+    say("done", "green", f"{out}: kept {summary['kept']} of {summary['examples']} examples (dropped per task: {dropped}); "
+        f"summary {summary_path(out)}; next: gist precompute-guide {out} {guide_option} ... (encodes nothing)")
 
 
 @app.command("report", short_help="Data-quality report: false-negative rates, plots.")
@@ -209,27 +214,28 @@ def report_command(
     filter_summary: Annotated[Optional[Path], typer.Option("--filter", help="A `gist filter` summary (CLEAN.filter.json) to add: what the filter dropped, per task, the worst pairs.")] = None,
     margins: Annotated[Optional[str], typer.Option(help="Instead of the report, sweep these margins (e.g. 0,0.02,0.05,0.1): masked fraction per block and similarity histograms at each, from the stored pass (margins.md/.json/.png).")] = None,
     margin_strategy: Annotated[Optional[str], typer.Option(help="The sweep's margin strategy: absolute or relative (default: the plan's).")] = None,
+    overwrite: Overwrite = False,
 ) -> None:
     """Data-quality report: false-negative rates, guide-similarity plots, the guide's strongest vetoes. Loads no model."""
     if margins is not None:
         from pipeline.margins import parse_margins, write_margin_sweep
 
-        sweep = write_margin_sweep(guide_dir, out, parse_margins(margins), margin_strategy)
+        sweep = write_margin_sweep(guide_dir, out, parse_margins(margins), margin_strategy, overwrite=overwrite)
         table = Table(title=f"masked fraction per block, {sweep['margin_strategy']} margin ({sweep['batches']} batches)")
         for column in ("margin", "ap", "aa", "pp", "an"):
             table.add_column(column, justify="right")
         for row in sweep["margins"]:
             table.add_row(f"{row['margin']:g}", *(f"{f:.2%}" if f is not None else "–" for f in row["masked_fraction"].values()))
         Console().print(table)
-        console.print(f"[green]done[/] {out / 'margins.md'}")
+        say("done", "green", str(out / "margins.md"))
         return
     if margin_strategy is not None:
         raise typer.BadParameter("only with --margins", param_hint="--margin-strategy")
     from pipeline.report import write_report
 
-    report = write_report(guide_dir, out, examples, filter_summary)
+    report = write_report(guide_dir, out, examples, filter_summary, overwrite=overwrite)
     rates = ", ".join(f"{b} {v['rate']:.2%}" for b, v in report["blocks"].items() if v["rate"] is not None)
-    console.print(f"[green]done[/] {out / 'report.md'}: {report['counts']['batches']} batches, masked {rates}")
+    say("done", "green", f"{out / 'report.md'}: {report['counts']['batches']} batches, masked {rates}")
 
 
 @app.command("train", short_help="Stage 2: train a student with the stored masks.")
@@ -284,7 +290,7 @@ def train_command(
     final = train_student(data_path, masks_path, student, out, settings, columns=columns, resume=resume, device=device, sts=sts, beir=beir)
     if final is None:
         return  # a rank other than 0 under torchrun
-    console.print(f"[green]done[/] {final}")
+    say("done", "green", str(final))
     if (sts or beir) and (out / "eval.json").exists():
         print(json.dumps(json.loads((out / "eval.json").read_text()), indent=2))
 
@@ -297,23 +303,18 @@ def evaluate_command(
     out: Annotated[Optional[Path], typer.Option(help="Write the results as JSON here.")] = None,
     max_seq_length: Annotated[Optional[int], typer.Option(min=1, help="Truncate inputs at N tokens (default: the model's own), e.g. to match a student trained with --max-seq-length.")] = None,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda.")] = "auto",
+    overwrite: Overwrite = False,
 ) -> None:
     """Evaluate a model on STS (Spearman) and/or BEIR retrieval (nDCG@10); prints a table."""
-    from pipeline import artifacts, guide as guide_mod
-    from pipeline.evaluate import evaluate_model
+    from pipeline.evaluate import evaluate_path
 
     if sts is None and beir is None:
         raise typer.BadParameter("give --sts FILE and/or --beir DIR", param_hint="--sts/--beir")
-    model = guide_mod.load_model(model_path, device)
-    if max_seq_length:
-        model.max_seq_length = max_seq_length
-    results = evaluate_model(model, sts, beir)
-    table = Table("metric", "value", title=str(model_path))
+    results = evaluate_path(model_path, sts, beir, out=out, max_seq_length=max_seq_length, device=device, overwrite=overwrite)
+    table = Table("metric", "value", title=Text(str(model_path)))
     for name, value in results.items():
         table.add_row(name, f"{value:.4f}")
     Console().print(table)
-    if out:
-        artifacts.write_json(out, {"model": str(model_path), **results})
 
 
 @app.command("verify", short_help="Check every file of a run directory against its manifest.")
@@ -324,7 +325,7 @@ def verify_command(
     from pipeline.artifacts import MANIFEST, verify_run
 
     files = verify_run(run_dir)["files"]
-    console.print(f"[green]ok[/] {run_dir}: {len(files)} files match {MANIFEST} ({sum(f['bytes'] for f in files.values()) / 2**20:,.1f} MiB hashed)")
+    say("ok", "green", f"{run_dir}: {len(files)} files match {MANIFEST} ({sum(f['bytes'] for f in files.values()) / 2**20:,.1f} MiB hashed)")
 
 
 class Interrupted(BaseException):
@@ -346,15 +347,15 @@ def main() -> None:
     except GistError as e:
         if state["debug"]:
             traceback.print_exc()
-        console.print(f"[red]error:[/] {e}", highlight=False)
+        say("error:", "red", str(e))
         sys.exit(1)
     except (Interrupted, KeyboardInterrupt) as e:
-        console.print(f"[red]interrupted[/] ({e or 'SIGINT'}): finished work is kept; run the same command again to resume (gist train: add --resume)")
+        say("interrupted", "red", f"({e or 'SIGINT'}): finished work is kept; run the same command again to resume (gist train: add --resume)")
         sys.exit(130)
     except Exception as e:  # noqa: BLE001 - the interface is one line, the traceback is behind --debug
         if state["debug"]:
             raise
-        console.print(f"[red]error:[/] {type(e).__name__}: {e} (run with --debug for the traceback)", highlight=False)
+        say("error:", "red", f"{type(e).__name__}: {e} (run with --debug for the traceback)")
         sys.exit(1)
 
 

@@ -14,7 +14,9 @@ import pyarrow.compute as pc
 from sentence_transformers.sentence_transformer.evaluation import EmbeddingSimilarityEvaluator, InformationRetrievalEvaluator
 
 from pipeline import GistError
+from pipeline.artifacts import write_json
 from pipeline.data import read_table
+from pipeline.outputs import Kind, Output
 
 
 def sts_evaluator(path: Path) -> EmbeddingSimilarityEvaluator:
@@ -71,3 +73,28 @@ def training_evaluator(sts: Path | None = None, beir: Path | None = None):
 
     evaluators = ([sts_evaluator(sts)] if sts else []) + ([beir_evaluator(beir)] if beir else [])
     return evaluators[0] if len(evaluators) == 1 else SequentialEvaluator(evaluators)
+
+
+EVALUATION = Kind("evaluation", directory=False, record=lambda out: out)  # the JSON file records the kind
+
+
+def evaluate_path(model_path: str | Path, sts: Path | None = None, beir: Path | None = None, *, out: Path | None = None,
+                  max_seq_length: int | None = None, device: str = "auto", overwrite: bool = False) -> dict[str, float]:
+    """`gist evaluate`: load MODEL, evaluate it on STS and/or BEIR, and (with `out`) write the results
+    as JSON; every input is read (the evaluators built) before OUT is touched."""
+    from pipeline.guide import load_model
+
+    if sts is None and beir is None:
+        raise GistError("give --sts FILE and/or --beir DIR")
+    output = Output(out, EVALUATION, inputs={"MODEL": model_path, "--sts": sts, "--beir": beir}, overwrite=overwrite) if out else None
+    if output:
+        output.check()
+    evaluators = ([sts_evaluator(sts)] if sts else []) + ([beir_evaluator(beir)] if beir else [])  # the files are read before the model loads
+    model = load_model(str(model_path), device)
+    if max_seq_length:
+        model.max_seq_length = max_seq_length
+    results = evaluate_model(model, sts, beir)
+    if output:
+        with output.stage() as stage:
+            write_json(stage.path(out), {"kind": EVALUATION.name, "model": str(model_path), **results})
+    return results

@@ -16,14 +16,12 @@ depth, reported as a lower bound past it.
 Kept rows are written in the input's format with its original columns, in their original order,
 so `precompute-guide --reuse GUIDE_DIR` on them encodes nothing; `<out stem>.filter.json` beside
 them records the parameters, counts per task and the worst examples (`gist report --filter`). Both
-are written as one unit, the data renamed into place last; `--overwrite` replaces only an earlier
-output of gist filter (its summary names it).
+are one output (pipeline.outputs): staged together and swapped in together; `--overwrite` replaces
+only an earlier output of gist filter (its summary names it).
 """
 
 from __future__ import annotations
 
-import json
-import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -32,6 +30,7 @@ import pyarrow as pa
 
 from pipeline import GistError, artifacts, data as data_mod, guide as guide_mod
 from pipeline.conflicts import RADIUS_SLACK, pair_dots
+from pipeline.outputs import Kind, Output
 
 AMONG = ("positives", "all")
 WORST_SHOWN = 20
@@ -70,6 +69,10 @@ def summary_path(out: Path) -> Path:
     for suffix in (".gz", ".parquet", ".jsonl", ".json", ".csv"):
         name = name.removesuffix(suffix)
     return out.with_name(name + ".filter.json")
+
+
+# The kept rows (OUT) and their summary beside it, one output; the summary records the kind and names OUT.
+FILTER = Kind("filter", directory=False, record=summary_path, companions=lambda out: [summary_path(out)])
 
 
 def _same_anchor_positives(data: data_mod.TrainingData) -> dict[int, np.ndarray]:
@@ -137,64 +140,31 @@ def filter_pass(guide_dir: str | Path, out: str | Path, params: FilterParams, *,
         data: the pass's training data, if it moved (default: the path its manifest records);
             it must have the pass's fingerprint.
         overwrite: replace an earlier output of gist filter at OUT (the summary beside it names
-            it); nothing else is ever replaced, and an OUT that is or contains DATA or GUIDE_DIR is refused.
+            it); nothing else is ever replaced, and an OUT that overlaps DATA or GUIDE_DIR is refused.
     """
     guide_dir, out = Path(guide_dir), Path(out)
     params.check()
     manifest, training, embeddings = guide_mod.load_guide_pass(guide_dir)
     source = Path(data) if data is not None else Path(manifest["dataset"]["path"])
+    output = Output(out, FILTER, inputs={"GUIDE_DIR": guide_dir, "DATA": source}, overwrite=overwrite)
+    output.check()
     columns = manifest["dataset"]["columns"]
     if data_mod.load_training_data(source, ",".join(f"{k}={v}" for k, v in columns.items())).fingerprint != training.fingerprint:
         raise GistError(f"{source}: not the data of the guide pass {guide_dir} (fingerprints differ); pass its data with --data")
-    summary_file = summary_path(out)
-    _check_out(out, summary_file, overwrite, {"DATA": source, "GUIDE_DIR": guide_dir})
     ranks = positive_ranks(embeddings, training, params.top_k or WORST_SHOWN, params.among)
     keep = np.ones(training.num_examples, dtype=bool)
     if params.top_k is not None:
         keep &= ranks.ranks <= params.top_k
     if params.min_score is not None:
         keep &= ranks.scores >= params.min_score
-    summary = _summary(guide_dir, source, out, params, training, ranks, keep)
-    # Data and summary are one unit: both complete under temporary names before the data, renamed
-    # last, appears under its name; a failure on the way leaves neither.
-    with artifacts.atomic_path(out) as tmp:
-        data_mod.write_table(data_mod.read_table(source).filter(pa.array(keep)), out, into=tmp)
-        artifacts.write_json(summary_file, summary)
-        if out.is_dir():  # an earlier gist filter's save_to_disk directory (_check_out): a rename cannot replace it
-            shutil.rmtree(out)
+    summary = _summary(guide_dir, manifest["guide"], source, out, params, training, ranks, keep)
+    with output.stage() as stage:  # data and summary are one output: both appear, or neither
+        data_mod.write_table(data_mod.read_table(source).filter(pa.array(keep)), out, into=stage.path(out))
+        artifacts.write_json(stage.path(summary_path(out)), summary)
     return summary
 
 
-def _check_out(out: Path, summary_file: Path, overwrite: bool, inputs: dict[str, Path]) -> None:
-    """Refuse an OUT (or summary) that is or contains an input; refuse an existing OUT or summary
-    unless `overwrite` and an earlier gist filter wrote them (its summary beside OUT names OUT):
-    --overwrite replaces that output, never the user's other files."""
-    for target in (out.resolve(), summary_file.resolve()):
-        for name, path in inputs.items():
-            if target == path.resolve() or target in path.resolve().parents:
-                raise GistError(f"--out {out} is or contains {name} ({path}); choose another --out")
-    existing = [path for path in (out, summary_file) if path.exists()]
-    if not existing:
-        return
-    if not _written_by_filter(out, summary_file):
-        raise GistError(
-            f"{existing[0]} exists and is not the output of gist filter (no {summary_file.name} naming {out.name}); "
-            "remove it or choose another --out"
-        )
-    if not overwrite:
-        raise GistError(f"{existing[0]} exists; pass --overwrite to replace it")
-
-
-def _written_by_filter(out: Path, summary_file: Path) -> bool:
-    """Whether `summary_file` is a gist filter summary of an output named like `out`."""
-    try:
-        summary = json.loads(summary_file.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
-        return False
-    return isinstance(summary, dict) and summary.get("kind") == "filter" and Path(str(summary.get("out"))).name == out.name
-
-
-def _summary(guide_dir: Path, source: Path, out: Path, params: FilterParams, training, ranks: PositiveRanks, keep: np.ndarray) -> dict:
+def _summary(guide_dir: Path, guide: dict, source: Path, out: Path, params: FilterParams, training, ranks: PositiveRanks, keep: np.ndarray) -> dict:
     """Counts overall and per task, the rank distribution, and the worst examples (lowest pair score)."""
     tasks = training.task_labels()  # null tasks, or no task column, count as "(none)", as in the report
     per_task = {
@@ -204,6 +174,7 @@ def _summary(guide_dir: Path, source: Path, out: Path, params: FilterParams, tra
     return {
         "kind": "filter",
         "guide_dir": str(guide_dir.resolve()),
+        "guide": guide,
         "data": str(source.resolve()),
         "out": str(out.resolve()),
         "params": asdict(params),

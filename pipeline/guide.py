@@ -14,7 +14,6 @@ widens the rows it reads to float32).
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import shutil
 import time
@@ -223,46 +222,37 @@ def embed(model, texts: list[str], batch_size: int, stored: StoredEmbeddings | N
     return vectors, len(found)
 
 
-PARTS = ".embeddings.parts"
+PARTS = "embeddings.parts"  # in the stage's work directory: one Parquet file per finished chunk
+
+
+def encoding_started(stage) -> bool:
+    """Whether the stage holds encoding work worth resuming (finished chunks or their join)."""
+    return any((stage.work / PARTS).glob("part-*.parquet")) or (stage.dir / VECTORS).exists()
 
 
 def encode_to_parquet(
-    model, texts: pa.Array, out_dir: Path, batch_size: int, run_key: dict, rows_per_group: int, rank: int = 0, world_size: int = 1,
+    model, texts: pa.Array, stage, batch_size: int, rows_per_group: int, rank: int = 0, world_size: int = 1,
     stored: StoredEmbeddings | None = None, embedding_dtype: str = "float32",
 ) -> dict | None:
-    """Encode `texts` (normalized) into `out_dir/embeddings.parquet` and `embeddings.npy`, stored as
-    `embedding_dtype`, resuming finished work.
+    """Encode `texts` (normalized) into the stage's `embeddings.parquet` and `embeddings.npy`, stored
+    as `embedding_dtype`, resuming finished work.
 
-    `run_key` (guide identity and encoding settings, dataset fingerprint, encoding options) is
-    stored in `.embeddings.parts/`; parts left by a run with another key are discarded rather than
-    mixed in. Finished chunks are part files; once joined into `embeddings.parquet` the parts are
-    deleted but the key stays until the command has finished (`finish_encoding`), so a run that
-    fails later (indexing, planning, masks) keeps its embeddings and a re-run encodes nothing.
-    Texts held by `stored` are copied from there. Under torchrun, rank r encodes chunks r, r + W,
-    ...; rank 0 joins the parts and returns the counts for the manifest (encoded, reused from
-    `stored`, resumed), the other ranks return None.
+    Finished chunks are part files in the stage's work directory (`pipeline.outputs`: a stage is
+    resumed only by a run of the same guide, encoding settings and data); once joined the parts are
+    deleted and the joined files stay, so a run that fails later (indexing, planning, masks) keeps
+    its embeddings and a re-run encodes nothing. Texts held by `stored` are copied from there. Under
+    torchrun, rank r encodes chunks r, r + W, ...; rank 0 joins the parts and returns the counts for
+    the manifest (encoded, reused from `stored`, resumed), the other ranks return None.
     """
-    parts_dir = out_dir / PARTS
-    key_file = parts_dir / "run_key.json"
-    run_key = {**run_key, "rows_per_group": rows_per_group, "batch_size": batch_size, "reuse": stored.key if stored else [],
-               "embedding_dtype": embedding_dtype}
-    joined = [out_dir / EMBEDDINGS, out_dir / VECTORS]
+    parts_dir = stage.work / PARTS
+    joined = [stage.dir / EMBEDDINGS, stage.dir / VECTORS]
     if rank == 0:
-        if parts_dir.exists() and (not key_file.exists() or json.loads(key_file.read_text()) != run_key):
-            shutil.rmtree(parts_dir)
-            for path in joined:
-                path.unlink(missing_ok=True)  # another run's join
         parts_dir.mkdir(exist_ok=True)
-        if not key_file.exists():
-            for path in joined:
-                path.unlink(missing_ok=True)  # no key: nothing says which run wrote it
-            with atomic_path(key_file) as tmp:
-                tmp.write_text(json.dumps(run_key, sort_keys=True))
     barrier(world_size)
 
     dim = model.get_embedding_dimension()
     counts = {"dim": dim, "encoded_texts": 0, "reused_texts": 0, "resumed_texts": len(texts), "encode_seconds": 0.0}
-    if all(path.exists() for path in joined):  # joined by an earlier run of this key: all finished
+    if all(path.exists() for path in joined):  # joined by an earlier run of this stage: all finished
         return counts if rank == 0 else None
     schema = embeddings_schema(dim, embedding_dtype)
     n_chunks = (len(texts) + rows_per_group - 1) // rows_per_group
@@ -271,26 +261,31 @@ def encode_to_parquet(
     with _progress() as progress:
         mine = range(rank, n_chunks, world_size)
         task = progress.add_task("guide: encoding texts" + (f" (rank {rank})" if world_size > 1 else ""), total=sum(min(len(texts), (c + 1) * rows_per_group) - c * rows_per_group for c in mine))
-        for chunk in mine:
-            start, stop = chunk * rows_per_group, min(len(texts), (chunk + 1) * rows_per_group)
-            part = parts_dir / f"part-{chunk:06d}.parquet"
-            if part.exists():
-                resumed += stop - start
-                progress.advance(task, stop - start)
-                continue
-            t0 = time.perf_counter()
-            vectors, from_stored = embed(model, texts[start:stop].to_pylist(), batch_size, stored, first_id=start)
-            encode_seconds += time.perf_counter() - t0
-            table = pa.table(
-                {"text_id": np.arange(start, stop, dtype=np.int64),
-                 "embedding": pa.FixedSizeListArray.from_arrays(vectors.reshape(-1).astype(embedding_dtype), dim)},
-                schema=schema,
-            )
-            with atomic_path(part) as tmp:
-                pq.write_table(table, tmp)
-            reused += from_stored
-            encoded += stop - start - from_stored
-            progress.advance(task, stop - start)
+        # The bar moves per encoded batch: a hook on the model's forward, which encode calls once per batch.
+        hook = model.register_forward_hook(lambda module, args, output: progress.advance(task, len(output["sentence_embedding"])))
+        try:
+            for chunk in mine:
+                start, stop = chunk * rows_per_group, min(len(texts), (chunk + 1) * rows_per_group)
+                part = parts_dir / f"part-{chunk:06d}.parquet"
+                if part.exists():
+                    resumed += stop - start
+                    progress.advance(task, stop - start)
+                    continue
+                t0 = time.perf_counter()
+                vectors, from_stored = embed(model, texts[start:stop].to_pylist(), batch_size, stored, first_id=start)
+                encode_seconds += time.perf_counter() - t0
+                table = pa.table(
+                    {"text_id": np.arange(start, stop, dtype=np.int64),
+                     "embedding": pa.FixedSizeListArray.from_arrays(vectors.reshape(-1).astype(embedding_dtype), dim)},
+                    schema=schema,
+                )
+                with atomic_path(part) as tmp:
+                    pq.write_table(table, tmp)
+                reused += from_stored
+                encoded += stop - start - from_stored
+                progress.advance(task, from_stored)  # copied from --reuse passes, not encoded
+        finally:
+            hook.remove()
 
     if world_size > 1:
         import torch.distributed as dist
@@ -301,7 +296,7 @@ def encode_to_parquet(
     barrier(world_size)
     if rank != 0:
         return None
-    with atomic_path(out_dir / EMBEDDINGS) as tmp, pq.ParquetWriter(tmp, schema) as writer, atomic_path(out_dir / VECTORS) as raw:
+    with atomic_path(joined[0]) as tmp, pq.ParquetWriter(tmp, schema) as writer, atomic_path(joined[1]) as raw:
         array = np.lib.format.open_memmap(raw, mode="w+", dtype=embedding_dtype, shape=(len(texts), dim))
         for chunk in range(n_chunks):
             table = pq.read_table(parts_dir / f"part-{chunk:06d}.parquet")
@@ -310,14 +305,8 @@ def encode_to_parquet(
             array[chunk * rows_per_group : chunk * rows_per_group + table.num_rows] = values.reshape(-1, dim)
         array.flush()
         del array
-    for part in parts_dir.glob("part-*.parquet"):
-        part.unlink()
+    shutil.rmtree(parts_dir)
     return {**counts, "encoded_texts": encoded, "reused_texts": reused, "resumed_texts": resumed, "encode_seconds": round(encode_seconds, 3)}
-
-
-def finish_encoding(out_dir: Path) -> None:
-    """Drop the encoding's resume state once the guide pass is complete (its manifest written)."""
-    shutil.rmtree(Path(out_dir) / PARTS, ignore_errors=True)
 
 
 def open_embeddings(path: Path) -> np.ndarray:

@@ -23,9 +23,10 @@ import numpy as np
 import torch
 
 from pipeline import GistError
-from pipeline.artifacts import atomic_path, write_json
+from pipeline.artifacts import write_json
 from pipeline.masks import BLOCKS, MARGIN_STRATEGIES, chunk_batches, duplicate_masks, guide_similarities, plan_masks
-from pipeline.report import NBINS, histogram, load_planned
+from pipeline.outputs import Kind, Output
+from pipeline.report import NBINS, guide_dir_of, histogram, load_planned
 from pipeline.report_plots import save_figure
 
 MARGINS = "margins.json", "margins.md", "margins.png"
@@ -130,13 +131,17 @@ def _plot(sweep: dict, path: Path) -> None:
     save_figure(fig, path)
 
 
-def write_margin_sweep(run_dir: Path, out_dir: Path, margins: list[float], margin_strategy: str | None = None) -> dict:
-    """`margin_sweep`, written to OUT as margins.json, margins.md and margins.png (each atomically)."""
-    sweep = margin_sweep(run_dir, margins, margin_strategy)
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    _plot(sweep, out_dir / MARGINS[2])
-    with atomic_path(out_dir / MARGINS[1]) as tmp:
-        tmp.write_text(_markdown(sweep))
-    write_json(out_dir / MARGINS[0], sweep)
+MARGIN_SWEEP = Kind("margins", directory=True, record=MARGINS[0], owned=MARGINS)
+
+
+def write_margin_sweep(run_dir: Path, out_dir: Path, margins: list[float], margin_strategy: str | None = None, overwrite: bool = False) -> dict:
+    """`margin_sweep`, written to OUT as margins.json, margins.md and margins.png: one output (pipeline.outputs)."""
+    run_dir = Path(run_dir)
+    output = Output(out_dir, MARGIN_SWEEP, inputs={"GUIDE_DIR": run_dir, "its guide pass": guide_dir_of(run_dir)}, overwrite=overwrite)
+    output.check()  # before the sweep: a refused OUT costs nothing
+    sweep = {"kind": MARGIN_SWEEP.name, **margin_sweep(run_dir, margins, margin_strategy)}
+    with output.stage() as stage:
+        _plot(sweep, stage.dir / MARGINS[2])
+        (stage.dir / MARGINS[1]).write_text(_markdown(sweep))
+        write_json(stage.dir / MARGINS[0], sweep)
     return sweep

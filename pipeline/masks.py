@@ -344,10 +344,10 @@ class PlannedMasks:
 
     @functools.cached_property
     def cursor(self):
-        """The trainer-step cursor of this masks file (`pipeline.train.plan_cursor`): one per file in a
+        """The trainer-step cursor of this masks file (`pipeline.cursor.plan_cursor`): one per file in a
         process, shared by every PlannedMasks of it (the sampler's, and one a loss opened from the
-        path). Made on first use: planning, mining and reports never import the trainer."""
-        from pipeline.train import plan_cursor
+        path). Made on first use: planning, mining and reports never import transformers."""
+        from pipeline.cursor import plan_cursor
 
         return plan_cursor(self.path)
 

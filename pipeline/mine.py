@@ -34,11 +34,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline import GistError
-from pipeline.artifacts import atomic_path
 from pipeline.data import TrainingData
 from pipeline.guide import gather
+from pipeline.outputs import Kind, Output
 
 SAMPLING = ("top", "random")
+MINED = Kind("mined", directory=False, record=lambda out: out)  # the Parquet file's metadata records the kind
 SEARCH_CHUNK = 16384  # queries per FAISS search call, as mine_hard_negatives' faiss_batch_size
 
 
@@ -178,8 +179,7 @@ def write_mined(out_path: Path, texts: pa.Array, data: TrainingData, mined: Mine
     if data.tasks is not None:
         columns["task"] = pa.array(data.tasks, pa.string()).take(keep)
     table = pa.table(columns).replace_schema_metadata({b"gist": json.dumps(meta, sort_keys=True).encode()})
-    with atomic_path(out_path) as tmp:
-        pq.write_table(table, tmp)
+    pq.write_table(table, out_path)
     return len(keep)
 
 
@@ -200,8 +200,9 @@ def mine_from_pass(
         raise GistError(f"--sampling-strategy {params.sampling_strategy}: use one of {', '.join(SAMPLING)}")
     if out.suffix != ".parquet":
         raise GistError(f"--out {out}: write a .parquet file")
-    if out.exists() and not overwrite:
-        raise GistError(f"{out} exists; pass --overwrite or choose another --out")
+    corpus_file = None if corpus in ("positives", "all") else Path(corpus)
+    output = Output(out, MINED, inputs={"GUIDE_DIR": guide_dir, "--corpus": corpus_file, "--guide": guide}, overwrite=overwrite)
+    output.check()
     t_start = time.perf_counter()
     manifest, training, embeddings = guide_mod.load_guide_pass(guide_dir)
     texts = training.texts
@@ -235,11 +236,13 @@ def mine_from_pass(
     mined = mine_negatives(embeddings, training.anchor_ids, training.positive_ids, corpus_ids, params)
     t_mine = time.perf_counter()
     meta = {
+        "kind": MINED.name,
         "mining": {**asdict(params), "range_max": mined.range_max, "corpus": corpus if corpus in ("positives", "all") else str(Path(corpus).resolve())},
         "guide_dir": str(guide_dir.resolve()), "guide": manifest["guide"], "dataset": manifest["dataset"],
         "corpus_texts": len(np.unique(corpus_ids)), "encoded_texts": len(texts) - len(training.texts),
         "examples": training.num_examples, "skipped_candidates": mined.skipped,
         "timings": {"load_s": round(t_load - t_start, 3), "mine_s": round(t_mine - t_load, 3)},
     }
-    meta["rows"] = write_mined(out, texts, training, mined, {**meta, "rows": int(mined.complete.sum())})
+    with output.stage() as stage:
+        meta["rows"] = write_mined(stage.path(out), texts, training, mined, {**meta, "rows": int(mined.complete.sum())})
     return meta

@@ -32,10 +32,11 @@ import numpy as np
 from threadpoolctl import threadpool_limits
 
 from pipeline import GistError
-from pipeline.artifacts import atomic_path, read_manifest, verify_checksum, write_json
+from pipeline.artifacts import read_manifest, verify_checksum, write_json
 from pipeline.data import NO_TASK, TrainingData
 from pipeline.guide import load_guide_pass
 from pipeline.mask_check import differences, rounding_band
+from pipeline.outputs import Kind, Output
 from pipeline.masks import BLOCKS, MASKS, PlannedMasks, chunk_batches, duplicate_masks, guide_similarities, negative_columns, plan_masks
 from pipeline.report_plots import PLOTS, write_plots
 
@@ -50,16 +51,21 @@ def _enabled(masks: PlannedMasks, data: TrainingData) -> dict[str, bool]:
     return {"ap": True, "aa": p.contrast_anchors, "pp": p.contrast_positives, "an": data.num_negatives > 0}
 
 
+def guide_dir_of(run_dir: Path, manifest: dict | None = None) -> Path:
+    """The guide pass of a precompute-guide (itself) or plan directory (the one it was planned from)."""
+    manifest = manifest or read_manifest(run_dir)
+    kind = manifest.get("kind")
+    if kind == "guide-pass":
+        return Path(run_dir)
+    if kind == "plan":
+        return Path(manifest["guide_dir"])
+    raise GistError(f"{run_dir}: not a precompute-guide or plan directory (kind {kind!r})")
+
+
 def load_planned(run_dir: Path) -> tuple[dict, Path, PlannedMasks, TrainingData, np.ndarray]:
     """Manifest, guide directory, stored masks, data and embeddings, every file checked against its checksum."""
     manifest = read_manifest(run_dir)
-    kind = manifest.get("kind")
-    if kind == "guide-pass":
-        guide_dir = Path(run_dir)
-    elif kind == "plan":
-        guide_dir = Path(manifest["guide_dir"])
-    else:
-        raise GistError(f"{run_dir}: not a precompute-guide or plan directory (kind {kind!r})")
+    guide_dir = guide_dir_of(run_dir, manifest)
     masks = PlannedMasks(verify_checksum(run_dir, MASKS, manifest))
     _, data, embeddings = load_guide_pass(guide_dir)
     if masks.meta["dataset_fingerprint"] != data.fingerprint:
@@ -382,27 +388,28 @@ def _read_filter_summary(path: Path) -> dict:
     return summary
 
 
-def write_report(run_dir: Path, out_dir: Path, examples: int = 20, filter_summary: Path | None = None) -> dict:
+REPORT = Kind("report", directory=True, record="report.json", owned=("report.json", "report.md", *PLOTS.values()))
+
+
+def write_report(run_dir: Path, out_dir: Path, examples: int = 20, filter_summary: Path | None = None, overwrite: bool = False) -> dict:
     """Write a data-quality report of a stage-1 or plan directory to `out_dir`; returns its numbers.
 
     Loads no model: similarities come from the stored guide embeddings, masks from `masks.parquet`
     (checked against `pipeline.masks.plan_masks`). Writes `report.json`, `report.md` and three PNG
-    plots, each atomically. `examples` is the length of each list of most similar masked pairs;
-    `filter_summary` (a `gist filter` summary, `*.filter.json`) adds its section.
+    plots as one output (pipeline.outputs). `examples` is the length of each list of most similar
+    masked pairs; `filter_summary` (a `gist filter` summary, `*.filter.json`) adds its section.
     """
     run_dir, out_dir = Path(run_dir), Path(out_dir)
     manifest, guide_dir, masks, data, embeddings = load_planned(run_dir)
+    output = Output(out_dir, REPORT, inputs={"GUIDE_DIR": run_dir, "its guide pass": guide_dir, "--filter": filter_summary}, overwrite=overwrite)
+    output.check()  # before the scan: a refused OUT costs nothing
     task_names, task_of = np.unique(data.task_labels().astype(str), return_inverse=True)
     scan = _scan(masks, data, embeddings, task_of.astype(np.int64), len(task_names), examples)
-    report = _summarize(run_dir, manifest, guide_dir, masks, data, scan, task_names.tolist())
+    report = {"kind": REPORT.name, **_summarize(run_dir, manifest, guide_dir, masks, data, scan, task_names.tolist())}
     if filter_summary is not None:
         report["filter"] = _read_filter_summary(Path(filter_summary))
-    try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise GistError(f"{out_dir}: cannot create the report directory ({e.strerror})") from None
-    write_plots(report, out_dir)
-    with atomic_path(out_dir / "report.md") as tmp:
-        tmp.write_text(_markdown(report) + "\n")
-    write_json(out_dir / "report.json", report)
+    with output.stage() as stage:
+        write_plots(report, stage.dir)
+        (stage.dir / "report.md").write_text(_markdown(report) + "\n")
+        write_json(stage.dir / "report.json", report)
     return report

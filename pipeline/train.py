@@ -8,11 +8,9 @@ evaluators and torchrun are the trainer's own. A training script needs `planned_
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import json
 import os
-import weakref
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -25,45 +23,9 @@ from pipeline import GistError
 from pipeline.data import TrainingData
 from pipeline.distill import DISTILL_KINDS, remove_guide_projection
 from pipeline.masks import PlannedMasks
+from pipeline.outputs import Kind, Output
 
 TRAIN_LOG = "train_log.jsonl"
-
-
-class PlanCursor(TrainerCallback):
-    """The plan row the trainer trains next: its global step (one planned batch per optimizer step).
-
-    The planned batch sampler and the loss read `step` from here rather than trusting the epoch the
-    trainer hands to samplers: on resume under torchrun that epoch never reaches the sampler
-    (SkipBatchSampler -> BatchSamplerShard -> sampler), which then silently replays epoch 0. Add
-    `masks.cursor` to the trainer's callbacks (`build_trainer` does); tests set `step` by hand.
-    """
-
-    def __init__(self) -> None:
-        self.step = 0
-
-    def _follow(self, args, state, control, **kwargs):
-        self.step = state.global_step
-
-    on_epoch_begin = on_step_begin = _follow
-
-    def on_train_begin(self, args, state, control, **kwargs):
-        if args.gradient_accumulation_steps != 1:
-            raise GistError(f"gradient_accumulation_steps {args.gradient_accumulation_steps}: a planned batch is one optimizer step; plan larger batches (use CachedGuidedMaskLoss for memory) instead")
-        self._follow(args, state, control)
-
-
-_CURSORS: weakref.WeakValueDictionary[Path, PlanCursor] = weakref.WeakValueDictionary()
-
-
-def plan_cursor(masks_path: Path) -> PlanCursor:
-    """The one PlanCursor of the masks file at `masks_path` in this process (by resolved path, kept
-    while a PlannedMasks holds it): a loss opened from the path and the sampler given a PlannedMasks
-    follow the same trainer step, whichever of them reached the trainer's callbacks."""
-    key = Path(masks_path).resolve()
-    cursor = _CURSORS.get(key)
-    if cursor is None:
-        cursor = _CURSORS[key] = PlanCursor()
-    return cursor
 
 
 class PlannedBatchSampler(DefaultBatchSampler):
@@ -144,36 +106,8 @@ def check_masks_match(masks: PlannedMasks, data: TrainingData) -> None:
         raise GistError(f"{masks.path} has {masks.num_negatives} negative column(s), DATA has {data.num_negatives}")
 
 
-RUN_RECORD = "run.json"
-
-
-def claim_out_dir(out_dir: Path, record: dict, resume: bool) -> None:
-    """Tie OUT to one training run: write `record` (the run's data, masks, student and settings)
-    there on a fresh start, and on `--resume` refuse a record that differs, so a run never
-    continues from another run's checkpoints. A fresh start into an OUT that holds a run is refused.
-    """
-    from pipeline.artifacts import prepare_out_dir, write_json
-
-    out_dir = Path(out_dir)
-    path = out_dir / RUN_RECORD
-    if (out_dir / "final").exists():
-        raise GistError(f"{out_dir} already holds a finished training run (final/); choose another --out")
-    if resume:
-        if not path.is_file():
-            raise GistError(f"--resume: {out_dir} holds no {RUN_RECORD}; it is not a gist training run")
-        stored = json.loads(path.read_text())
-        differ = sorted(key for key in {**stored, **record} if stored.get(key) != record.get(key))
-        if differ:
-            shown = "; ".join(f"{key}: {stored.get(key)} -> {record.get(key)}" for key in differ)
-            raise GistError(f"--resume: {out_dir} holds a run with other settings ({shown}); resume with the same options or choose another --out")
-        return
-    if int(os.environ.get("RANK", 0)) != 0:
-        return  # under torchrun rank 0 claims OUT; the others would see its record and refuse
-    checkpoints = out_dir / "checkpoints"
-    if path.exists() or (checkpoints.is_dir() and any(checkpoints.iterdir())):
-        raise GistError(f"{out_dir} holds another training run's checkpoints; continue it with --resume or choose another --out")
-    prepare_out_dir(out_dir, overwrite=False, owned=[])
-    write_json(path, record)
+RUN_RECORD = "run.json"  # the run's data, masks, student and settings: what --resume must match
+TRAINING = Kind("training", directory=True, record=RUN_RECORD)  # no --overwrite: a training run is never replaced
 
 
 def _readable_json(path: Path) -> bool:
@@ -403,48 +337,61 @@ def train_student(
     if settings.eval_steps and not (sts or beir):
         raise GistError("--eval-steps needs --sts and/or --beir to evaluate on")
     masks = masks if isinstance(masks, PlannedMasks) else PlannedMasks(Path(masks))
+    output = Output(out, TRAINING, overwrite=None, inputs={
+        "DATA": data if isinstance(data, (str, Path)) else None, "--masks": masks.path.parent, "--student": student, "--sts": sts, "--beir": beir})
+    output.check()
+    # Every input and setting is checked before OUT is touched: a typo leaves no trace.
     training = planned_training_data(data, masks, columns)
-    check_max_steps(masks, settings.max_steps)  # before OUT is claimed or the model loaded
+    check_max_steps(masks, settings.max_steps)
     evaluator = training_evaluator(sts, beir) if settings.eval_steps else None  # reads the files: fails before training
+    model = guide_mod.load_model(str(student), device)
+    settings.check(model.get_embedding_dimension())
+    if settings.max_seq_length:
+        model.max_seq_length = settings.max_seq_length
+    loss = build_loss(model, masks, settings)
     record = {
-        "data_fingerprint": training.fingerprint, "masks_plan": masks.meta["plan"], "masks_guide": masks.meta["guide_sha256"],
+        "kind": TRAINING.name, "data_fingerprint": training.fingerprint, "masks_plan": masks.meta["plan"], "masks_guide": masks.meta["guide_sha256"],
         "student": guide_mod.model_identity(str(student))["sha256"], **asdict(settings),
     }
     record["matryoshka_dims"] = list(settings.matryoshka_dims)
-    rank0 = int(os.environ.get("RANK", 0)) == 0
-    with artifacts.exclusive(out) if rank0 else contextlib.nullcontext():  # a second gist writing into OUT is refused
-        claim_out_dir(out, record, resume)
-        checkpoint = last_complete_checkpoint(out / "checkpoints") if resume else None
-        model = guide_mod.load_model(str(student), device)
-        settings.check(model.get_embedding_dimension())
-        if settings.max_seq_length:
-            model.max_seq_length = settings.max_seq_length
+    rank, world_size = guide_mod.init_distributed()  # the trainer (accelerate) takes the process group over
+    # The run is built in OUT's stage and moved to OUT when final/ is saved; a killed run's stage keeps
+    # its checkpoints, for --resume with the same settings (the stage's key is the run record).
+    with output.stage(record, rank=rank, world_size=world_size, discard=False) as stage:
+        checkpoints = stage.dir / "checkpoints"
+        stage.keep_when(lambda: any(checkpoints.glob("checkpoint-*")))
+        interrupted = stage.resumed and any(checkpoints.glob("checkpoint-*"))
+        if resume and not interrupted:
+            raise GistError(f"--resume: no interrupted run of {out} with these settings to resume (nothing in {stage.root}); run without --resume")
+        if interrupted and not resume:
+            raise GistError(f"an interrupted run of {out} with these settings has checkpoints in {stage.root}; continue it with --resume, or remove that directory to start afresh")
+        if rank == 0:
+            artifacts.write_json(stage.dir / RUN_RECORD, record)
+        checkpoint = last_complete_checkpoint(checkpoints) if resume else None
         metric = None
         if evaluator is not None:
             metric = "eval_sts_spearman_cosine" if sts else "eval_beir_cosine_ndcg@10"
         trainer = build_trainer(
-            model, training, masks, build_loss(model, masks, settings), out, evaluator=evaluator, callbacks=[JsonlLogCallback(out / TRAIN_LOG)],
+            model, training, masks, loss, stage.dir, evaluator=evaluator, callbacks=[JsonlLogCallback(stage.dir / TRAIN_LOG)],
             learning_rate=settings.lr, warmup_steps=settings.warmup_ratio, lr_scheduler_type=settings.lr_scheduler, weight_decay=settings.weight_decay,
             max_steps=settings.max_steps, logging_steps=settings.logging_steps, save_steps=settings.save_steps, seed=settings.seed,
-            gradient_checkpointing=settings.gradient_checkpointing, use_cpu=model.device.type == "cpu",
+            activation_checkpointing=settings.gradient_checkpointing, use_cpu=model.device.type == "cpu",
             fp16=settings.precision == "fp16", bf16=settings.precision == "bf16",
             **({"eval_strategy": "steps", "eval_steps": settings.eval_steps, "metric_for_best_model": metric, "greater_is_better": True} if evaluator else {}),
         )
         trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
-        world_size = int(os.environ.get("WORLD_SIZE", 1))
         if not trainer.is_world_process_zero():
             guide_mod.leave_distributed(world_size)  # wait until rank 0 has saved (and evaluated) the model
             return None
-        final = out / "final"
         remove_guide_projection(model)  # --distill embed's projection was trained with the student, not part of it
-        with artifacts.atomic_path(final) as tmp:
-            model.save(str(tmp))
+        model.save(str(stage.dir / "final"))
         if sts or beir:
             results = evaluate_model(model, sts, beir)
             if evaluator is not None:
-                results["best_checkpoint"] = trainer.state.best_model_checkpoint
+                best = trainer.state.best_model_checkpoint
+                results["best_checkpoint"] = str(out / Path(best).relative_to(stage.dir)) if best else None  # where it is once OUT is in place
                 results["best_step"] = trainer.state.best_global_step
                 results["best_metric"] = trainer.state.best_metric
-            artifacts.write_json(out / "eval.json", results)
-        guide_mod.leave_distributed(world_size)
-        return final
+            artifacts.write_json(stage.dir / "eval.json", results)
+    guide_mod.leave_distributed(world_size)
+    return out / "final"

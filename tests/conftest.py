@@ -109,3 +109,23 @@ def load_student(dropout: bool = False):
 
     config = {} if dropout else {"hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0}
     return SentenceTransformer(str(STUDENT), device="cpu", config_kwargs=config)
+
+
+def interrupted_training(finished: Path, out: Path, *drop: str) -> Path:
+    """Lay `out` out as a training run killed after its checkpoints: a copy of the finished run
+    `finished` without final/ (and without the entries `drop`, e.g. "checkpoints/checkpoint-8"),
+    in OUT's stage keyed by its run record, where a killed `gist train` leaves it. Returns the stage."""
+    import json
+    import shutil
+
+    from pipeline.outputs import STAGE_RECORD, stage_dir
+
+    stage = stage_dir(out)
+    shutil.copytree(finished, stage / "new")
+    for name in ("final", "eval.json", *drop):
+        target = stage / "new" / name
+        shutil.rmtree(target) if target.is_dir() else target.unlink(missing_ok=True)
+    (stage / "work").mkdir()
+    record = json.loads((finished / "run.json").read_text())
+    (stage / STAGE_RECORD).write_text(json.dumps({"kind": record["kind"], "key": record}))
+    return stage

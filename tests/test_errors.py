@@ -119,7 +119,7 @@ def test_nan_embeddings_from_the_guide(tmp_path):
 def test_finished_output_is_refused_without_overwrite(tmp_path, guide_run):
     gist("plan", guide_run, "--out", tmp_path / "plan", "--batch-size", "16")
     proc = gist("plan", guide_run, "--out", tmp_path / "plan", "--batch-size", "16", check=False)
-    assert_fails(proc, 1, "already holds a finished run", "--overwrite")
+    assert_fails(proc, 1, "already holds a finished plan output", "--overwrite")
 
 
 def test_masks_for_other_data_are_refused(tmp_path, guide_run, pairs):
@@ -176,7 +176,12 @@ def test_overwrite_replaces_only_what_gist_wrote(tmp_path, guide_run):
     assert (out / "masks.parquet").read_bytes() != first and (out / "manifest.json").exists()
 
 
-def test_training_into_a_finished_run_is_refused(tmp_path, guide_run, triplets):
-    (tmp_path / "o" / "final").mkdir(parents=True)
-    proc = gist("train", triplets, "--masks", guide_run / "masks.parquet", "--student", STUDENT, "--out", tmp_path / "o", check=False)
-    assert_fails(proc, 1, "already holds a finished training run")
+def test_training_into_a_finished_run_or_a_foreign_directory_is_refused(tmp_path, guide_run, triplets):
+    args = ("train", triplets, "--masks", guide_run / "masks.parquet", "--student", STUDENT, "--max-steps", "1")
+    gist(*args, "--out", tmp_path / "o")
+    proc = gist(*args, "--out", tmp_path / "o", check=False)
+    assert_fails(proc, 1, "already holds a finished training output", "choose another --out")
+    assert "--overwrite" not in proc.stderr  # gist train has no --overwrite: never suggested
+    (tmp_path / "mine" / "final").mkdir(parents=True)
+    proc = gist(*args, "--out", tmp_path / "mine", check=False)
+    assert_fails(proc, 1, "exists and is not written by gist")

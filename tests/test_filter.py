@@ -129,11 +129,11 @@ def test_overwrite_replaces_only_an_earlier_filter_output(static_run, triplets, 
     def run(out, *extra):
         return gist("filter", guide, "--data", data, "--out", out, "--top-k", "2", "--overwrite", *extra, check=False)
 
-    for out in (data, data.parent, guide, tmp_path):
+    for out in (data, data.parent, guide, tmp_path, guide / "texts.parquet"):
         proc = run(out)
         assert proc.returncode == 1 and "choose another --out" in proc.stderr, out
     proc = run(tmp_path / "mine")
-    assert proc.returncode == 1 and "not the output of gist filter" in proc.stderr
+    assert proc.returncode == 1 and "is not written by gist" in proc.stderr
     assert (tmp_path / "mine" / "notes.txt").read_text() == "the user's"
     assert read_table(data).equals(pq.read_table(triplets)) and read_manifest(guide)
 

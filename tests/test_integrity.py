@@ -47,7 +47,7 @@ def test_plan_refuses_to_overwrite_its_source_pass(tmp_path, static_run, target)
     source = tmp_path / "runs" / "guide"
     shutil.copytree(static_run, source)
     out = source if target == "itself" else source.parent
-    assert_fails(gist("plan", source, "--out", out, "--overwrite", check=False), "is (or contains) the guide pass")
+    assert_fails(gist("plan", source, "--out", out, "--overwrite", check=False), "is, contains or lies inside GUIDE_DIR")
     gist("plan", source, "--out", tmp_path / "replanned", "--batch-size", "16")  # the pass is intact
 
 
@@ -127,11 +127,17 @@ def test_reuse_refuses_a_guide_with_other_settings(tmp_path):
 
 # Defect 8: a training OUT belongs to one run.
 def test_train_refuses_to_mix_runs_in_one_out(tmp_path, guide_run, triplets):
-    args = ["train", triplets, "--masks", guide_run / "masks.parquet", "--student", STUDENT, "--out", tmp_path / "run", "--save-steps", "1"]
-    gist(*args, "--max-steps", "2", "--lr", "1e-4")
-    shutil.rmtree(tmp_path / "run" / "final")  # as if run A had been stopped after its checkpoints
-    assert_fails(gist(*args, "--max-steps", "2", "--lr", "1e-3", check=False), "holds another training run's checkpoints", "--resume")
-    assert_fails(gist(*args, "--max-steps", "2", "--lr", "1e-3", "--resume", check=False), "other settings", "lr: 0.0001 -> 0.001")
+    from tests.conftest import interrupted_training
+
+    args = ["train", triplets, "--masks", guide_run / "masks.parquet", "--student", STUDENT, "--save-steps", "1", "--max-steps", "2"]
+    gist(*args, "--out", tmp_path / "a", "--lr", "1e-4")
+    stage = interrupted_training(tmp_path / "a", tmp_path / "run")  # as if run A had been stopped after its checkpoints
+    assert_fails(gist(*args, "--out", tmp_path / "run", "--lr", "1e-3", check=False), "interrupted training run with other settings", "lr: 0.0001 -> 0.001")
+    assert_fails(gist(*args, "--out", tmp_path / "run", "--lr", "1e-3", "--resume", check=False), "other settings", "lr: 0.0001 -> 0.001")
+    assert_fails(gist(*args, "--out", tmp_path / "run", "--lr", "1e-4", check=False), "has checkpoints", "--resume")
+    assert (stage / "new" / "checkpoints" / "checkpoint-2").is_dir(), "a refused run leaves the interrupted one as it was"
+    assert_fails(gist(*args, "--out", tmp_path / "fresh", "--resume", check=False), "no interrupted run")
+    assert not (tmp_path / "fresh").exists() and not any(tmp_path.glob(".fresh*")), "a refused --resume leaves no trace"
 
 
 # Defect 9: an all-null task column means no tasks, in stage 1 as in `gist plan`.

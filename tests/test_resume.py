@@ -15,7 +15,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.conftest import GUIDE_SAMEVOCAB, ROOT, STUDENT, gist
+from pipeline.outputs import stage_dir
+from tests.conftest import GUIDE_SAMEVOCAB, ROOT, STUDENT, gist, interrupted_training
 
 FILES = ("texts.parquet", "examples.parquet", "embeddings.parquet", "embeddings.npy", "index.faiss", "masks.parquet")
 
@@ -55,23 +56,23 @@ def uninterrupted(tmp_path_factory, triplets):
 @pytest.mark.parametrize("parts", [1, 20])
 def test_stage1_killed_while_encoding_resumes_to_identical_files(tmp_path, triplets, uninterrupted, parts):
     out = tmp_path / "run"
-    parts_dir = out / ".embeddings.parts"
+    parts_dir = stage_dir(out) / "work" / "embeddings.parts"
     proc = start(*stage1_args(triplets, out))
     assert kill_when(proc, lambda: len(list(parts_dir.glob("part-*.parquet"))) >= parts), proc.stderr.read()
-    assert not (out / "manifest.json").exists() and not (out / "embeddings.parquet").exists()
+    assert not out.exists(), "OUT appears only when the pass is complete"
     done = len(list(parts_dir.glob("part-*.parquet")))
     result = gist(*stage1_args(triplets, out))
     assert f"{min(done * 32, 1504)} resumed" in result.stderr  # finished chunks were not encoded again
     for name in FILES:
         assert (out / name).read_bytes() == (uninterrupted / name).read_bytes(), name
-    assert not parts_dir.exists()
+    assert not stage_dir(out).exists() and sorted(p.name for p in tmp_path.iterdir()) == ["run"]
 
 
 def test_stage1_killed_while_writing_masks_resumes_to_identical_files(tmp_path, triplets, uninterrupted):
     out = tmp_path / "run"
     proc = start(*stage1_args(triplets, out))
-    assert kill_when(proc, lambda: (out / "index.faiss").exists()), proc.stderr.read()
-    assert not (out / "manifest.json").exists()
+    assert kill_when(proc, lambda: (stage_dir(out) / "new" / "index.faiss").exists()), proc.stderr.read()
+    assert not out.exists()
     gist(*stage1_args(triplets, out))
     for name in FILES:
         assert (out / name).read_bytes() == (uninterrupted / name).read_bytes(), name
@@ -83,8 +84,8 @@ def test_training_killed_after_a_checkpoint_resumes_to_the_same_weights(tmp_path
     gist(*args, "--out", tmp_path / "full")
     out = tmp_path / "killed"
     proc = start(*args, "--out", out)
-    assert kill_when(proc, lambda: (out / "checkpoints" / "checkpoint-4" / "trainer_state.json").exists()), proc.stderr.read()
-    assert not (out / "final").exists()
+    assert kill_when(proc, lambda: (stage_dir(out) / "new" / "checkpoints" / "checkpoint-4" / "trainer_state.json").exists()), proc.stderr.read()
+    assert not out.exists()
     gist(*args, "--out", out, "--resume")
     full, resumed = load_file(tmp_path / "full" / "final" / "model.safetensors"), load_file(out / "final" / "model.safetensors")
     for name in full:
@@ -98,13 +99,13 @@ def test_stage1_killed_after_the_join_encodes_nothing_again(tmp_path, triplets, 
     keeps embeddings.parquet, and the re-run encodes no text."""
     out = tmp_path / "run"
     proc = start(*stage1_args(triplets, out))
-    assert kill_when(proc, lambda: (out / "embeddings.parquet").exists()), proc.stderr.read()
-    assert not (out / "manifest.json").exists()
+    assert kill_when(proc, lambda: (stage_dir(out) / "new" / "embeddings.parquet").exists()), proc.stderr.read()
+    assert not out.exists()
     result = gist(*stage1_args(triplets, out))
     assert "(0 encoded, 0 reused, 1504 resumed)" in result.stderr, result.stderr
     for name in FILES:
         assert (out / name).read_bytes() == (uninterrupted / name).read_bytes(), name
-    assert not (out / ".embeddings.parts").exists(), "the resume state goes once the pass is complete"
+    assert not stage_dir(out).exists(), "the resume state goes once the pass is complete"
 
 
 def test_two_process_resume_in_epoch_2_equals_an_uninterrupted_run(tmp_path):
@@ -123,9 +124,7 @@ def test_two_process_resume_in_epoch_2_equals_an_uninterrupted_run(tmp_path):
     torchrun(gist_script, *args, "--out", full)
     # A run killed right after checkpoint 6: the uninterrupted run's directory as it was then.
     resumed = tmp_path / "resumed"
-    shutil.copytree(full, resumed)
-    shutil.rmtree(resumed / "final")
-    shutil.rmtree(resumed / "checkpoints" / "checkpoint-8")
+    interrupted_training(full, resumed, "checkpoints/checkpoint-8")
     torchrun(gist_script, *args, "--out", resumed, "--resume")
 
     def losses(out):
@@ -141,19 +140,24 @@ def test_two_process_resume_in_epoch_2_equals_an_uninterrupted_run(tmp_path):
 def test_second_writer_is_refused_and_sigterm_leaves_a_resumable_run(tmp_path, triplets, uninterrupted):
     """While a gist holds --out, another into it is refused; SIGTERM stops a stage 1 (exit 130, one
     line, no traceback), and the same command resumes to identical files (the lock died with it)."""
-    from pipeline.artifacts import exclusive
+    import fcntl
 
     out = tmp_path / "run"
-    with exclusive(out):  # this test process plays the first gist
+    stage_dir(out).mkdir()
+    with open(stage_dir(out) / ".lock", "w") as lock:  # this test process plays the first gist
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        lock.write(f"pid {os.getpid()}")
+        lock.flush()
         second = gist(*stage1_args(triplets, out), check=False)
     assert second.returncode == 1 and f"is being written by another gist (pid {os.getpid()}" in second.stderr, second.stderr
-    parts_dir = out / ".embeddings.parts"
+    assert stage_dir(out).is_dir(), "the other gist's stage is left alone"
+    parts_dir = stage_dir(out) / "work" / "embeddings.parts"
     proc = start(*stage1_args(triplets, out))
     assert kill_when(proc, lambda: len(list(parts_dir.glob("part-*.parquet"))) >= 2, sig=signal.SIGTERM), proc.stderr.read()
     assert proc.returncode == 130
     stderr = proc.stderr.read()
     assert "interrupted" in stderr and "Traceback" not in stderr, stderr
-    assert not (out / "manifest.json").exists()
+    assert not out.exists()
     result = gist(*stage1_args(triplets, out))
     assert "resumed" in result.stderr
     for name in FILES:
@@ -177,9 +181,7 @@ def test_resume_restores_the_distillation_projection(tmp_path):
     assert (full / "checkpoints" / "checkpoint-3" / "3_GuideProjection" / "model.safetensors").exists()
     assert not (full / "final" / "3_GuideProjection").exists()  # the trained student, without the projection
     resumed = tmp_path / "resumed"
-    shutil.copytree(full, resumed)
-    shutil.rmtree(resumed / "final")
-    shutil.rmtree(resumed / "checkpoints" / "checkpoint-5")
+    interrupted_training(full, resumed, "checkpoints/checkpoint-5")
     gist(*args, "--out", resumed, "--resume")
 
     def losses(out):

@@ -1,0 +1,277 @@
+"""One lifecycle for every output a gist command writes.
+
+Every command that writes (`precompute-guide`, `plan`, `mine`, `filter`, `report`, `train`,
+`evaluate --out`) goes through `Output`, in this order:
+
+1. The command opens and validates every input and option first. `Output.check()` is read-only:
+   OUT must not be, contain, or lie inside any input; an existing OUT must be a finished output of
+   the same kind that gist wrote (found by its record file's "kind"), and then only with --overwrite.
+2. `Output.stage(key)` builds the new result in a staging directory beside OUT,
+   `.<name>.gist-stage/` (same filesystem, so the final renames are atomic), held with an flock so a
+   second gist writing OUT is refused. The stage records its `key` (for a guide pass: the guide's
+   identity and encoding settings, the data's fingerprint): a stage left by a killed run with the
+   same key is resumed (its temporary files removed), any other is discarded — a run never resumes
+   what another guide, dataset or setting made.
+3. On success the result is swapped in: an old OUT (overwrite) is moved aside only now, and removed
+   with the stage. On failure the stage is removed, unless it holds resumable work (`keep_when`).
+
+Directory kinds (a guide pass, a plan, a report, a training run) are staged whole; file kinds (mined
+negatives, filtered data and its summary, evaluation results) stage their files. With --overwrite,
+a user's own files inside an old output directory are carried over to the new one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import platform
+import shutil
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from pipeline import GistError
+
+STAGE_SUFFIX = ".gist-stage"
+STAGE_RECORD = "stage.json"  # kind and key of the run the stage belongs to
+LOCK = ".lock"
+
+
+@dataclass(frozen=True)
+class Kind:
+    """What a command writes. `record` names the file that carries `"kind": name` (inside the
+    directory for directory kinds; for file kinds, a path beside or equal to OUT, given by a
+    function of OUT); `owned` are the entries a directory kind writes (what --overwrite replaces)."""
+
+    name: str
+    directory: bool
+    record: str | Callable[[Path], Path]
+    owned: tuple[str, ...] = ()
+    companions: Callable[[Path], list[Path]] = field(default=lambda out: [])
+
+    def record_path(self, out: Path) -> Path:
+        return out / self.record if self.directory else self.record(out)
+
+
+def stage_dir(out: Path) -> Path:
+    """Where the output `out` is built before it is swapped in."""
+    out = Path(out)
+    return out.parent / f".{out.name}{STAGE_SUFFIX}"
+
+
+def read_kind(record: Path) -> dict | None:
+    """The gist record of an output (`kind`, ...): a JSON object, or a Parquet file's `gist` metadata; None if not one."""
+    try:
+        if record.suffix == ".parquet":
+            import pyarrow.parquet as pq
+
+            meta = pq.read_schema(record).metadata or {}
+            found = json.loads(meta.get(b"gist", b"null"))
+        else:
+            found = json.loads(record.read_text())
+    except Exception:  # noqa: BLE001 - an unreadable record (not JSON, not Parquet, not ours) is "not gist's"
+        return None
+    return found if isinstance(found, dict) and isinstance(found.get("kind"), str) else None
+
+
+def _overlaps(out: Path, path: Path) -> bool:
+    """OUT is `path`, contains it, or lies inside it."""
+    return out == path or out in path.parents or path in out.parents
+
+
+class Stage:
+    """A result being built: `dir` is the new directory (directory kinds) or the folder holding the
+    new files (file kinds, at `path(final)`); `work` holds resumable scratch that is never part of
+    the result; `resumed` says the stage was left by a killed run with the same key."""
+
+    def __init__(self, root: Path, resumed: bool):
+        self.root, self.resumed = root, resumed
+        self.dir, self.work = root / "new", root / "work"
+        self._keep: list[Callable[[], bool]] = []
+
+    def path(self, final: Path) -> Path:
+        """Where the file kind's output `final` (OUT or a companion) is staged."""
+        return self.dir / Path(final).name
+
+    def keep_when(self, condition: Callable[[], bool]) -> None:
+        """A failed run keeps the stage (for the same command to resume) while `condition()` holds."""
+        self._keep.append(condition)
+
+    def keeps(self) -> bool:
+        return any(condition() for condition in self._keep)
+
+
+class Output:
+    """OUT of one command: `check()` before any work, then `with stage(key) as s:` to build it.
+
+    `inputs` maps a label (as the user knows it: DATA, GUIDE_DIR, --student) to each path the command
+    reads; `overwrite` is None for a command without --overwrite (messages then never suggest it).
+    """
+
+    def __init__(self, path: str | Path, kind: Kind, *, inputs: dict[str, str | Path | None] | None = None,
+                 overwrite: bool | None = False, option: str = "--out"):
+        self.path, self.kind, self.option = Path(path), kind, option
+        self.inputs = {label: Path(p) for label, p in (inputs or {}).items() if p is not None}
+        self.overwrite = overwrite
+
+    @property
+    def finals(self) -> list[Path]:
+        return [self.path, *self.kind.companions(self.path)]
+
+    def check(self) -> None:
+        """Read-only: refuse an OUT that overlaps an input, or an existing one this command may not replace."""
+        for final in [*self.finals, stage_dir(self.path)]:
+            resolved = final.resolve()
+            for label, path in self.inputs.items():
+                if _overlaps(resolved, path.resolve()):
+                    raise GistError(f"{self.option} {self.path} is, contains or lies inside {label} ({path}); gist never writes into what it reads: choose another {self.option}")
+        existing = [final for final in self.finals if final.exists() and not _empty_dir(final)]
+        if not existing:
+            return
+        record = read_kind(self.kind.record_path(self.path)) if self.kind.record_path(self.path).is_file() else None
+        ours = record is not None and record["kind"] == self.kind.name and Path(str(record.get("out", self.path))).name == self.path.name
+        if not ours:
+            what = f"a gist {record['kind']} output" if record else "not written by gist"
+            raise GistError(f"{existing[0]} exists and is {what}, not a gist {self.kind.name} output; choose another {self.option}")
+        if self.overwrite is None:
+            raise GistError(f"{self.path} already holds a finished {self.kind.name} output; choose another {self.option}")
+        if not self.overwrite:
+            raise GistError(f"{self.path} already holds a finished {self.kind.name} output; pass --overwrite to replace it or choose another {self.option}")
+
+    @contextlib.contextmanager
+    def stage(self, key: dict | None = None, *, rank: int = 0, world_size: int = 1, discard: bool = True) -> Iterator[Stage]:
+        """Build the output in its stage and swap it in when the block succeeds (see the module docstring).
+
+        `key`: what a killed run must share to be resumed (None: never resumed). `discard=False`
+        refuses, rather than discards, a non-empty stage of another key (a training run's
+        checkpoints). Under torchrun rank 0 checks, locks, prepares and commits; every rank gets the
+        same paths, after a barrier.
+        """
+        from pipeline.guide import barrier
+
+        root = stage_dir(self.path)
+        if rank != 0:
+            barrier(world_size)  # rank 0 has prepared the stage
+            yield Stage(root, resumed=(root / "new").is_dir())
+            return
+        self.check()
+        created = [] if root.exists() else [root, *_missing_ancestors(root)]
+        try:
+            root.mkdir(parents=True, exist_ok=True)
+            handle = open(root / LOCK, "a+")
+        except OSError as e:
+            raise GistError(f"{self.path}: the output directory is not writable ({e.strerror})") from None
+        try:
+            try:
+                _lock(handle, self.path)  # another gist's stage: refused, left alone
+                stage = Stage(root, resumed=self._reopen(root, key, discard))  # a refused interrupted run: left as it was
+            except BaseException:
+                _remove_all(created)
+                raise
+            try:
+                barrier(world_size)
+                yield stage
+                self._commit(stage)
+            except BaseException:
+                if not stage.keeps():
+                    _remove_all([root, *created[1:]])
+                raise
+        finally:
+            handle.close()  # releases the lock
+
+    def _reopen(self, root: Path, key: dict | None, discard: bool) -> bool:
+        """Resume the stage of a killed run with the same kind and key (its temporary files removed),
+        else start it empty. Returns whether it was resumed."""
+        record = root / STAGE_RECORD
+        mine = {"kind": self.kind.name, "key": key}
+        try:
+            found = json.loads(record.read_text()) if record.is_file() else None
+        except (OSError, ValueError):
+            found = None
+        new = root / "new"
+        if key is not None and found == mine and new.is_dir():
+            for leftover in new.glob(".*"):  # a killed run's temporary files (atomic writes, parts being joined)
+                _remove(leftover)
+            return True
+        if not discard and new.is_dir() and any(new.iterdir()):
+            stored = (found or {}).get("key") or {}
+            differ = sorted(k for k in {**stored, **(key or {})} if stored.get(k) != (key or {}).get(k))
+            shown = "; ".join(f"{k}: {stored.get(k)} -> {(key or {}).get(k)}" for k in differ[:6])
+            raise GistError(f"{root} holds an interrupted {self.kind.name} run with other settings ({shown}); "
+                            f"run it again with the same options, or remove {root} to start afresh")
+        for entry in root.iterdir():
+            if entry.name != LOCK:
+                _remove(entry)
+        new.mkdir()
+        (root / "work").mkdir()
+        tmp = root / f".{STAGE_RECORD}.tmp"
+        tmp.write_text(json.dumps(mine, sort_keys=True))
+        os.replace(tmp, record)
+        return False
+
+    def _commit(self, stage: Stage) -> None:
+        """Swap the staged result in; an old output is moved aside only now, then removed with the stage."""
+        old = stage.root / "old"
+        old.mkdir()
+        if self.kind.directory:
+            pairs = [(stage.dir, self.path)]
+            if self.path.is_dir() and any(self.path.iterdir()):  # an earlier output of this kind (check): keep the user's own files
+                for entry in self.path.iterdir():
+                    if entry.name not in self.kind.owned and not (stage.dir / entry.name).exists():
+                        os.replace(entry, stage.dir / entry.name)
+        else:
+            pairs = [(stage.path(final), final) for final in self.finals]
+        for staged, final in pairs:
+            if not staged.exists():
+                raise GistError(f"internal: {final.name} was not written")  # a command that forgot part of its output
+            if final.exists() or final.is_symlink():
+                os.replace(final, old / final.name)
+            os.replace(staged, final)
+        _remove(stage.root)
+
+
+def _empty_dir(path: Path) -> bool:
+    return path.is_dir() and not any(path.iterdir())
+
+
+def _missing_ancestors(path: Path) -> list[Path]:
+    """Directories that creating `path` creates, innermost first (removed again if the run leaves nothing)."""
+    missing = []
+    for parent in Path(path).parents:
+        if parent.exists():
+            break
+        missing.append(parent)
+    return missing
+
+
+def _lock(handle, out: Path) -> None:
+    """An flock on the stage: the kernel releases it when the process ends, killed or not."""
+    import fcntl
+
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.seek(0)
+        holder = handle.read().strip() or "another process"
+        raise GistError(f"{out} is being written by another gist ({holder}); wait for it to finish or choose another --out") from None
+    handle.seek(0)
+    handle.truncate()
+    handle.write(f"pid {os.getpid()} on {platform.node()}")
+    handle.flush()
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+
+
+def _remove_all(paths: list[Path]) -> None:
+    """Remove the stage (the first path, whole), then the directories created for it (if still empty)."""
+    if paths:
+        _remove(paths[0])
+    for directory in paths[1:]:
+        with contextlib.suppress(OSError):
+            directory.rmdir()
