@@ -195,9 +195,13 @@ def _select_columns(table: pa.Table, mapping: dict[str, str]) -> dict[str, str]:
     return ordered
 
 
-def _decoded(column: pa.ChunkedArray) -> pa.ChunkedArray:
-    """A dictionary-encoded column (a pandas `category` written to Parquet) as its values; any other as it is."""
-    return column.cast(column.type.value_type) if pa.types.is_dictionary(column.type) else column
+def decoded(column: pa.ChunkedArray) -> pa.ChunkedArray:
+    """A column as the plain type its values have, for the string checks and text lookups of DATA, corpus
+    and VECTORS files: dictionary-encoded (a pandas `category` written to Parquet) as its values,
+    string_view as large_string; any other as it is."""
+    if pa.types.is_dictionary(column.type):
+        column = column.cast(column.type.value_type)
+    return column.cast(pa.large_string()) if pa.types.is_string_view(column.type) else column
 
 
 def check_texts(name: str, array: pa.ChunkedArray) -> None:
@@ -264,7 +268,7 @@ def load_training_data(path, column_spec: str | None = None) -> TrainingData:
     all text columns; compute the fingerprint."""
     table = read_table(path)
     columns = _select_columns(table, parse_column_mapping(column_spec))
-    arrays = {canonical: _decoded(table.column(source)) for canonical, source in columns.items()}
+    arrays = {canonical: decoded(table.column(source)) for canonical, source in columns.items()}
     text_names = [c for c in arrays if c != "task"]
     for canonical in text_names:
         check_texts(columns[canonical], arrays[canonical])
@@ -290,7 +294,7 @@ def read_corpus(path: Path, column: str = "text") -> list[str]:
     table = read_table(path)
     if column not in table.column_names:
         raise GistError(f"{path}: missing column {column!r} (columns: {table.column_names}); name it with --corpus-column")
-    texts = _decoded(table.column(column))
+    texts = decoded(table.column(column))
     check_texts(column, texts)
     return pc.unique(texts.cast(pa.large_string())).to_pylist()
 

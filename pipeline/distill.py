@@ -123,7 +123,8 @@ class GuideProjection(Dense):
     It writes `guide_space_embedding` beside the unchanged `sentence_embedding`, so the student encodes
     as before and reports its own dimension. Being in the model, the trainer's DDP wrapper all-reduces
     its gradients and every checkpoint holds its weights (resume restores them with Adam's state); the
-    final model is saved without it (`remove_guide_projection`).
+    final model is saved without it (`remove_guide_projection`), and gist loads a checkpoint without it
+    (`pipeline.guide.load_model`).
     """
 
     def __init__(self, in_features: int, out_features: int, **kwargs) -> None:

@@ -83,8 +83,17 @@ def resolve_device(device: str) -> str:
 
 
 def load_model(path: str, device: str = "auto", trust_remote_code: bool = False):
-    """Load a sentence-transformers model from a local directory, with a clear error if it is not one."""
+    """Load a sentence-transformers model from a local directory, with a clear error if it is not one.
+
+    A `gist train --distill embed` checkpoint lists gist's own GuideProjection in its modules.json, a
+    class sentence-transformers imports only under trust_remote_code: exactly that class is handed over
+    as already imported (as the trainer does to resume), every other module resolves as usual, and the
+    projection is taken out: what loads is the student (its sentence_embedding is the same).
+    """
     from sentence_transformers import SentenceTransformer
+    from sentence_transformers.util import fullname
+
+    from pipeline.distill import GuideProjection, remove_guide_projection
 
     model_dir = Path(path)
     if not model_dir.is_dir():
@@ -92,9 +101,12 @@ def load_model(path: str, device: str = "auto", trust_remote_code: bool = False)
     if not (model_dir / "modules.json").is_file() and not (model_dir / "config.json").is_file():
         raise GistError(f"{path}: not a sentence-transformers model (no modules.json or config.json)")
     try:
-        return SentenceTransformer(str(model_dir), device=resolve_device(device), trust_remote_code=trust_remote_code)
+        model = SentenceTransformer._load_with_module_classes(str(model_dir), {fullname(GuideProjection): GuideProjection},
+                                                              device=resolve_device(device), trust_remote_code=trust_remote_code)
     except (OSError, ValueError, KeyError) as e:
         raise GistError(f"{path}: cannot load model ({str(e).splitlines()[0]})") from None
+    remove_guide_projection(model)
+    return model
 
 
 GUIDE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}

@@ -4,8 +4,9 @@ The strongest guides are often served outside sentence-transformers (API models,
 behind an inference server). Their vectors, computed once by whatever serves them, make the same
 guide pass a model would: nothing is loaded, nothing is encoded. VECTORS is one of
 
-- Parquet with a `text` column (strings) and one vector column (list or fixed-size list of
-  floats): looked up by text, so it may hold more texts than DATA, in any order; each text once.
+- Parquet with a `text` column (strings, dictionary-encoded or string_view too) and one vector
+  column (list or fixed-size list of floats): looked up by text, so it may hold more texts than
+  DATA, in any order; each text once.
 - NumPy `.npy`, a 2-d float array with one row per unique text of DATA in gist's text-id order:
   DATA's distinct texts in order of first appearance, reading the anchor column top to bottom,
   then the positive column, then negative_1, negative_2, ... (after `--columns`). That is the
@@ -16,7 +17,8 @@ guide pass a model would: nothing is loaded, nothing is encoded. VECTORS is one 
 finite, non-zero), then `write` stores them as a model pass stores its vectors: unit norm (the
 mask rule compares dot products as cosines), `embeddings.npy` and `embeddings.parquet`. Rows
 already of unit norm within float32 rounding (`UNIT_TOLERANCE`) are stored as given, so vectors a
-gist pass wrote reproduce that pass bit for bit; others are divided by their norm (in float64).
+gist pass wrote reproduce that pass bit for bit; others are divided by their norm (in float64, after
+scaling each row by its largest |value|, so that rows of any finite magnitude normalise alike).
 The file's name and sha256 are the guide's identity in the manifest and the masks' metadata.
 """
 
@@ -32,7 +34,7 @@ import pyarrow.parquet as pq
 
 from pipeline import GistError
 from pipeline.artifacts import atomic_path, sha256_file
-from pipeline.data import TrainingData
+from pipeline.data import TrainingData, decoded
 from pipeline.guide import EMBEDDINGS, VECTORS, embeddings_schema
 
 FORMATS = {".parquet": "parquet", ".npy": "npy"}
@@ -91,8 +93,9 @@ class ExternalVectors:
         except (pa.ArrowException, OSError) as e:
             raise GistError(f"--embeddings {self.path}: cannot read it as Parquet ({str(e).splitlines()[0]})") from None
         schema = self.file.schema_arrow
-        if "text" not in schema.names or not (pa.types.is_string(schema.field("text").type) or pa.types.is_large_string(schema.field("text").type)):
-            raise GistError(f"--embeddings {self.path}: needs a string column 'text' beside the vectors (columns: {', '.join(schema.names)})")
+        needs_text = f"--embeddings {self.path}: needs a string column 'text' beside the vectors (columns: {', '.join(schema.names)})"
+        if "text" not in schema.names:
+            raise GistError(needs_text)
         vector_columns = [f.name for f in schema if f.name != "text" and (pa.types.is_list(f.type) or pa.types.is_large_list(f.type) or pa.types.is_fixed_size_list(f.type))]
         if len(vector_columns) != 1:
             found = f"several ({', '.join(vector_columns)}): keep one" if vector_columns else f"none among {', '.join(schema.names)}"
@@ -103,9 +106,12 @@ class ExternalVectors:
             raise GistError(f"--embeddings {self.path}: column {self.column!r} holds lists of {value_type}, not of floats")
         self.dtype = value_type.to_pandas_dtype().__name__
         try:
-            texts = self.file.read(columns=["text"]).column("text").cast(pa.large_string())
+            texts = decoded(self.file.read(columns=["text"]).column("text"))
         except (pa.ArrowException, OSError) as e:
             raise GistError(f"--embeddings {self.path}: cannot read its text column ({str(e).splitlines()[0]})") from None
+        if not (pa.types.is_string(texts.type) or pa.types.is_large_string(texts.type)):
+            raise GistError(needs_text)
+        texts = texts.cast(pa.large_string())
         if texts.null_count:
             raise GistError(f"--embeddings {self.path}: {texts.null_count} null text(s)")
         ids = pc.index_in(texts, value_set=training.texts).fill_null(-1).to_numpy().astype(np.int64)  # text id of each file row
@@ -161,15 +167,20 @@ class ExternalVectors:
             raise GistError(f"--embeddings {self.path}: the vectors are empty (dimension 0)")
         for ids, raw in self._raw_blocks():
             wide = raw.astype(np.float64)
-            norms = np.linalg.norm(wide, axis=1)
             finite = np.isfinite(wide).all(axis=1)
-            for bad, what in ((~finite, "NaN or inf values"), (finite & ~(norms > 0), "a zero vector")):
+            largest = np.abs(wide).max(axis=1)
+            for bad, what in ((~finite, "NaN or inf values"), (finite & ~(largest > 0), "a zero vector")):
                 if bad.any():
                     texts = self._texts(ids[np.flatnonzero(bad)[:SHOWN + 1]])
                     raise GistError(f"--embeddings {self.path}: {int(bad.sum())} vector(s) with {what}, e.g. for {_named(texts)}; cosine similarity needs finite non-zero vectors")
-            off = np.abs(norms - 1) > UNIT_TOLERANCE
-            vectors = raw.astype(np.float32)
-            vectors[off] = (wide[off] / norms[off, None]).astype(np.float32)
+            # Each row divided by its largest |value| first: the squares of values in [-1, 1] with one of
+            # them 1 neither overflow (rows of ~1e200) nor underflow to a zero norm (rows of ~1e-200).
+            scaled = wide / largest[:, None]
+            scaled_norms = np.linalg.norm(scaled, axis=1)
+            off = np.abs(largest * scaled_norms - 1) > UNIT_TOLERANCE
+            vectors = np.empty(raw.shape, dtype=np.float32)
+            vectors[~off] = raw[~off]
+            vectors[off] = scaled[off] / scaled_norms[off, None]
             yield ids, vectors, int(off.sum())
 
     def _texts(self, ids: np.ndarray) -> list[str]:

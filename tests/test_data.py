@@ -1,5 +1,5 @@
 """Reading DATA: CSV with multi-line texts past pyarrow's first block, CSV columns as strings, and
-dictionary-encoded (pandas `category`) columns, each read as the same examples as a plain Parquet file."""
+dictionary-encoded (pandas `category`) and string_view columns, each read as the same examples as a plain Parquet file."""
 
 from __future__ import annotations
 
@@ -52,3 +52,13 @@ def test_dictionary_encoded_columns_are_decoded(tmp_path):
     assert pa.types.is_dictionary(pq.read_table(tmp_path / "category.parquet").schema.field("anchor").type)
     assert_same_examples(load_training_data(tmp_path / "category.parquet"), load_training_data(tmp_path / "plain.parquet"))
     assert read_corpus(tmp_path / "category.parquet", "positive") == ["p", "q", "r"]
+
+
+def test_string_view_columns_are_decoded(tmp_path):
+    """string_view text columns (pyarrow keeps the type through Parquet) are read as their strings: the same examples, fingerprint included."""
+    table = pa.table({"anchor": ["a", "b", "a", "c"], "positive": ["p", "q", "r", "p"], "task": ["t", "u", "t", None]})
+    pq.write_table(table, tmp_path / "plain.parquet")
+    pq.write_table(table.cast(pa.schema([(name, pa.string_view()) for name in table.column_names])), tmp_path / "view.parquet")
+    assert pa.types.is_string_view(pq.read_table(tmp_path / "view.parquet").schema.field("anchor").type)
+    assert_same_examples(load_training_data(tmp_path / "view.parquet"), load_training_data(tmp_path / "plain.parquet"))
+    assert read_corpus(tmp_path / "view.parquet", "positive") == ["p", "q", "r"]

@@ -5,6 +5,7 @@ texts; sentence-transformers' EmbedDistillLoss fed by gist equals it fed by the 
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -154,3 +155,39 @@ def test_embed_projection_is_a_seeded_module_of_the_student(tmp_path, triplets):
         remove_guide_projection(student)
         assert not any(isinstance(module, GuideProjection) for module in student)
     torch.testing.assert_close(weights[0], weights[1], rtol=0, atol=0)
+
+
+def test_embed_distill_checkpoints_load_as_the_student(tmp_path):
+    """A --distill embed checkpoint holds the GuideProjection (pipeline.distill.GuideProjection in its
+    modules.json, which sentence-transformers imports only under trust_remote_code): `gist evaluate` and
+    `gist train --student` load it, without the projection, as the student eval.json scored at that step."""
+    from tests.conftest import GUIDE_RETOKENIZE, ROOT, small_data
+
+    data, sts = small_data(tmp_path / "data.parquet", 64), ROOT / "data" / "stsb_dev.parquet"
+    gist("precompute-guide", data, "--guide", GUIDE_RETOKENIZE, "--out", tmp_path / "guide", "--batch-size", "16")
+    masks = tmp_path / "guide" / MASKS
+    gist("train", data, "--masks", masks, "--student", STUDENT, "--out", tmp_path / "run", "--max-steps", "2", "--save-steps", "100",
+         "--eval-steps", "1", "--sts", sts, "--lr", "1e-3", "--distill", "embed", "--device", "cpu")
+    scores = json.loads((tmp_path / "run" / "eval.json").read_text())
+    best = Path(scores["best_checkpoint"])
+    assert best.parent == tmp_path / "run" / "checkpoints" and "GuideProjection" in (best / "modules.json").read_text()
+    gist("evaluate", best, "--sts", sts, "--out", tmp_path / "best.json", "--device", "cpu")
+    assert json.loads((tmp_path / "best.json").read_text())["sts_spearman"] == pytest.approx(scores["best_metric"], abs=1e-6)
+    gist("train", data, "--masks", masks, "--student", best, "--out", tmp_path / "again", "--max-steps", "2",
+         "--save-steps", "100", "--distill", "embed", "--device", "cpu")
+    assert "GuideProjection" not in (tmp_path / "again" / "final" / "modules.json").read_text()
+
+
+def test_the_loader_allows_gists_projection_only(tmp_path):
+    """Any other class outside sentence-transformers, gist's own included, stays refused without trust_remote_code."""
+    import shutil
+
+    from pipeline import GistError
+    from pipeline.guide import load_model
+
+    shutil.copytree(STUDENT, tmp_path / "model")
+    modules = json.loads((tmp_path / "model" / "modules.json").read_text())
+    modules[-1]["type"] = "pipeline.distill.DistilledLoss"
+    (tmp_path / "model" / "modules.json").write_text(json.dumps(modules))
+    with pytest.raises(GistError, match="pipeline.distill.DistilledLoss"):
+        load_model(str(tmp_path / "model"), "cpu")

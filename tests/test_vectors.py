@@ -87,6 +87,30 @@ def test_npy_rows_in_text_id_order_normalised(guide_run, triplets, tmp_path):
     assert read_manifest(tmp_path / "out")["encoding"]["renormalized_texts"] == len(vectors)
 
 
+@pytest.mark.parametrize("scale", [1e200, 1e-200])
+def test_vectors_scaled_past_the_float64_squares_are_normalised(scale, guide_run, triplets, tmp_path):
+    """Rows scaled by 1e200 (squares overflow: the plain norm is inf, every stored vector was 0) or 1e-200
+    (squares underflow: the norm was 0, every vector refused as zero) give the unscaled pass's unit vectors."""
+    _, vectors = model_vectors(guide_run)
+    np.save(tmp_path / "scaled.npy", vectors.astype(np.float64) * scale)
+    gist("precompute-guide", triplets, "--embeddings", tmp_path / "scaled.npy", "--out", tmp_path / "out", *PLAN)
+    assert np.abs(np.load(tmp_path / "out" / VECTORS) - vectors).max() < 1e-6
+    assert_same_masks(tmp_path / "out", guide_run)
+    assert read_manifest(tmp_path / "out")["encoding"]["renormalized_texts"] == len(vectors)
+
+
+@pytest.mark.parametrize("text_type", ["dictionary", "string_view"])
+def test_parquet_text_column_dictionary_or_string_view(text_type, guide_run, triplets, tmp_path):
+    """A `text` column as a pandas `category` writes it (dictionary-encoded) or as string_view is read as its strings."""
+    texts, vectors = model_vectors(guide_run)
+    column = pa.array(texts).dictionary_encode() if text_type == "dictionary" else pa.array(texts, pa.string_view())
+    pq.write_table(pa.table({"text": column, "vector": pa.FixedSizeListArray.from_arrays(pa.array(vectors.reshape(-1)), vectors.shape[1])}),
+                   tmp_path / "vectors.parquet")
+    assert pq.read_schema(tmp_path / "vectors.parquet").field("text").type == column.type
+    gist("precompute-guide", triplets, "--embeddings", tmp_path / "vectors.parquet", "--out", tmp_path / "out", *PLAN)
+    assert np.array_equal(np.load(tmp_path / "out" / VECTORS), vectors)
+
+
 def test_fixed_size_list_and_float16_storage(guide_run, triplets, tmp_path):
     texts, vectors = model_vectors(guide_run)
     write_text_vectors(tmp_path / "fixed.parquet", texts, vectors, fixed=True)
