@@ -9,6 +9,7 @@ edited by hand: change the help texts in cli.py and regenerate.
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import tempfile
@@ -23,8 +24,10 @@ def generate(output: Path) -> None:
     """Run `typer cli utils docs` (the typer next to this Python) from the repository root."""
     typer = Path(sys.executable).with_name("typer")
     command = [str(typer)] if typer.exists() else [sys.executable, "-m", "typer"]
+    # PYTHONPATH: this checkout's cli.py and pipeline/, not those of another editable install of gist.
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
     subprocess.run([*command, "cli", "utils", "docs", "--name", "gist", "--title", TITLE, "--output", str(output)],
-                   cwd=ROOT, check=True, capture_output=True, text=True)
+                   cwd=ROOT, env=env, check=True, capture_output=True, text=True)
 
 
 def fresh() -> str:
