@@ -88,7 +88,7 @@ def margin_sweep(run_dir: Path, margins: list[float], margin_strategy: str | Non
             "histograms": {kind: {block: hist[kind][m, b].tolist() for b, block in enumerate(BLOCKS) if enabled[block]} for kind in hist},
         })
     return {
-        "run_dir": str(Path(run_dir).resolve()), "kind": manifest["kind"], "plan": masks.meta["plan"], "margin_strategy": strategy,
+        "run_dir": str(Path(run_dir).resolve()), "run_kind": manifest["kind"], "plan": masks.meta["plan"], "margin_strategy": strategy,
         "batches": masks.num_batches, "candidates": {block: totals[block] if enabled[block] else None for block in BLOCKS},
         "bin_edges": [round(x, 4) for x in np.linspace(-1.0, 1.0, NBINS + 1).tolist()],
         "positive_histogram": positive.tolist(), "margins": rows_out,

@@ -246,7 +246,7 @@ def _summarize(run_dir: Path, manifest: dict, guide_dir: Path, masks: PlannedMas
         }
     edges = np.linspace(-1.0, 1.0, NBINS + 1)
     return {
-        "run_dir": str(Path(run_dir).resolve()), "kind": manifest["kind"], "guide_dir": str(guide_dir.resolve()),
+        "run_dir": str(Path(run_dir).resolve()), "run_kind": manifest["kind"], "guide_dir": str(guide_dir.resolve()),
         "guide": manifest.get("guide", {}).get("name"), "dataset_fingerprint": data.fingerprint, "plan": masks.meta["plan"],
         "counts": {
             "batches": batches, "epochs": epochs, "steps_per_epoch": steps, "batch_size": g, "examples": data.num_examples,
@@ -296,7 +296,7 @@ def _markdown(report: dict) -> str:
     shown = [b for b in BLOCKS if blocks[b]["enabled"]]
     lines = [
         f"# gist data-quality report: `{report['run_dir']}`", "",
-        f"Guide `{report['guide']}` (embeddings from `{report['guide_dir']}`), {report['kind']} directory. "
+        f"Guide `{report['guide']}` (embeddings from `{report['guide_dir']}`), {report['run_kind']} directory. "
         f"{c['examples']:,} examples, {c['texts']:,} unique texts, {c['negatives_per_example']} negative(s) per example, {c['tasks']} task(s). "
         f"{c['batches']:,} planned batches = {c['epochs']} epoch(s) × {c['steps_per_epoch']:,} steps of {c['batch_size']} "
         f"({c['examples_per_epoch']:,} examples per epoch). Plan: strategy `{p['strategy']}`, seed {p['seed']}, "

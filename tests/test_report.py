@@ -146,7 +146,7 @@ def test_plan_directory_and_checksums(report_run, tmp_path):
     assert result.exit_code == 0, result.output
     numbers = write_report(plan, tmp_path / "out", examples=3)
     manifest = json.loads((plan / "manifest.json").read_text())
-    assert numbers["kind"] == "plan" and numbers["guide_dir"] == str(report_run.resolve())
+    assert numbers["kind"] == "report" and numbers["run_kind"] == "plan" and numbers["guide_dir"] == str(report_run.resolve())
     assert {b: numbers["blocks"][b]["masked"] for b in ("ap", "aa", "pp", "an")} == manifest["plan"]["masked_entries"]
     assert numbers["counts"]["batch_size"] == 32 and len(numbers["top_masked_pairs"]) == 3
     broken = tmp_path / "broken"

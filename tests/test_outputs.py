@@ -1,0 +1,155 @@
+"""One output lifecycle for every command (pipeline/outputs.py, issue 29): inputs first, OUT never an
+input, nothing replaced before the new result is complete, resume only what the same guide made.
+Each test reproduces a defect of the review; the tiny static guide keeps them fast."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from pipeline import outputs
+from pipeline.artifacts import verify_run
+from pipeline.outputs import stage_dir
+from tests.conftest import GUIDE_STATIC, ROOT, STUDENT, gist, small_data
+from tests.test_errors import assert_fails
+
+PLAN = ("--batch-size", "16", "--epochs", "2")
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return small_data(tmp_path_factory.mktemp("data") / "d.parquet", 64)
+
+
+@pytest.fixture(scope="module")
+def model_pass(data, tmp_path_factory):
+    out = tmp_path_factory.mktemp("passes") / "model"
+    gist("precompute-guide", data, "--guide", GUIDE_STATIC, "--out", out, *PLAN)
+    return out
+
+
+def killed_before_the_swap(monkeypatch, *args):
+    """Run `gist ARGS` as if SIGKILLed just before its result was swapped in: the stage stays as a kill leaves it."""
+    with monkeypatch.context() as patch:
+        def killed(self, stage):
+            raise KeyboardInterrupt
+
+        patch.setattr(outputs.Output, "_commit", killed)
+        patch.setattr(outputs, "_remove_all", lambda paths: None)
+        assert gist(*args, check=False).returncode == 130
+
+
+def test_a_stage_of_another_guide_is_never_resumed(model_pass, data, tmp_path, monkeypatch):
+    """Reproduced: a model run interrupted, an --embeddings run interrupted in the same OUT, the model
+    run again resumed the random vectors ("0 encoded, ... resumed") and named the model in the manifest."""
+    out = tmp_path / "run"
+    killed_before_the_swap(monkeypatch, "precompute-guide", data, "--guide", GUIDE_STATIC, "--out", out, *PLAN)
+    random = np.random.default_rng(0).standard_normal((len(pq.read_table(model_pass / "texts.parquet")), 16)).astype(np.float32)
+    np.save(tmp_path / "random.npy", random)
+    killed_before_the_swap(monkeypatch, "precompute-guide", data, "--embeddings", tmp_path / "random.npy", "--out", out, *PLAN)
+    (stage_dir(out) / "new" / ".masks.parquet.tmp-999").write_bytes(b"a killed run's temporary file")
+    result = gist("precompute-guide", data, "--guide", GUIDE_STATIC, "--out", out, *PLAN)
+    assert "192 encoded, 0 reused, 0 resumed" in result.stderr, result.stderr
+    for name in ("embeddings.npy", "masks.parquet"):
+        assert (out / name).read_bytes() == (model_pass / name).read_bytes(), name
+    assert not [p.name for p in out.iterdir() if p.name.startswith(".")] and not stage_dir(out).exists()
+
+
+def test_a_stage_of_the_same_guide_is_resumed_without_its_temporary_files(model_pass, data, tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    args = ("precompute-guide", data, "--guide", GUIDE_STATIC, "--out", out, *PLAN)
+    killed_before_the_swap(monkeypatch, *args)
+    (stage_dir(out) / "new" / ".masks.parquet.tmp-999").write_bytes(b"a killed run's temporary file")
+    assert "(0 encoded, 0 reused, 192 resumed)" in gist(*args).stderr
+    assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in model_pass.iterdir())
+    assert (out / "masks.parquet").read_bytes() == (model_pass / "masks.parquet").read_bytes()
+
+
+@pytest.mark.parametrize("case", ["reuse", "embeddings", "plan over a pass", "mine into a pass", "filter over DATA", "report into a pass"])
+def test_overwrite_never_touches_an_input_or_another_kind(case, model_pass, data, tmp_path):
+    """Reproduced: `--reuse X --out X --overwrite` and `--embeddings X/embeddings.npy --out X --overwrite`
+    deleted the input before reading it; `plan G --out OTHER_PASS --overwrite` destroyed another pass's
+    masks; `mine --out G/texts.parquet --overwrite` corrupted a pass."""
+    import shutil
+
+    pass_ = tmp_path / "pass"
+    shutil.copytree(model_pass, pass_)
+    other = tmp_path / "other"
+    shutil.copytree(model_pass, other)
+    before = {p: p.read_bytes() for d in (pass_, other) for p in d.iterdir()}
+    args, words = {
+        "reuse": (("precompute-guide", data, "--guide", GUIDE_STATIC, "--reuse", pass_, "--out", pass_), "lies inside --reuse"),
+        "embeddings": (("precompute-guide", data, "--embeddings", pass_ / "embeddings.npy", "--out", pass_), "--embeddings"),
+        "plan over a pass": (("plan", pass_, "--out", other), "is a gist guide-pass output, not a gist plan output"),
+        "mine into a pass": (("mine", pass_, "--out", pass_ / "texts.parquet"), "lies inside GUIDE_DIR"),
+        "filter over DATA": (("filter", pass_, "--data", data, "--top-k", "1", "--out", data), "DATA"),
+        "report into a pass": (("report", pass_, "--out", other), "not a gist report output"),
+    }[case]
+    assert_fails(gist(*args, "--overwrite", check=False), 1, words, "choose another --out")
+    assert {p: p.read_bytes() for d in (pass_, other) for p in d.iterdir()} == before
+    assert verify_run(pass_) and verify_run(other)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["other", "pass"], "no stage left behind"
+
+
+def test_a_typo_leaves_no_trace_and_the_corrected_command_runs(model_pass, data, tmp_path):
+    """Reproduced: `gist train` wrote run.json before loading the student and checking the settings, so
+    the corrected command was refused ("holds another training run's checkpoints")."""
+    out = tmp_path / "runs" / "student"
+    args = ("train", data, "--masks", model_pass / "masks.parquet", "--out", out, "--max-steps", "1")
+    for typo, words in (
+        (("--student", tmp_path / "no-such-student"), "no such model directory"),
+        (("--student", STUDENT, "--matryoshka-dims", "9999"), "--matryoshka-dims 9999"),
+    ):
+        assert_fails(gist(*args, *typo, check=False), 1, words)
+        assert not (tmp_path / "runs").exists(), "nothing created, not even OUT's parent"
+    result = gist(*args, "--student", STUDENT, "--gradient-checkpointing")
+    assert (out / "final" / "config.json").is_file() and (out / "run.json").is_file()
+    assert "deprecated" not in result.stderr, result.stderr  # gradient_checkpointing's FutureWarning
+
+
+@pytest.mark.parametrize("args, words", [
+    (("plan", "{pass}", "--batch-size", "5000"), "fewer than one batch of 5000"),
+    (("precompute-guide", "{data}", "--guide", GUIDE_STATIC, "--guide-max-seq-length", "16"), "takes no sequence length"),
+    (("precompute-guide", "{data}", "--guide", GUIDE_STATIC, "--reuse", "{vectors}"), "--reuse"),
+])
+def test_a_late_refusal_leaves_nothing(args, words, model_pass, data, tmp_path):
+    """Reproduced: each left an OUT holding only `.gist.lock`."""
+    np.save(tmp_path / "v.npy", np.load(model_pass / "embeddings.npy"))
+    gist("precompute-guide", data, "--embeddings", tmp_path / "v.npy", "--out", tmp_path / "vectors", *PLAN)
+    filled = [str(a).format(**{"pass": model_pass, "data": data, "vectors": tmp_path / "vectors"}) for a in args]
+    assert_fails(gist(*filled, "--out", tmp_path / "x", check=False), 1, words)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["v.npy", "vectors"]
+
+
+def test_report_refuses_an_existing_file_before_the_sweep(model_pass, tmp_path):
+    (tmp_path / "notes.md").write_text("the user's")
+    proc = gist("report", model_pass, "--out", tmp_path / "notes.md", "--margins", "0", check=False)
+    assert_fails(proc, 1, "exists and is not written by gist")
+    assert (tmp_path / "notes.md").read_text() == "the user's"
+    gist("report", model_pass, "--out", tmp_path / "sweep", "--margins", "0")
+    assert_fails(gist("report", model_pass, "--out", tmp_path / "sweep", "--margins", "0,0.1", check=False), 1, "--overwrite")
+    gist("report", model_pass, "--out", tmp_path / "sweep", "--margins", "0,0.1", "--overwrite")
+
+
+def test_user_data_is_printed_as_plain_text(model_pass, data, tmp_path):
+    """Reproduced: `runs/[exp1]/guide` printed as `runs//guide`; a corpus text holding `[/b]` turned the
+    one-line error into a 17-line MarkupError traceback."""
+    out = tmp_path / "[exp1]" / "plan"
+    assert f"{out}/masks.parquet" in gist("plan", model_pass, "--out", out, *PLAN).stderr
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text('{"text": "[/b] a text the guide pass never saw"}\n')
+    vectors = tmp_path / "vectors"
+    np.save(tmp_path / "v.npy", np.load(model_pass / "embeddings.npy"))
+    gist("precompute-guide", data, "--embeddings", tmp_path / "v.npy", "--out", vectors, *PLAN)
+    proc = gist("mine", vectors, "--corpus", corpus, "--out", tmp_path / "mined.parquet", check=False)
+    assert_fails(proc, 1, "[/b] a text")
+    assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+
+
+def test_the_masks_contract_does_not_import_the_trainer():
+    code = "import sys, pipeline.masks; sys.exit('pipeline.train' in sys.modules or 'transformers' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], cwd=ROOT).returncode == 0
