@@ -267,6 +267,12 @@ def train_command(
     precision: Annotated[str, typer.Option(help="fp32, or the trainer's mixed precision: bf16 (CPU or GPU) or fp16 (GPU).")] = "fp32",
     distill: Annotated[Optional[str], typer.Option(help="Add distillation from the guide pass's stored embeddings (found beside --masks): embed (EmbedDistillLoss, cosine, projected when dims differ) or kl (in-batch score distillation over the loss's candidates, masked ones left out).")] = None,
     distill_weight: Annotated[float, typer.Option(help="Weight of the --distill term (the contrastive loss has weight 1; with --loss none, 0).")] = 1.0,
+    report_to: Annotated[Optional[str], typer.Option(help="Where the trainer reports the loss and metrics, e.g. tensorboard, trackio, wandb (comma-separated; whatever is installed). Default: none. TensorBoard logs go to OUT/checkpoints/runs/ (under .OUT.gist-stage/new/ while the run trains).")] = None,
+    save_total_limit: Annotated[Optional[int], typer.Option(min=1, help="Keep at most N checkpoints (the oldest are deleted; the best one, with --eval-steps, is kept). Default: all.")] = None,
+    optim: Annotated[Optional[str], typer.Option(help="The trainer's optimizer (transformers' optim names: adamw_torch, adamw_torch_fused, adafactor, sgd, ...). Default: the trainer's.")] = None,
+    max_grad_norm: Annotated[float, typer.Option(help="Gradient clipping norm (the trainer's max_grad_norm).")] = 1.0,
+    dataloader_num_workers: Annotated[int, typer.Option(min=0, help="Worker processes loading batches (the trainer's dataloader_num_workers).")] = 0,
+    push_to_hub: Annotated[Optional[str], typer.Option(metavar="REPO_ID", help="Upload OUT/final to this Hugging Face Hub model repository when training ends (checked before training starts: the Hub must be reachable and a token set).")] = None,
 ) -> None:
     """Stage 2: train the student with the stored masks; the guide is never loaded."""
     import json
@@ -286,6 +292,8 @@ def train_command(
         mini_batch_size=mini_batch_size, matryoshka_dims=dims, max_seq_length=max_seq_length, gradient_checkpointing=gradient_checkpointing,
         max_steps=max_steps, logging_steps=logging_steps, save_steps=save_steps, eval_steps=eval_steps, seed=seed, precision=precision,
         distill=distill, distill_weight=distill_weight,
+        report_to=tuple(name.strip() for name in report_to.split(",") if name.strip() and name.strip() != "none") if report_to else (),
+        save_total_limit=save_total_limit, optim=optim, max_grad_norm=max_grad_norm, dataloader_num_workers=dataloader_num_workers, hub_model_id=push_to_hub,
     )
     final = train_student(data_path, masks_path, student, out, settings, columns=columns, resume=resume, device=device, sts=sts, beir=beir)
     if final is None:

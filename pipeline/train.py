@@ -265,9 +265,17 @@ class TrainSettings:
     precision: str = "fp32"
     distill: str | None = None
     distill_weight: float = 1.0
+    # The trainer's own options, passed through unchanged (SentenceTransformerTrainingArguments' names).
+    report_to: tuple[str, ...] = ()
+    save_total_limit: int | None = None
+    optim: str | None = None
+    max_grad_norm: float = 1.0
+    dataloader_num_workers: int = 0
+    hub_model_id: str | None = None
 
     def check(self, model_dim: int | None = None) -> None:
         """Refuse settings that cannot train, before any model is loaded (model_dim: once it is)."""
+        check_trainer_options(self)
         if self.loss not in LOSSES:
             raise GistError(f"--loss {self.loss}: use one of {', '.join(LOSSES)}")
         if self.precision not in PRECISIONS:
@@ -289,6 +297,53 @@ class TrainSettings:
             raise GistError(f"--matryoshka-dims {','.join(map(str, self.matryoshka_dims))}: dimensions must be positive")
         if model_dim is not None and any(d > model_dim for d in self.matryoshka_dims):
             raise GistError(f"--matryoshka-dims {','.join(map(str, self.matryoshka_dims))}: the student's embeddings have {model_dim} dimensions")
+
+
+def check_trainer_options(settings: TrainSettings) -> None:
+    """The trainer options of `settings` that would fail only once training runs: a reporting
+    integration that is not installed, an unknown optimizer, a Hub that cannot be reached."""
+    from transformers.integrations.integration_utils import get_available_reporting_integrations
+    from transformers.training_args import OptimizerNames
+
+    missing = [name for name in settings.report_to if name not in get_available_reporting_integrations()]
+    if missing:
+        installed = ", ".join(get_available_reporting_integrations()) or "none"
+        raise GistError(f"--report-to {','.join(missing)}: not installed (installed here: {installed}); pip install it or choose another")
+    if settings.optim is not None and settings.optim not in {o.value for o in OptimizerNames}:
+        raise GistError(f"--optim {settings.optim}: not a transformers optimizer (e.g. adamw_torch, adamw_torch_fused, adafactor, sgd)")
+    if settings.save_total_limit is not None and settings.save_total_limit < 1:
+        raise GistError(f"--save-total-limit {settings.save_total_limit}: keep at least 1 checkpoint")
+
+
+def check_hub(repo_id: str) -> None:
+    """Refuse --push-to-hub before training when the Hub cannot be reached or no token is set."""
+    from huggingface_hub import HfApi
+
+    try:
+        HfApi().whoami()
+    except Exception as e:  # noqa: BLE001 - offline mode, no token, no network: one line, whatever the cause
+        raise GistError(f"--push-to-hub {repo_id}: the Hugging Face Hub cannot be reached or no token is set ({type(e).__name__}: "
+                        f"{str(e).splitlines()[0] if str(e) else 'no detail'}); the run was not started") from None
+
+
+def gist_model_card(masks: PlannedMasks, settings: TrainSettings) -> str:
+    """The model card's section on how gist trained the model: the guide pass, the plan, the loss."""
+    plan = masks.params
+    loss = {"guided": "GuidedMaskLoss (the guide's stored masks)", "unguided": "GuidedMaskLoss without the guide's vetoes",
+            "mnrl": "MultipleNegativesRankingLoss", "none": "distillation only"}[settings.loss]
+    extras = [f"temperature {settings.temperature}"] + ([f"GradCache mini-batches of {settings.mini_batch_size}"] if settings.mini_batch_size else []) \
+        + ([f"MatryoshkaLoss {list(settings.matryoshka_dims)}"] if settings.matryoshka_dims else []) \
+        + ([f"--distill {settings.distill} (weight {settings.distill_weight})"] if settings.distill else [])
+    return "\n".join([
+        "", "## Trained with gist", "",
+        "Offline GISTEmbed guidance: the guide ran once over the training data (stage 1) and its false-negative masks were stored; "
+        "this model was trained with them, without the guide in the loop.", "",
+        f"- Guide: `{masks.meta['guide']}` (sha256 `{masks.meta['guide_sha256'][:16]}…`), masks `{masks.path.resolve()}`",
+        f"- Plan: {plan.strategy} batches of {plan.batch_size}, {plan.epochs} epoch(s), seed {plan.seed}; {plan.margin_strategy} margin {plan.margin}, "
+        f"contrast anchors {plan.contrast_anchors}, contrast positives {plan.contrast_positives}, mask duplicates {plan.mask_duplicates}",
+        f"- Loss: {loss}; {', '.join(extras)}",
+        f"- Data fingerprint: `{masks.meta['dataset_fingerprint'][:16]}…`", "",
+    ])
 
 
 def build_loss(model, masks: PlannedMasks, settings: TrainSettings):
@@ -344,6 +399,8 @@ def train_student(
     training = planned_training_data(data, masks, columns)
     check_max_steps(masks, settings.max_steps)
     evaluator = training_evaluator(sts, beir) if settings.eval_steps else None  # reads the files: fails before training
+    if settings.hub_model_id:
+        check_hub(settings.hub_model_id)
     model = guide_mod.load_model(str(student), device)
     settings.check(model.get_embedding_dimension())
     if settings.max_seq_length:
@@ -353,7 +410,7 @@ def train_student(
         "kind": TRAINING.name, "data_fingerprint": training.fingerprint, "masks_plan": masks.meta["plan"], "masks_guide": masks.meta["guide_sha256"],
         "student": guide_mod.model_identity(str(student))["sha256"], **asdict(settings),
     }
-    record["matryoshka_dims"] = list(settings.matryoshka_dims)
+    record.update(matryoshka_dims=list(settings.matryoshka_dims), report_to=list(settings.report_to))
     rank, world_size = guide_mod.init_distributed()  # the trainer (accelerate) takes the process group over
     # The run is built in OUT's stage and moved to OUT when final/ is saved; a killed run's stage keeps
     # its checkpoints, for --resume with the same settings (the stage's key is the run record).
@@ -377,6 +434,8 @@ def train_student(
             max_steps=settings.max_steps, logging_steps=settings.logging_steps, save_steps=settings.save_steps, seed=settings.seed,
             activation_checkpointing=settings.gradient_checkpointing, use_cpu=model.device.type == "cpu",
             fp16=settings.precision == "fp16", bf16=settings.precision == "bf16",
+            report_to=list(settings.report_to) or "none", save_total_limit=settings.save_total_limit, max_grad_norm=settings.max_grad_norm,
+            dataloader_num_workers=settings.dataloader_num_workers, **({"optim": settings.optim} if settings.optim else {}),
             **({"eval_strategy": "steps", "eval_steps": settings.eval_steps, "metric_for_best_model": metric, "greater_is_better": True} if evaluator else {}),
         )
         trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
@@ -385,6 +444,8 @@ def train_student(
             return None
         remove_guide_projection(model)  # --distill embed's projection was trained with the student, not part of it
         model.save(str(stage.dir / "final"))
+        with open(stage.dir / "final" / "README.md", "a") as card:
+            card.write(gist_model_card(masks, settings))
         if sts or beir:
             results = evaluate_model(model, sts, beir)
             if evaluator is not None:
@@ -394,4 +455,14 @@ def train_student(
                 results["best_metric"] = trainer.state.best_metric
             artifacts.write_json(stage.dir / "eval.json", results)
     guide_mod.leave_distributed(world_size)
+    if settings.hub_model_id:
+        try:
+            from huggingface_hub import HfApi
+
+            api = HfApi()
+            api.create_repo(settings.hub_model_id, exist_ok=True)
+            api.upload_folder(repo_id=settings.hub_model_id, folder_path=str(out / "final"))  # the saved model, its gist model card included
+        except Exception as e:  # noqa: BLE001 - the run is finished and saved; the upload failed: one line
+            raise GistError(f"--push-to-hub {settings.hub_model_id}: upload failed ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
+                            f"the trained model is saved in {out / 'final'}") from None
     return out / "final"
