@@ -37,7 +37,7 @@ Epochs = Annotated[int, typer.Option(min=1, help="Epochs to plan; stage 2 trains
 Seed = Annotated[int, typer.Option(help="Seed of the batch plan.")]
 Strategy = Annotated[str, typer.Option(help="Batching: random, no-duplicates (no text twice in a batch), by-task, clustered (hard batches: k-means over guide embeddings, within tasks), or fn-aware (keeps apart, within tasks, the examples the guide would mask against each other: few false negatives).")]
 MarginStrategy = Annotated[str, typer.Option(help="absolute: mask if g > t - m; relative: mask if g > t - |t|*m.")]
-Margin = Annotated[float, typer.Option(help="Margin m of the false-negative rule (GISTEmbedLoss's margin).")]
+Margin = Annotated[float, typer.Option(help="Margin m of the false-negative rule (GISTEmbedLoss's margin). absolute: mask iff g > t - m, m must lie in (-2, 2) (cosines lie in [-1, 1]: m >= 2 masks every candidate, m <= -2 none); relative: mask iff g > t - |t|*m, any finite m.")]
 ContrastAnchors = Annotated[bool, typer.Option(help="Include anchor-anchor candidates (GISTEmbedLoss default: on).")]
 ContrastPositives = Annotated[bool, typer.Option(help="Include positive-positive candidates (GISTEmbedLoss default: on).")]
 MaskDuplicates = Annotated[bool, typer.Option(help="Also mask candidates whose text is the row's own anchor or positive (same text id): never true negatives. --no-mask-duplicates reproduces GISTEmbedLoss exactly.")]

@@ -5,17 +5,20 @@ Example j conflicts with example i when a batch holding both would get a mask en
 anchor or a negative for i's anchor, or j's positive for i's positive. A search over the guide
 embeddings proposes candidate texts for each row; the rule alone decides, on similarities
 recomputed the same way wherever a pair sits. Each row's own texts (its anchor, positive and
-negatives) are always proposed, so a text shared by two examples (a duplicate positive, an anchor
-that is another's negative) never escapes the search.
+negatives) are always proposed and every flagged text is kept, so a text shared by two examples (a
+duplicate positive, an anchor that is another's negative) never escapes the search: the pair
+conflicts whenever the rule (or duplicate masking) flags it. Rows are searched ROWS_PER_BLOCK at a
+time and each block's edges merged as found, so memory holds one block's proposals beside the graph.
 
 The search is a join of inner products against a per-row bound (each query vector carries
 -bound as one more coordinate, so one FAISS range search at radius 0 applies every row's own
 bound, in BLAS blocks). While affordable (EXACT_SEARCH_MADDS) it is exhaustive over the full
-vectors. Above, it is bounded: the vectors are projected on their SEARCH_DIM leading principal
-directions (uncentred, from a seeded sample) and normalised; spherical k-means cuts the texts into
-2 sqrt(texts) lists; each query is joined with the members of its PROBES nearest lists at a bound
-PROJECTION_SLACK lower (work ~ queries x PROBES x sqrt(texts)), and every proposal is scored
-exactly. It may miss a conflict, never invent one; bench/fn_aware_recall.py measures how many.
+vectors, so the graph is the rule's exactly (bench/fn_aware_recall.py checks it against a numpy
+brute force). Above, it is bounded: the vectors are projected on their SEARCH_DIM leading principal
+directions (uncentred, from a seeded sample; any rank) and normalised; spherical k-means cuts the
+texts into 2 sqrt(texts) lists; each query is joined with the members of its PROBES nearest lists
+at a bound PROJECTION_SLACK lower (work ~ queries x PROBES x sqrt(texts)), and every proposal is
+scored exactly. It may miss a conflict, never invent one; bench/fn_aware_recall.py measures how many.
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ from pipeline.guide import ADD_ROWS, faiss_single_thread, gather, training_sampl
 from pipeline.masks import false_negative_mask
 
 RADIUS_SLACK = 1e-3  # search bound below the rule's lowest: float32 rounding (~1e-5) cannot lose a candidate
-MAX_FLAGGED_TEXTS = 256  # per anchor (positive for pp): the most similar flagged texts kept; bounds memory on bad rows
+ROWS_PER_BLOCK = 1 << 14  # rows (anchors, or positives for pp) searched at a time: bounds the proposals held
 EXACT_SEARCH_MADDS = 5e10  # queries x texts x dim up to which the search is exhaustive, bounded above
 SEARCH_DIM = 64  # bounded search: dimensions of the projection the candidates are proposed in
 PROJECTION_SLACK = 0.1  # ... at a bound this much lower (projected cosines err ~0.02-0.06 at 768 -> 64 dims)
@@ -64,16 +67,17 @@ def _expand(rows: np.ndarray, keys: np.ndarray, indptr: np.ndarray, indices: np.
     return np.repeat(rows, counts), indices[positions]
 
 
-def _leading_directions(moments: np.ndarray, k: int, seed: int) -> np.ndarray:
-    """float32 (dim, k): orthonormal directions spanning (nearly) the k leading eigenvectors of the
-    symmetric `moments`, by seeded subspace iteration (LAPACK's full eigh or QR of a 768-row matrix
-    took seconds on a busy 2-core CPU; this takes milliseconds)."""
-    basis = np.random.default_rng(seed).standard_normal((len(moments), k + 16))
-    for _ in range(6):  # orthonormalised through the Cholesky factor of its small Gram matrix
-        basis = moments @ basis
-        basis = basis @ np.linalg.inv(np.linalg.cholesky(basis.T @ basis)).T
-    vectors = np.linalg.eigh(basis.T @ moments @ basis)[1]
-    return (basis @ vectors[:, ::-1][:, :k]).astype(np.float32)
+def _leading_directions(sample: np.ndarray, k: int) -> np.ndarray:
+    """float32 (dim, k): the k leading eigenvectors of the sample's uncentred second moments (the
+    projection that keeps inner products best), by LAPACK's symmetric eigensolver in float64.
+
+    Any rank: vectors in a subspace narrower than k (zero-padded embedder output) get k - rank
+    directions of eigenvalue 0, on which they project to 0 (a subspace iteration orthonormalised by
+    Cholesky failed there). Deterministic: same sample, same directions. Not faiss.PCAMatrix: it
+    centres the vectors (dropping the common direction inner products need) and refuses k above
+    its training size."""
+    moments = (sample.T @ sample).astype(np.float64)
+    return np.linalg.eigh(moments)[1][:, ::-1][:, :k].astype(np.float32)
 
 
 class SearchSpace:
@@ -97,7 +101,7 @@ class SearchSpace:
         basis = None
         if dim > SEARCH_DIM:  # leading directions of the uncentred second moments: inner products kept best
             sample = gather(embeddings, text_ids[training_sample(len(text_ids), PCA_SAMPLE, seed)])
-            basis = _leading_directions((sample.T @ sample).astype(np.float64), SEARCH_DIM, seed)
+            basis = _leading_directions(sample, SEARCH_DIM)
             self.slack = PROJECTION_SLACK
         self.vectors = np.empty((len(text_ids), min(dim, SEARCH_DIM)), dtype=np.float32)
         for start in range(0, len(text_ids), ADD_ROWS):
@@ -155,11 +159,12 @@ def flagged_texts(
     Row r queries text `query_ids[r]` with threshold `thresholds[r]` against `candidates` (text ids);
     `own_ids[r]` (the row's own texts) are proposed besides what `space` proposes. Every proposal
     is re-scored with `pair_dots` and kept iff `false_negative_mask` says so, or iff it is one of
-    `duplicate_ids[r]` (duplicate masking: the row's anchor and positive texts); each row keeps its
-    MAX_FLAGGED_TEXTS most similar flagged texts (ties by text id).
+    `duplicate_ids[r]` (duplicate masking: the row's anchor and positive texts). Every flagged text
+    is returned: memory grows with the rows given (conflict_graph passes ROWS_PER_BLOCK at a time).
     """
-    # The rule's bound is never below t - |m| (t - m, or t - |t| m with |t| <= 1).
-    bounds = thresholds - abs(margin) - RADIUS_SLACK
+    # The rule's bound is never below t - max(m, 0): t - m (absolute); t - |t| m (relative) is at
+    # least t - m for m >= 0 (|t| <= 1) and at least t for m < 0. A negative margin only raises it.
+    bounds = thresholds - max(float(margin), 0.0) - RADIUS_SLACK
     rows, texts = space.proposals(query_ids, bounds, candidates)
     own_rows = np.repeat(np.arange(len(query_ids)), own_ids.shape[1])
     own_texts = own_ids.reshape(-1)
@@ -170,13 +175,7 @@ def flagged_texts(
     keep = false_negative_mask(sims, thresholds[rows], margin_strategy, margin)
     if duplicate_ids is not None:
         keep |= (duplicate_ids[rows] == texts[:, None]).any(axis=1)
-    rows, texts, sims = rows[keep], texts[keep], sims[keep]
-    if len(rows) and np.bincount(rows).max() > MAX_FLAGGED_TEXTS:
-        by_row = np.lexsort((texts, -sims, rows))  # most similar first, ties by text id
-        rows, texts = rows[by_row], texts[by_row]
-        rank = np.arange(len(rows)) - np.searchsorted(rows, rows)  # position within its row
-        rows, texts = rows[rank < MAX_FLAGGED_TEXTS], texts[rank < MAX_FLAGGED_TEXTS]
-    return rows, texts
+    return rows[keep], texts[keep]
 
 
 def searches(data: TrainingData, num_texts: int, contrast_anchors: bool = True, contrast_positives: bool = True) -> list[tuple]:
@@ -214,18 +213,30 @@ def conflict_graph(
     contrast_anchors), a negative of j (an), or, for p_i, p_j (pp, if contrast_positives); with
     `mask_duplicates`, also when a text of j is a_i's or p_i's own text (pipeline.masks.duplicate_masks).
     `space`: the search_space of these searches, if already built (bench.fn_aware_recall).
+    Rows are searched ROWS_PER_BLOCK at a time and the edges deduplicated as found (whenever the
+    unmerged outgrow the merged): the peak is then set by the graph's size, not by a block's
+    proposals (+1.1 GB RSS for the 14.3M directed edges of the 10156-triplet set, with 512 to
+    16384 rows per block alike; bench/results/fn_aware_recall.json).
     """
     n = data.num_examples
     thresholds = pair_dots(embeddings, data.anchor_ids, data.positive_ids)
     found = searches(data, len(embeddings), contrast_anchors, contrast_positives)
     space = space or search_space(embeddings, data, found)
-    pairs = []
+    duplicate_ids = np.column_stack([data.anchor_ids, data.positive_ids]) if mask_duplicates else None  # one row per example
+    merged, pending = np.empty(0, np.int64), []
     for query_ids, own_ids, (indptr, holders) in found:
         candidates = np.flatnonzero(np.diff(indptr))
-        duplicate_ids = np.column_stack([data.anchor_ids, data.positive_ids]) if mask_duplicates else None  # one row per example
-        rows, texts = flagged_texts(embeddings, space, query_ids, own_ids, thresholds, candidates, margin_strategy, margin, duplicate_ids)
-        pairs.append(_expand(rows, texts, indptr, holders))
-    left = np.concatenate([p[0] for p in pairs] + [p[1] for p in pairs])
-    right = np.concatenate([p[1] for p in pairs] + [p[0] for p in pairs])
-    edges = np.unique(left[left != right] * n + right[left != right])
-    return _csr(edges // n, edges % n, n)
+        for start in range(0, n, ROWS_PER_BLOCK):
+            block = slice(start, start + ROWS_PER_BLOCK)
+            rows, texts = flagged_texts(embeddings, space, query_ids[block], own_ids[block], thresholds[block], candidates,
+                                        margin_strategy, margin, None if duplicate_ids is None else duplicate_ids[block])
+            left, right = _expand(rows + start, texts, indptr, holders)
+            left, right = left[left != right], right[left != right]
+            pending.append(np.unique(np.concatenate([left * n + right, right * n + left])))
+            if sum(map(len, pending)) > len(merged):
+                merged, pending = np.unique(np.concatenate([merged, *pending])), []
+    edges = np.unique(np.concatenate([merged, *pending]))  # sorted by (i, j): already CSR order
+    indptr = np.zeros(n + 1, dtype=np.int64)
+    np.cumsum(np.bincount(edges // n, minlength=n), out=indptr[1:])
+    edges %= n
+    return indptr, edges

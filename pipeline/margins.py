@@ -24,8 +24,9 @@ import torch
 
 from pipeline import GistError
 from pipeline.artifacts import write_json
-from pipeline.masks import BLOCKS, MARGIN_STRATEGIES, chunk_batches, duplicate_masks, guide_similarities, plan_masks
+from pipeline.masks import BLOCKS, chunk_batches, duplicate_masks, guide_similarities, plan_masks
 from pipeline.outputs import Kind, Output
+from pipeline.plan import check_rule
 from pipeline.report import NBINS, guide_dir_of, histogram, load_planned
 from pipeline.report_plots import save_figure
 
@@ -33,13 +34,14 @@ MARGINS = "margins.json", "margins.md", "margins.png"
 
 
 def parse_margins(text: str) -> list[float]:
-    """'0,0.02,0.05' -> [0.0, 0.02, 0.05]: finite, non-negative, each once, in the given order."""
+    """'0,0.02,0.05' -> [0.0, 0.02, 0.05]: numbers, each once, in the given order. Their range is the
+    plan's (pipeline.plan.check_rule), checked by margin_sweep once the margin strategy is known."""
     try:
         margins = [float(part) for part in text.split(",") if part.strip()]
     except ValueError:
         raise GistError(f"--margins {text!r}: comma-separated numbers, e.g. 0,0.02,0.05,0.1") from None
-    if not margins or any(not np.isfinite(m) or m < 0 for m in margins) or len(set(margins)) != len(margins):
-        raise GistError(f"--margins {text!r}: distinct finite margins >= 0, e.g. 0,0.02,0.05,0.1")
+    if not margins or len(set(margins)) != len(margins):
+        raise GistError(f"--margins {text!r}: distinct margins, e.g. 0,0.02,0.05,0.1")
     return margins
 
 
@@ -52,8 +54,8 @@ def margin_sweep(run_dir: Path, margins: list[float], margin_strategy: str | Non
     manifest, _, masks, data, embeddings = load_planned(run_dir)
     params = masks.params
     strategy = margin_strategy or params.margin_strategy
-    if strategy not in MARGIN_STRATEGIES:
-        raise GistError(f"--margin-strategy {strategy}: use one of {', '.join(MARGIN_STRATEGIES)}")
+    for margin in margins:  # the plan's own check: a margin the plan would refuse is not swept
+        check_rule(dataclasses.replace(params, margin_strategy=strategy, margin=margin), option="--margins")
     g, k = params.batch_size, data.num_negatives
     enabled = {"ap": True, "aa": params.contrast_anchors, "pp": params.contrast_positives, "an": k > 0}
     per_batch = {"ap": g * (g - 1), "aa": g * g, "pp": g * g, "an": g * g * k}

@@ -33,7 +33,7 @@ from pipeline import GistError
 from pipeline.conflicts import conflict_graph
 from pipeline.data import TrainingData
 from pipeline.guide import ADD_ROWS, faiss_gpu, faiss_single_thread, gather, training_sample
-from pipeline.masks import MARGIN_STRATEGIES, check_sparse_sizes
+from pipeline.masks import MARGIN_STRATEGIES, PlanParams, check_sparse_sizes
 
 STRATEGIES = ("random", "no-duplicates", "by-task", "clustered", "fn-aware")
 EXAMPLES_PER_CLUSTER_BATCHES = 4  # k-means clusters hold about this many batches
@@ -190,11 +190,22 @@ def check_plan(data: TrainingData, batch_size: int, epochs: int, strategy: str) 
             raise GistError(f"--strategy {strategy} batches within one task, and the largest task has {largest} examples, fewer than one batch of {batch_size}; lower --batch-size")
 
 
-def check_rule(params) -> None:
-    """The mask rule's margin strategy, checked before any data or model is read (the strategy is
-    check_plan's)."""
+def check_rule(params, option: str = "--margin") -> None:
+    """The mask rule's margin strategy and margin, checked before any data or model is read (the
+    strategy is check_plan's); `option` names the margin in the error (the sweep's is --margins).
+
+    Cosines lie in [-1, 1]. Absolute (mask iff g > t - m): m <= -2 masks nothing and m >= 2 every
+    candidate (at m = 2 all but one exactly opposite an anchor whose positive equals it), so m must
+    lie in (-2, 2). Relative (mask iff g > t - |t| m): a row with t = 0 masks g > 0 whatever m, so
+    no finite margin decides every candidate; it must only be finite.
+    """
     if params.margin_strategy not in MARGIN_STRATEGIES:
         raise GistError(f"--margin-strategy {params.margin_strategy}: use one of {', '.join(MARGIN_STRATEGIES)}")
+    margin = params.margin
+    if params.margin_strategy == "absolute" and not -2 < margin < 2:
+        raise GistError(f"{option} {margin}: an absolute margin must lie in (-2, 2); cosines lie in [-1, 1], so m >= 2 masks every candidate and m <= -2 none")
+    if not np.isfinite(margin):
+        raise GistError(f"{option} {margin}: a relative margin may be any finite number (a row with t = 0 masks g > 0 whatever the margin)")
 
 
 def rule_options(params) -> dict:
@@ -213,6 +224,7 @@ def plan_batches(
     The mask rule's parameters (those of the masks the plan is written with) are used by fn-aware only.
     """
     check_plan(data, batch_size, epochs, strategy)
+    check_rule(PlanParams(margin_strategy=margin_strategy, margin=margin))
     if strategy in ("clustered", "fn-aware") and embeddings is None:
         raise GistError(f"--strategy {strategy} needs the guide embeddings")
     if strategy == "random":

@@ -67,7 +67,7 @@ def test_margin_sweep_equals_recomputation(tmp_path, guide_run, margin_strategy)
         assert planned["masked_entries"] == plan["masked_entries"]
 
 
-@pytest.mark.parametrize("margins", ["a,b", "-0.1", "0.05,0.05", ""])
+@pytest.mark.parametrize("margins", ["a,b", "0,2.5", "nan", "0.05,0.05", ""])  # 2.5, nan: outside the plan's absolute range (-2, 2)
 def test_bad_margins_are_one_line_errors(tmp_path, guide_run, margins):
     proc = gist("report", guide_run, "--out", tmp_path / "out", "--margins", margins, check=False)
     assert proc.returncode != 0 and "--margins" in proc.stderr and "Traceback" not in proc.stderr

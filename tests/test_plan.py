@@ -48,8 +48,7 @@ def brute_force_conflicts(emb, data, margin_strategy, margin, contrast_anchors, 
 
 
 @pytest.mark.parametrize("rule", [("absolute", 0.05, True, True), ("relative", 0.1, False, False), ("absolute", 0.0, True, False)])
-def test_conflict_graph_is_the_mask_rule(guide_run, monkeypatch, rule):
-    monkeypatch.setattr(conflicts, "MAX_FLAGGED_TEXTS", 10**9)
+def test_conflict_graph_is_the_mask_rule(guide_run, rule):
     data, emb = stored(guide_run)
     graph = dense(conflict_graph(data, emb, *rule))
     expected, near = brute_force_conflicts(emb, data, *rule)
@@ -58,19 +57,9 @@ def test_conflict_graph_is_the_mask_rule(guide_run, monkeypatch, rule):
     assert np.array_equal(graph, graph.T) and not graph.diagonal().any()
 
 
-def test_conflict_graph_caps_flagged_texts_per_row(guide_run, monkeypatch):
-    data, emb = stored(guide_run)
-    monkeypatch.setattr(conflicts, "MAX_FLAGGED_TEXTS", 10**9)
-    full = dense(conflict_graph(data, emb, margin=0.05))
-    monkeypatch.setattr(conflicts, "MAX_FLAGGED_TEXTS", 8)
-    capped = dense(conflict_graph(data, emb, margin=0.05))
-    assert not (capped & ~full).any() and capped.sum() < full.sum()
-
-
 def test_bounded_search_proposes_a_subset_deterministically(static_run, monkeypatch):
     """Above EXACT_SEARCH_MADDS the search is bounded (k-means lists, PROBES of them per query): it
     may miss conflicts, never invent one, same result twice."""
-    monkeypatch.setattr(conflicts, "MAX_FLAGGED_TEXTS", 10**9)  # no row capped: the exact graph holds every conflict
     data, emb = stored(static_run)
     exact = dense(conflict_graph(data, emb))
     monkeypatch.setattr(conflicts, "EXACT_SEARCH_MADDS", 0)
@@ -84,7 +73,6 @@ def test_bounded_search_proposes_a_subset_deterministically(static_run, monkeypa
 def test_bounded_search_projects_wide_vectors_and_keeps_the_rule(static_run, monkeypatch):
     """Vectors wider than SEARCH_DIM are compared in their projection, at a lower bound; every
     proposal is still scored on the stored vectors, so no conflict is invented."""
-    monkeypatch.setattr(conflicts, "MAX_FLAGGED_TEXTS", 10**9)
     data, emb = stored(static_run)
     exact = dense(conflict_graph(data, emb))
     monkeypatch.setattr(conflicts, "EXACT_SEARCH_MADDS", 0)
