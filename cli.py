@@ -277,6 +277,10 @@ def train_command(
     precision: Annotated[str, typer.Option(help="fp32, or the trainer's mixed precision: bf16 (CPU or GPU) or fp16 (GPU).")] = "fp32",
     distill: Annotated[Optional[str], typer.Option(help="Add distillation from the guide pass's stored embeddings (found beside --masks): embed (EmbedDistillLoss, cosine, projected when dims differ) or kl (in-batch score distillation over the loss's candidates, masked ones left out).")] = None,
     distill_weight: Annotated[float, typer.Option(help="Weight of the --distill term (the contrastive loss has weight 1; with --loss none, 0).")] = 1.0,
+    directions: Annotated[str, typer.Option(help="MultipleNegativesRankingLoss's directions, comma-separated, with the guide's masks in each: query_to_doc (always), query_to_query (needs masks planned with --contrast-anchors), doc_to_query (--contrast-doc-query), doc_to_doc (--contrast-positives, and --contrast-doc-negatives with negative columns). GTE: all four.")] = "query_to_doc",
+    partition_mode: Annotated[str, typer.Option(help="joint: one softmax over every direction's candidates; per_direction: one per direction, averaged (not with query_to_query or doc_to_doc).")] = "joint",
+    hardness_mode: Annotated[Optional[str], typer.Option(help="Hardness-weighted negatives: in_batch_negatives (Lan et al. 2025), hard_negatives (EmbeddingGemma) or all_negatives; adds --hardness-strength x the detached cosine to those logits. Masked candidates stay out.")] = None,
+    hardness_strength: Annotated[float, typer.Option(min=0.0, help="alpha of --hardness-mode (Lan et al. 9, EmbeddingGemma 5).")] = 0.0,
 ) -> None:
     """Stage 2: train the student with the stored masks; the guide is never loaded."""
     import json
@@ -296,6 +300,8 @@ def train_command(
         mini_batch_size=mini_batch_size, matryoshka_dims=dims, max_seq_length=max_seq_length, gradient_checkpointing=gradient_checkpointing,
         max_steps=max_steps, logging_steps=logging_steps, save_steps=save_steps, eval_steps=eval_steps, seed=seed, precision=precision,
         distill=distill, distill_weight=distill_weight,
+        directions=tuple(d.strip() for d in directions.split(",") if d.strip()), partition_mode=partition_mode,
+        hardness_mode=hardness_mode, hardness_strength=hardness_strength,
     )
     final = train_student(data_path, masks_path, student, out, settings, columns=columns, resume=resume, device=device, sts=sts, beir=beir)
     if final is None:

@@ -310,3 +310,48 @@ def test_anchor_masks_planned_off_are_refused_for_query_to_query(tmp_path, guide
         GuidedMaskLoss(load_student(), masks, directions=("query_to_doc", "query_to_query"))
     with pytest.raises(GistError, match="doc_to_doc needs the guide's pp masks.*--contrast-positives"):
         GuidedMaskLoss(load_student(), masks, directions=("query_to_doc", "doc_to_doc"))
+
+
+def test_plan_options_are_recorded_and_the_train_options_reach_the_loss(tmp_path, guide_run, triplets):
+    """`gist plan --contrast-doc-query --contrast-doc-negatives` stores pa and pn and records both in the plan parameters;
+    `gist train --directions ... --partition-mode ... --hardness-mode ... --hardness-strength ...` trains with them (and
+    the mnrl baseline takes the same objective); masks planned without pa are refused before OUT is touched, naming the option."""
+    import json
+
+    import pyarrow.parquet as pq
+
+    from pipeline.train import TrainSettings, build_loss
+    from tests.conftest import STUDENT, gist
+
+    gist("plan", guide_run, "--out", tmp_path / "plan", "--batch-size", "16", "--margin", "0.05", "--contrast-doc-query", "--contrast-doc-negatives",
+         "--device", "cpu")
+    manifest = json.loads((tmp_path / "plan" / "manifest.json").read_text())
+    assert manifest["format_version"] == 4
+    assert manifest["plan"]["params"]["contrast_doc_query"] and manifest["plan"]["params"]["contrast_doc_negatives"]
+    assert set(manifest["plan"]["masked_entries"]) == {"ap", "aa", "pp", "an", "pa", "pn"} and manifest["plan"]["masked_entries"]["pa"] > 0
+    assert pq.read_schema(tmp_path / "plan" / MASKS).names == ["epoch", "step", "example_ids", "ap", "aa", "pp", "an", "pa", "pn"]
+    masks = PlannedMasks(tmp_path / "plan" / MASKS)
+    assert masks.params.contrast_doc_query and masks.planned_blocks == ("ap", "aa", "pp", "an", "pa", "pn")
+
+    options = ["--directions", "query_to_doc,query_to_query,doc_to_query,doc_to_doc", "--hardness-mode", "in_batch_negatives", "--hardness-strength", "9"]
+    out = tmp_path / "run"
+    gist("train", triplets, "--masks", tmp_path / "plan" / MASKS, "--student", STUDENT, "--out", out, "--max-steps", "2", "--logging-steps", "1",
+         "--device", "cpu", *options)
+    record = json.loads((out / "run.json").read_text())
+    assert record["directions"] == list(ALL) and record["hardness_mode"] == "in_batch_negatives" and record["hardness_strength"] == 9.0
+    losses = [json.loads(line)["loss"] for line in (out / "train_log.jsonl").read_text().splitlines() if '"loss"' in line]
+    assert len(losses) == 2 and all(np.isfinite(losses))
+
+    settings = TrainSettings(loss="mnrl", directions=("query_to_doc", "doc_to_query"), partition_mode="per_direction", hardness_mode="hard_negatives",
+                             hardness_strength=5.0)
+    mnrl = build_loss(load_student(), masks, settings)
+    assert (mnrl.directions, mnrl.partition_mode, mnrl.hardness_mode, mnrl.hardness_strength) == (("query_to_doc", "doc_to_query"), "per_direction", "hard_negatives", 5.0)
+    guided = build_loss(load_student(), masks, TrainSettings(**{**settings.__dict__, "loss": "guided", "mini_batch_size": 4}))
+    assert type(guided) is CachedGuidedMaskLoss and guided.directions == ("query_to_doc", "doc_to_query") and guided.hardness_strength == 5.0
+
+    refused = gist("train", triplets, "--masks", guide_run / MASKS, "--student", STUDENT, "--out", tmp_path / "refused", "--device", "cpu",
+                   "--directions", "query_to_doc,doc_to_query", check=False)
+    assert refused.returncode == 1 and "--contrast-doc-query" in refused.stderr and not (tmp_path / "refused").exists()
+    bad = gist("train", triplets, "--masks", guide_run / MASKS, "--student", STUDENT, "--out", tmp_path / "bad", "--device", "cpu",
+               "--partition-mode", "per_direction", "--directions", "query_to_doc,doc_to_doc", check=False)
+    assert bad.returncode == 1 and "per_direction" in bad.stderr
