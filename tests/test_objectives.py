@@ -16,6 +16,7 @@ agree there too. The default objective's equality with GISTEmbedLoss is tests/te
 from __future__ import annotations
 
 import itertools
+import json
 
 import numpy as np
 import pytest
@@ -34,7 +35,7 @@ from pipeline.guide import read_embeddings
 from pipeline.loss import CachedGuidedMaskLoss, GuidedMaskLoss
 from pipeline.masks import MASKS, PlannedMasks
 from pipeline.train import training_dataset
-from tests.conftest import load_student
+from tests.conftest import ROOT, load_student
 from tests.test_equivalence import TOL, assert_grads_close, batch_inputs, loss_and_grads
 
 TEMPERATURE = 0.05  # MNRL's default scale 20
@@ -355,3 +356,45 @@ def test_plan_options_are_recorded_and_the_train_options_reach_the_loss(tmp_path
     bad = gist("train", triplets, "--masks", guide_run / MASKS, "--student", STUDENT, "--out", tmp_path / "bad", "--device", "cpu",
                "--partition-mode", "per_direction", "--directions", "query_to_doc,doc_to_doc", check=False)
     assert bad.returncode == 1 and "per_direction" in bad.stderr
+
+
+# Under torchrun: 2 processes, each with half of every planned batch, gathering across devices, equal 1 process with
+# the whole batch (mean of the ranks' losses; gradients summed over ranks / 2, as DDP averages them).
+DISTRIBUTED_ROWS = (0, 1)
+DISTRIBUTED_CASES = {
+    "gte-in-batch": ("all", (ALL, "joint", "in_batch_negatives", 9.0), None),
+    "symmetric-hard": ("no-aa", (("query_to_doc", "doc_to_query"), "per_direction", "hard_negatives", 5.0), None),
+    "qq-all-cached": ("all", (("query_to_doc", "query_to_query"), "joint", "all_negatives", 3.0), 3),
+    "dd-plain": ("no-aa", (("query_to_doc", "doc_to_doc"), "joint", None, 0.0), None),
+}
+
+
+def test_two_processes_equal_one_process_on_the_global_batch(tmp_path, guide_run, triplets):
+    """query_to_query / doc_to_query compare with every anchor of the planned batch (gathered, as MNRL's
+    gather_across_devices); GISTEmbedLoss's own aa block stays per-rank (its semantics), so the plans whose
+    objectives keep it in query_to_doc are planned without it here."""
+    from safetensors.torch import load_file
+
+    from tests.test_distributed import torchrun
+
+    plans = {}
+    for which, anchors in (("all", True), ("no-aa", False)):
+        plan_command(guide_run, out=tmp_path / which, batch_size=16, margin=0.05, contrast_anchors=anchors, contrast_doc_query=True,
+                     contrast_doc_negatives=True)
+        plans[which] = PlannedMasks(tmp_path / which / MASKS)
+    out = tmp_path / "two"
+    out.mkdir()
+    torchrun(ROOT / "tests" / "objectives_worker.py", plans["all"].path, plans["no-aa"].path, triplets, out)
+    two = json.loads((out / "losses.json").read_text())
+    dataset = training_dataset(load_training_data(triplets))
+    student = load_student()
+    for name, (which, objective, mini_batch) in DISTRIBUTED_CASES.items():
+        masks = plans[which]
+        kwargs = objective_kwargs(objective)
+        loss_fn = (CachedGuidedMaskLoss(student, masks, temperature=TEMPERATURE, mini_batch_size=mini_batch, **kwargs) if mini_batch
+                   else GuidedMaskLoss(student, masks, temperature=TEMPERATURE, **kwargs))
+        for row in DISTRIBUTED_ROWS:
+            masks.cursor.step = row
+            loss_one, grads_one = loss_and_grads(student, loss_fn, dataset, masks.batches[row])
+            assert abs(two[f"{name}-{row}"] - loss_one) < TOL, (name, row, two[f"{name}-{row}"], loss_one)
+            assert_grads_close(load_file(out / f"{name}-{row}.safetensors"), grads_one, tol=2 * TOL)
