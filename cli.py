@@ -41,6 +41,8 @@ Margin = Annotated[float, typer.Option(help="Margin m of the false-negative rule
 ContrastAnchors = Annotated[bool, typer.Option(help="Include anchor-anchor candidates (GISTEmbedLoss default: on).")]
 ContrastPositives = Annotated[bool, typer.Option(help="Include positive-positive candidates (GISTEmbedLoss default: on).")]
 MaskDuplicates = Annotated[bool, typer.Option(help="Also mask candidates whose text is the row's own anchor or positive (same text id): never true negatives. --no-mask-duplicates reproduces GISTEmbedLoss exactly.")]
+ContrastDocQuery = Annotated[bool, typer.Option(help="Also plan the positive-anchor masks (pa: p_i vs a_j, g(p_i, a_j) > t_i - m), which gist train --directions doc_to_query needs.")]
+ContrastDocNegatives = Annotated[bool, typer.Option(help="Also plan the positive-negative masks (pn: p_i vs every negative, g(p_i, n) > t_i - m), which gist train --directions doc_to_doc needs with negative columns.")]
 Overwrite = Annotated[bool, typer.Option(show_default=False, help="Replace an earlier output of this command at --out, once the new one is complete (never anything else; your own files inside an output directory are kept).")]
 Columns = Annotated[Optional[str], typer.Option(help="Map column names, e.g. 'anchor=query,positive=doc,task=source'.")]
 
@@ -61,7 +63,8 @@ def main_options(
     state["debug"] = debug
 
 
-def _plan_params(batch_size, epochs, seed, strategy, margin_strategy, margin, contrast_anchors, contrast_positives, mask_duplicates):
+def _plan_params(batch_size, epochs, seed, strategy, margin_strategy, margin, contrast_anchors, contrast_positives, mask_duplicates,
+                 contrast_doc_query=False, contrast_doc_negatives=False):
     from pipeline.masks import MARGIN_STRATEGIES, PlanParams
     from pipeline.plan import STRATEGIES
 
@@ -69,7 +72,8 @@ def _plan_params(batch_size, epochs, seed, strategy, margin_strategy, margin, co
         raise typer.BadParameter(f"use one of {', '.join(STRATEGIES)}", param_hint="--strategy")
     if margin_strategy not in MARGIN_STRATEGIES:
         raise typer.BadParameter(f"use one of {', '.join(MARGIN_STRATEGIES)}", param_hint="--margin-strategy")
-    return PlanParams(batch_size, epochs, seed, strategy, margin_strategy, margin, contrast_anchors, contrast_positives, mask_duplicates)
+    return PlanParams(batch_size, epochs, seed, strategy, margin_strategy, margin, contrast_anchors, contrast_positives, mask_duplicates,
+                      contrast_doc_query, contrast_doc_negatives)
 
 
 @app.command("precompute-guide", short_help="Stage 1: encode once with the guide, plan, store masks.")
@@ -88,6 +92,8 @@ def precompute_guide(
     contrast_anchors: ContrastAnchors = True,
     contrast_positives: ContrastPositives = True,
     mask_duplicates: MaskDuplicates = True,
+    contrast_doc_query: ContrastDocQuery = False,
+    contrast_doc_negatives: ContrastDocNegatives = False,
     encode_batch_size: Annotated[int, typer.Option(min=1, help="Guide encoding batch size.")] = 64,
     device: Annotated[str, typer.Option(help="auto (CUDA when present), cpu, cuda, cuda:N.")] = "auto",
     guide_dtype: Annotated[str, typer.Option(help="The guide's dtype on any device: float32 (default: the masks of a float32 GISTEmbedLoss), or float16 / bfloat16 for speed on a GPU (similarities move by ~1e-3: entries near a threshold flip).")] = "float32",
@@ -103,7 +109,8 @@ def precompute_guide(
     from pipeline.guide import INDEX_KINDS
     from pipeline.stage1 import precompute_guide as run_stage1
 
-    params = _plan_params(batch_size, epochs, seed, strategy, margin_strategy, margin, contrast_anchors, contrast_positives, mask_duplicates)
+    params = _plan_params(batch_size, epochs, seed, strategy, margin_strategy, margin, contrast_anchors, contrast_positives, mask_duplicates,
+                          contrast_doc_query, contrast_doc_negatives)
     if index not in INDEX_KINDS:
         raise typer.BadParameter(f"use one of {', '.join(INDEX_KINDS)}", param_hint="--index")
     done = run_stage1(
@@ -135,13 +142,16 @@ def plan_command(
     contrast_anchors: ContrastAnchors = True,
     contrast_positives: ContrastPositives = True,
     mask_duplicates: MaskDuplicates = True,
+    contrast_doc_query: ContrastDocQuery = False,
+    contrast_doc_negatives: ContrastDocNegatives = False,
     device: Annotated[str, typer.Option(help="Where the masks are computed: auto (CUDA when present), cpu (every core), cuda, cuda:N.")] = "auto",
     overwrite: Overwrite = False,
 ) -> None:
     """Re-plan batches and masks from stored guide embeddings, without loading the guide."""
     from pipeline.stage1 import replan
 
-    params = _plan_params(batch_size, epochs, seed, strategy, margin_strategy, margin, contrast_anchors, contrast_positives, mask_duplicates)
+    params = _plan_params(batch_size, epochs, seed, strategy, margin_strategy, margin, contrast_anchors, contrast_positives, mask_duplicates,
+                          contrast_doc_query, contrast_doc_negatives)
     done = replan(guide_dir, out, params, device=device, overwrite=overwrite)
     if done is None:
         return  # a torchrun rank other than 0: rank 0 joined the masks and reports
@@ -273,6 +283,10 @@ def train_command(
     max_grad_norm: Annotated[float, typer.Option(help="Gradient clipping norm (the trainer's max_grad_norm).")] = 1.0,
     dataloader_num_workers: Annotated[int, typer.Option(min=0, help="Worker processes loading batches (the trainer's dataloader_num_workers).")] = 0,
     push_to_hub: Annotated[Optional[str], typer.Option(metavar="REPO_ID", help="Upload OUT/final to this Hugging Face Hub model repository when training ends (checked before training starts: the Hub must be reachable and a token set).")] = None,
+    directions: Annotated[str, typer.Option(help="MultipleNegativesRankingLoss's directions, comma-separated, with the guide's masks in each: query_to_doc (always), query_to_query (needs masks planned with --contrast-anchors), doc_to_query (--contrast-doc-query), doc_to_doc (--contrast-positives, and --contrast-doc-negatives with negative columns). GTE: all four.")] = "query_to_doc",
+    partition_mode: Annotated[str, typer.Option(help="joint: one softmax over every direction's candidates; per_direction: one per direction, averaged (not with query_to_query or doc_to_doc).")] = "joint",
+    hardness_mode: Annotated[Optional[str], typer.Option(help="Hardness-weighted negatives: in_batch_negatives (Lan et al. 2025), hard_negatives (EmbeddingGemma) or all_negatives; adds --hardness-strength x the detached cosine to those logits. Masked candidates stay out.")] = None,
+    hardness_strength: Annotated[float, typer.Option(min=0.0, help="alpha of --hardness-mode (Lan et al. 9, EmbeddingGemma 5).")] = 0.0,
 ) -> None:
     """Stage 2: train the student with the stored masks; the guide is never loaded."""
     import json
@@ -294,6 +308,8 @@ def train_command(
         distill=distill, distill_weight=distill_weight,
         report_to=tuple(name.strip() for name in report_to.split(",") if name.strip() and name.strip() != "none") if report_to else (),
         save_total_limit=save_total_limit, optim=optim, max_grad_norm=max_grad_norm, dataloader_num_workers=dataloader_num_workers, hub_model_id=push_to_hub,
+        directions=tuple(d.strip() for d in directions.split(",") if d.strip()), partition_mode=partition_mode,
+        hardness_mode=hardness_mode, hardness_strength=hardness_strength,
     )
     final = train_student(data_path, masks_path, student, out, settings, columns=columns, resume=resume, device=device, sts=sts, beir=beir)
     if final is None:

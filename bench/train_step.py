@@ -18,6 +18,12 @@ The `+matryoshka` configurations run at the first batch size only (32 in full mo
 four times a step). `python -m bench.train_step --full --configs matryoshka [--batch-size 32]` runs only those
 configurations and the plain losses they are compared with, into `results/train_step-matryoshka.json`;
 `train_step.json` keeps the run of every configuration.
+
+Objectives (`<loss>@<objective>`, loss mnrl or guided): MultipleNegativesRankingLoss against GuidedMaskLoss with the
+same `directions` / `partition_mode` / `hardness_mode` / `hardness_strength` (OBJECTIVES) and the same candidates: the
+guided masks are re-planned with the blocks the objective uses (aa and pp only where query_to_query / doc_to_doc take
+them, pa / pn planned), so both losses score the same blocks. `all` runs the GTE objective; `--configs objectives`
+runs every objective against its MNRL, into `results/train_step-objectives.json`.
 """
 
 from __future__ import annotations
@@ -44,14 +50,35 @@ from pipeline.masks import MASKS, PlannedMasks
 
 NAME = "train_step"
 MATRYOSHKA = "+matryoshka"
-CONFIGS = ("mnrl", "guided", "online", "guided+embed", "guided+kl", *(f"{c}{MATRYOSHKA}" for c in ("mnrl", "guided", "online")))
-GROUPS = {"all": CONFIGS, "matryoshka": ("mnrl", "guided", "online", *(c for c in CONFIGS if c.endswith(MATRYOSHKA)))}
+ALL_DIRECTIONS = ("query_to_doc", "query_to_query", "doc_to_query", "doc_to_doc")
+OBJECTIVES = {  # name -> MultipleNegativesRankingLoss / GuidedMaskLoss objective arguments
+    "gte": dict(directions=ALL_DIRECTIONS),  # GTE's improved contrastive loss, one joint softmax
+    "symmetric": dict(directions=("query_to_doc", "doc_to_query"), partition_mode="per_direction"),
+    "lan": dict(hardness_mode="in_batch_negatives", hardness_strength=9.0),  # Lan et al. 2025
+    "gemma": dict(hardness_mode="hard_negatives", hardness_strength=5.0),  # EmbeddingGemma
+    "gte-lan": dict(directions=ALL_DIRECTIONS, hardness_mode="in_batch_negatives", hardness_strength=9.0),
+}
+OBJECTIVE_CONFIGS = tuple(f"{loss}@{name}" for name in OBJECTIVES for loss in ("mnrl", "guided"))
+CONFIGS = ("mnrl", "guided", "online", "guided+embed", "guided+kl", *(f"{c}{MATRYOSHKA}" for c in ("mnrl", "guided", "online")),
+           "mnrl@gte", "guided@gte")
+GROUPS = {"all": CONFIGS, "matryoshka": ("mnrl", "guided", "online", *(c for c in CONFIGS if c.endswith(MATRYOSHKA))),
+          "objectives": ("mnrl", "guided", *OBJECTIVE_CONFIGS)}
+ALL_CONFIGS = tuple(dict.fromkeys((*CONFIGS, *OBJECTIVE_CONFIGS)))
 TEMPERATURE = 0.01  # GISTEmbedLoss's default; MNRL gets the same scale (1 / temperature)
 MATRYOSHKA_DIMS = {"full": (384, 256, 128, 64), "quick": (64, 32, 16, 8)}  # the tiny student has 64 dims
 TARGETS = {
     "guided_over_mnrl_time": ("<=", 1.05), "guided_over_mnrl_memory": ("<=", 1.05), "online_over_guided_time": (">=", 2.5),
     "matryoshka_guided_over_mnrl_time": ("<=", 1.05), "matryoshka_online_over_guided_time": (">=", 6.0),
+    **{f"{name}_guided_over_mnrl_{m}": ("<=", 1.05) for name in OBJECTIVES for m in ("time", "memory")},
 }
+
+
+def objective_plan(name: str) -> dict:
+    """The plan options whose masks give GuidedMaskLoss under objective `name` MNRL's candidates: aa / pp only where
+    query_to_query / doc_to_doc use them (else GISTEmbedLoss's aa / pp would join query_to_doc), pa / pn planned."""
+    directions = OBJECTIVES[name].get("directions", ("query_to_doc",))
+    return dict(contrast_anchors="query_to_query" in directions, contrast_positives="doc_to_doc" in directions,
+                contrast_doc_query=True, contrast_doc_negatives=True)
 
 
 @dataclass(frozen=True)
@@ -100,7 +127,12 @@ def measure(config: str, student: str, guide: str, data_path: str, masks_path: s
     model = guide_mod.load_model(student)
     matryoshka = config.endswith(MATRYOSHKA)
     config = config.removesuffix(MATRYOSHKA)
-    if config == "mnrl":
+    loss_name, _, objective = config.partition("@")
+    if objective:
+        kwargs = OBJECTIVES[objective]
+        loss = (MultipleNegativesRankingLoss(model, scale=1 / TEMPERATURE, **kwargs) if loss_name == "mnrl"
+                else GuidedMaskLoss(model, masks, temperature=TEMPERATURE, **kwargs))
+    elif config == "mnrl":
         loss = MultipleNegativesRankingLoss(model, scale=1 / TEMPERATURE)
     elif config == "guided":
         loss = GuidedMaskLoss(model, masks, temperature=TEMPERATURE)
@@ -135,11 +167,12 @@ def measure(config: str, student: str, guide: str, data_path: str, masks_path: s
     }
 
 
-def guide_pass(ctx: Context, data_path: Path, plan: list[Schedule]) -> dict[int, Path]:
+def guide_pass(ctx: Context, data_path: Path, plan: list[Schedule], objectives: tuple[str, ...] = ()) -> dict:
     """Stage 1 at the first batch size; the others re-planned from its embeddings (`gist plan`).
 
     Re-planning applies the same mask rule to the same guide embeddings, so the masks equal those of
-    a stage-1 run at that batch size, without a second guide pass. Returns masks.parquet per batch size.
+    a stage-1 run at that batch size, without a second guide pass. Returns masks.parquet per batch size, and per
+    (batch size, objective) for `objectives`, re-planned with `objective_plan`'s options.
     """
     import cli
 
@@ -156,6 +189,10 @@ def guide_pass(ctx: Context, data_path: Path, plan: list[Schedule]) -> dict[int,
             out = work / f"plan-b{schedule.batch_size}"
             cli.plan_command(first, out=out, batch_size=schedule.batch_size, epochs=epochs, strategy="random")
             masks[schedule.batch_size] = out / MASKS
+        for name in objectives:
+            out = work / f"plan-b{schedule.batch_size}-{name}"
+            cli.plan_command(first, out=out, batch_size=schedule.batch_size, epochs=epochs, strategy="random", **objective_plan(name))
+            masks[(schedule.batch_size, name)] = out / MASKS
     return masks
 
 
@@ -168,12 +205,13 @@ RATIOS = {  # name -> (numerator, denominator): config and "step_s" or "peak_mb"
     "matryoshka_online_over_guided_time": (f"online{MATRYOSHKA}_step_s", f"guided{MATRYOSHKA}_step_s"),
     "matryoshka_online_over_mnrl_time": (f"online{MATRYOSHKA}_step_s", f"mnrl{MATRYOSHKA}_step_s"),
     **{f"matryoshka_over_plain_{c}_time": (f"{c}{MATRYOSHKA}_step_s", f"{c}_step_s") for c in ("mnrl", "guided", "online")},
+    **{f"{name}_guided_over_mnrl_{m}": (f"guided@{name}_{u}", f"mnrl@{name}_{u}") for name in OBJECTIVES for m, u in (("time", "step_s"), ("memory", "peak_mb"))},
 }
 
 
 def summarize(schedule: Schedule, runs: dict[str, list[dict]]) -> dict:
     """Medians per configuration run, the ratios (and targets) whose configurations were run."""
-    configs = [c for c in CONFIGS if c in runs]
+    configs = [c for c in ALL_CONFIGS if c in runs]
     record = {"batch_size": schedule.batch_size, "warmup_steps": schedule.warmup, "timed_steps": schedule.steps, "repetitions": len(runs[configs[0]])}
     for config in configs:
         record[f"{config}_step_s"] = round(median(r["step_s"] for r in runs[config]), 4)
@@ -194,7 +232,8 @@ def run(ctx: Context, configs: tuple[str, ...] = CONFIGS, batch_sizes: tuple[int
     """Every configuration of `configs` at every schedule (those of `batch_sizes`, if given), interleaved."""
     data_path = ctx.sample(quick_rows=300)
     plan = [s for s in schedules(ctx) if not batch_sizes or s.batch_size in batch_sizes]
-    masks = guide_pass(ctx, data_path, plan)
+    objectives = tuple(dict.fromkeys(c.partition("@")[2] for c in configs if "@" in c))
+    masks = guide_pass(ctx, data_path, plan, objectives)
     reps = ctx.repetitions(1, 3)
     dims = MATRYOSHKA_DIMS[ctx.mode]
     # Under MatryoshkaLoss the online guide runs once per dimension: those configurations only at the first batch size.
@@ -202,7 +241,8 @@ def run(ctx: Context, configs: tuple[str, ...] = CONFIGS, batch_sizes: tuple[int
     for rep in range(reps):
         for s in plan:
             for config in (c for c in configs if (s.batch_size, c) in runs):
-                result = run_isolated(measure, config, str(ctx.student), str(ctx.guide), str(data_path), str(masks[s.batch_size]), s.warmup, s.steps, dims)
+                masks_path = masks[(s.batch_size, config.partition("@")[2])] if "@" in config else masks[s.batch_size]
+                result = run_isolated(measure, config, str(ctx.student), str(ctx.guide), str(data_path), str(masks_path), s.warmup, s.steps, dims)
                 runs[(s.batch_size, config)].append(result)
                 print(f"train_step b{s.batch_size} {config} rep {rep + 1}/{reps}: {result['step_s']:.3f} s/step, "
                       f"+{result['memory']['increase_mb']:.0f} MB (load {result['load_avg_1m_after']:.1f})", file=sys.stderr)
@@ -227,9 +267,12 @@ def run(ctx: Context, configs: tuple[str, ...] = CONFIGS, batch_sizes: tuple[int
             "online": "GISTEmbedLoss with the guide loaded, same plan parameters as the masks",
             "guided+embed / guided+kl": "DistilledLoss: GuidedMaskLoss + 1.0 x EmbedDistillLoss (projection to the guide's dim) or the "
             "in-batch KL to the guide's score distribution, teacher embeddings looked up from the stored pass",
+            "<loss>@<objective>": "MultipleNegativesRankingLoss / GuidedMaskLoss with the objective arguments of `objectives`; the guided "
+            "masks re-planned so both score the same blocks (aa / pp only where query_to_query / doc_to_doc use them; pa, pn planned)",
             "<loss>+matryoshka": "sentence-transformers MatryoshkaLoss(model, <loss>, matryoshka_dims) with every dimension each step: "
             "one student forward (cached by MatryoshkaLoss), the wrapped loss once per dimension; GISTEmbedLoss's guide runs inside it, once per dimension",
         },
+        "objectives": {name: {k: list(v) if isinstance(v, tuple) else v for k, v in kwargs.items()} for name, kwargs in OBJECTIVES.items()},
         "records": [summarize(s, {c: runs[(s.batch_size, c)] for c in configs if (s.batch_size, c) in runs}) for s in plan],
     }
 
@@ -241,7 +284,8 @@ def table(result: dict) -> None:
             print_table(title, header, [row(r) for r in shown])
 
     def met(r: dict, matryoshka: bool) -> str:
-        missed = [k for k, ok in r["targets_met"].items() if k.startswith("matryoshka") == matryoshka and not ok]
+        missed = [k for k, ok in r["targets_met"].items()
+                  if k.startswith("matryoshka") == matryoshka and k.split("_guided_over")[0] not in OBJECTIVES and not ok]
         return "no: " + ", ".join(missed) if missed else "yes"
 
     show(f"train_step ({result['mode']}): s/step and peak MB added, medians", ("mnrl", "guided", "online"),
@@ -252,6 +296,11 @@ def table(result: dict) -> None:
          ["batch", "+embed s", "+kl s", "+embed MB", "+kl MB", "embed/guided t", "kl/guided t", "embed/guided mem", "kl/guided mem"],
          lambda r: [r["batch_size"], r["guided+embed_step_s"], r["guided+kl_step_s"], r["guided+embed_peak_mb"], r["guided+kl_peak_mb"],
                     r["distill_embed_over_guided_time"], r["distill_kl_over_guided_time"], r["distill_embed_over_guided_memory"], r["distill_kl_over_guided_memory"]])
+    for name in OBJECTIVES:
+        show(f"objective {name} {OBJECTIVES[name]}: GuidedMaskLoss against MNRL with the same objective", (f"mnrl@{name}", f"guided@{name}"),
+             ["batch", "mnrl s", "guided s", "mnrl MB", "guided MB", "guided/mnrl t", "guided/mnrl mem"],
+             lambda r, n=name: [r["batch_size"], r[f"mnrl@{n}_step_s"], r[f"guided@{n}_step_s"], r[f"mnrl@{n}_peak_mb"], r[f"guided@{n}_peak_mb"],
+                                r[f"{n}_guided_over_mnrl_time"], r[f"{n}_guided_over_mnrl_memory"]])
     dims = ",".join(map(str, result.get("matryoshka_dims", ())))
     show(f"under MatryoshkaLoss (dims {dims}): s/step and peak MB added, medians", tuple(f"{c}{MATRYOSHKA}" for c in ("mnrl", "guided", "online")),
          ["batch", "mnrl s", "guided s", "online s", "mnrl MB", "guided MB", "online MB", "guided/mnrl t", "guided/mnrl mem", "online/guided t", "online/mnrl t", "targets met"],

@@ -6,6 +6,11 @@ exactly as sentence-transformers `GISTEmbedLoss`. Blocks: `ap` (a_i vs p_j; the 
 is never masked), `aa` (a_i vs a_j), `pp` (p_i vs p_j), `an` (a_i vs negative c of example j at
 column c * G + j). Each block is stored as the flat positions `i * ncols + j` of its masked entries.
 
+Document-side blocks, planned only when asked (for the `doc_to_query` / `doc_to_doc` directions of
+the guided loss): `pa` (row i is the positive p_i, candidates the anchors a_j: g(p_i, a_j) > t_i - m;
+the true pair (i, i) is never masked; `contrast_doc_query`) and `pn` (p_i vs negative c of example j,
+columns as `an`: g(p_i, n_j^c) > t_i - m; `contrast_doc_negatives`). Same rule, same threshold t_i.
+
 Exact duplicates (`mask_duplicates`, on by default): a candidate whose text *is* the row's anchor or
 positive text (same text id) is masked too. With margin 0 the guide rule keeps a candidate equal to
 the positive (g == t, strict >), so the student would be asked to rank a text above itself; such a
@@ -36,7 +41,9 @@ from pipeline.guide import gather
 MASKS = "masks.parquet"
 MASK_PARTS = ".masks.parts"  # under torchrun: each rank's row groups, joined by rank 0
 BLOCKS = ("ap", "aa", "pp", "an")
-COUNTS = (*BLOCKS, *(f"{block}_duplicates" for block in BLOCKS))  # masked entries; those only duplicate masking masked
+DOC_BLOCKS = ("pa", "pn")  # stored only when the plan asks (contrast_doc_query, contrast_doc_negatives)
+ALL_BLOCKS = (*BLOCKS, *DOC_BLOCKS)
+COUNTS = (*ALL_BLOCKS, *(f"{block}_duplicates" for block in ALL_BLOCKS))  # masked entries; those only duplicate masking masked
 MAX_CHUNK_BATCHES = 1024  # batches computed (and written as one row group) at once
 CHUNK_ENTRIES = 1 << 22  # similarity entries of all blocks per chunk: bounds memory for large batches
 METADATA_KEY = b"gist"
@@ -44,11 +51,13 @@ MARGIN_STRATEGIES = ("absolute", "relative")
 INT32_MAX = np.iinfo(np.int32).max
 
 
-def chunk_batches(batch_size: int, num_negatives: int) -> int:
-    """Batches per chunk such that the chunk's similarity entries (ap, aa, pp, an) stay within
-    CHUNK_ENTRIES (at least one batch): the chunk's float32 similarities and boolean masks then take
-    ~80 MB at most (plus one batch's blocks), whatever the batch size."""
-    per_batch = batch_size * batch_size * (3 + num_negatives)
+def chunk_batches(batch_size: int, num_negatives: int, params: "PlanParams | None" = None) -> int:
+    """Batches per chunk such that the chunk's similarity entries (ap, aa, pp, an, and the planned
+    document-side blocks of `params`) stay within CHUNK_ENTRIES (at least one batch): the chunk's
+    float32 similarities and boolean masks then take ~80 MB at most (plus one batch's blocks),
+    whatever the batch size."""
+    doc = 0 if params is None else int(params.contrast_doc_query) + int(params.contrast_doc_negatives) * num_negatives
+    per_batch = batch_size * batch_size * (3 + num_negatives + doc)
     return max(1, min(MAX_CHUNK_BATCHES, CHUNK_ENTRIES // per_batch))
 
 
@@ -75,6 +84,18 @@ class PlanParams:
     contrast_anchors: bool = True
     contrast_positives: bool = True
     mask_duplicates: bool = True
+    contrast_doc_query: bool = False  # plan `pa` (p_i vs a_j): the guided loss's doc_to_query direction
+    contrast_doc_negatives: bool = False  # plan `pn` (p_i vs negatives): doc_to_doc with negative columns
+
+    def planned_blocks(self, num_negatives: int) -> tuple[str, ...]:
+        """The blocks whose stored masks hold the guide's verdicts under these parameters."""
+        enabled = {"ap": True, "aa": self.contrast_anchors, "pp": self.contrast_positives, "an": num_negatives > 0,
+                   "pa": self.contrast_doc_query, "pn": self.contrast_doc_negatives and num_negatives > 0}
+        return tuple(block for block in ALL_BLOCKS if enabled[block])
+
+    def stored_blocks(self) -> tuple[str, ...]:
+        """The block columns of masks.parquet: the four GISTEmbedLoss blocks always, the document-side ones when planned."""
+        return (*BLOCKS, *(block for block, on in zip(DOC_BLOCKS, (self.contrast_doc_query, self.contrast_doc_negatives)) if on))
 
 
 @contextlib.contextmanager
@@ -125,7 +146,8 @@ def guide_similarities(source, data: TrainingData, batches: np.ndarray, params: 
 
     `source`: the stored embeddings (numpy / memory map) or a tensor of them on `device`. The
     similarities are batched matrix products in torch (every CPU core, or the GPU), in full float32.
-    Blocks: "ap" (nb, G, G), "aa", "pp" (when the plan contrasts them), "an" (nb, G, k*G).
+    Blocks: "ap" (nb, G, G), "aa", "pp" (when the plan contrasts them), "an" (nb, G, k*G); "pa" (nb, G, G)
+    and "pn" (nb, G, k*G) when the plan asks for the document-side blocks.
     """
     # Negative columns in column-major order: column c * G + j is negative c of example j.
     anchors, positives, negatives = _gather(  # (nb, G, d), (nb, G, d), (nb, k * G, d)
@@ -141,14 +163,21 @@ def guide_similarities(source, data: TrainingData, batches: np.ndarray, params: 
         if params.contrast_positives:
             sims["pp"] = torch.bmm(positives, positives.transpose(1, 2))
         sims["an"] = torch.bmm(anchors, negatives.transpose(1, 2))
+        if params.contrast_doc_query:  # g(p_i, a_j) = g(a_j, p_i): the same products as ap, transposed (t_i on its diagonal)
+            sims["pa"] = sims["ap"].transpose(1, 2)
+        if params.contrast_doc_negatives:
+            sims["pn"] = torch.bmm(positives, negatives.transpose(1, 2))
     return sims
 
 
 def rule_masks(sims: dict[str, torch.Tensor], margin_strategy: str, margin: float) -> dict[str, torch.Tensor]:
-    """The guide rule applied to `guide_similarities`' blocks: {"ap", "aa", "pp", "an"} boolean masks;
-    the true pair ap[i, i] is never masked, a disabled block is all False."""
-    masks = {block: false_negative_mask(sims[block], sims["threshold"], margin_strategy, margin) for block in BLOCKS if block in sims}
-    masks["ap"].diagonal(dim1=1, dim2=2).fill_(False)
+    """The guide rule applied to `guide_similarities`' blocks: {"ap", "aa", "pp", "an"} boolean masks
+    (and "pa", "pn" when computed); the true pairs ap[i, i] and pa[i, i] are never masked, a disabled
+    aa/pp block is all False."""
+    masks = {block: false_negative_mask(sims[block], sims["threshold"], margin_strategy, margin) for block in ALL_BLOCKS if block in sims}
+    for block in ("ap", "pa"):
+        if block in masks:
+            masks[block].diagonal(dim1=1, dim2=2).fill_(False)
     for block in ("aa", "pp"):
         if block not in masks:
             masks[block] = torch.zeros_like(masks["ap"])
@@ -162,8 +191,8 @@ def negative_columns(data: TrainingData, batches: np.ndarray) -> np.ndarray:
 
 def duplicate_masks(data: TrainingData, batches: np.ndarray, params: PlanParams, device: str = "cpu") -> dict[str, torch.Tensor]:
     """Candidates whose text is the row's own anchor or positive text (equal text ids), per block,
-    as `rule_masks` shapes them: never true negatives. The true pair ap[i, i] is not one; disabled
-    blocks are all False."""
+    as `rule_masks` shapes them: never true negatives. The true pairs ap[i, i], pa[i, i] are not ones;
+    disabled aa/pp blocks are all False, unplanned document-side blocks absent."""
     ids = {name: torch.from_numpy(np.ascontiguousarray(a)).to(device) for name, a in
            (("a", data.anchor_ids[batches]), ("p", data.positive_ids[batches]), ("n", negative_columns(data, batches)))}
     own_a, own_p = ids["a"].unsqueeze(-1), ids["p"].unsqueeze(-1)  # (nb, G, 1): row i's texts
@@ -178,6 +207,11 @@ def duplicate_masks(data: TrainingData, batches: np.ndarray, params: PlanParams,
     masks["aa"] = same_text(ids["a"]) if params.contrast_anchors else off
     masks["pp"] = same_text(ids["p"]) if params.contrast_positives else off
     masks["an"] = same_text(ids["n"])
+    if params.contrast_doc_query:
+        masks["pa"] = same_text(ids["a"])
+        masks["pa"].diagonal(dim1=1, dim2=2).fill_(False)
+    if params.contrast_doc_negatives:
+        masks["pn"] = same_text(ids["n"])
     return masks
 
 
@@ -188,8 +222,8 @@ def plan_masks(sims: dict[str, torch.Tensor], params: PlanParams, duplicates: di
     masks = rule_masks(sims, params.margin_strategy, params.margin)
     if not params.mask_duplicates:
         return masks, {block: torch.zeros_like(mask) for block, mask in masks.items()}
-    added = {block: duplicates[block] & ~masks[block] for block in BLOCKS}
-    return {block: masks[block] | duplicates[block] for block in BLOCKS}, added
+    added = {block: duplicates[block] & ~masks[block] for block in masks}
+    return {block: masks[block] | duplicates[block] for block in masks}, added
 
 
 def mask_parts(source, data: TrainingData, batches: np.ndarray, params: PlanParams, device: str = "cpu"):
@@ -219,9 +253,9 @@ def masks_source(embeddings: np.ndarray, device: str):
     return torch.from_numpy(np.ascontiguousarray(embeddings)).to(device) if embeddings.nbytes < free // 2 else embeddings
 
 
-def masks_schema(meta: dict) -> pa.Schema:
+def masks_schema(meta: dict, blocks: tuple[str, ...] = BLOCKS) -> pa.Schema:
     fields = [("epoch", pa.int32()), ("step", pa.int64()), ("example_ids", pa.list_(pa.int64()))]
-    fields += [(block, pa.list_(pa.int32())) for block in BLOCKS]
+    fields += [(block, pa.list_(pa.int32())) for block in blocks]
     return pa.schema(fields, metadata={METADATA_KEY: json.dumps(meta, sort_keys=True).encode()})
 
 
@@ -247,10 +281,12 @@ def _chunk_table(source, data: TrainingData, batches: np.ndarray, first: int, st
         "step": pa.array(step),
         "example_ids": pa.ListArray.from_arrays(pa.array(np.arange(len(batches) + 1, dtype=np.int32) * g), pa.array(batches.reshape(-1))),
     }
-    for block in BLOCKS:
+    blocks = params.stored_blocks()
+    for block in blocks:
         columns[block] = _sparse(masks[block])
-    counts = {block: len(columns[block].values) for block in BLOCKS}
-    counts.update({f"{block}_duplicates": int(added[block].sum()) for block in BLOCKS})
+    counts = {block: 0 for block in COUNTS}
+    counts.update({block: len(columns[block].values) for block in blocks})
+    counts.update({f"{block}_duplicates": int(added[block].sum()) for block in blocks})
     return pa.table(columns, schema=schema), counts
 
 
@@ -268,9 +304,10 @@ def write_masks(out_path: Path, embeddings: np.ndarray, data: TrainingData, plan
     epochs, steps, g = plan.shape
     check_sparse_sizes(g, data.num_negatives)
     batches = plan.reshape(-1, g)
-    per_chunk = chunk_batches(g, data.num_negatives)
+    per_chunk = chunk_batches(g, data.num_negatives, params)
     starts = range(0, len(batches), per_chunk)
-    schema = masks_schema({**meta, "format_version": FORMAT_VERSION, "plan": asdict(params), "num_negatives": data.num_negatives})
+    schema = masks_schema({**meta, "format_version": FORMAT_VERSION, "plan": asdict(params), "num_negatives": data.num_negatives},
+                          params.stored_blocks())
     counts = {key: 0 for key in COUNTS}
     parts = out_path.parent / MASK_PARTS
     source = masks_source(embeddings, device)
@@ -359,6 +396,11 @@ class PlannedMasks:
     def num_negatives(self) -> int:
         return self.meta["num_negatives"]
 
+    @property
+    def planned_blocks(self) -> tuple[str, ...]:
+        """The blocks whose stored masks hold the guide's verdicts (PlanParams.planned_blocks)."""
+        return self.params.planned_blocks(self.num_negatives)
+
     def _chunks(self, column: str, start: int, stop: int):
         """The list arrays of `column` for plan rows start..stop, row group by row group (each one's
         offsets restart, so no combined array overflows int32); the last group read is cached."""
@@ -428,15 +470,16 @@ def write_plan_masks(out_dir: Path, embeddings: np.ndarray, data: TrainingData, 
     if counts is None:
         return None
     epochs, steps, g = plan.shape
-    totals = {"ap": g * (g - 1), "aa": g * g, "pp": g * g, "an": g * g * data.num_negatives}
+    totals = {"ap": g * (g - 1), "aa": g * g, "pp": g * g, "an": g * g * data.num_negatives, "pa": g * (g - 1), "pn": g * g * data.num_negatives}
+    blocks = params.stored_blocks()
     return {
         "params": asdict(params),
         "masks_device": device,
         "steps_per_epoch": steps,
         "num_batches": epochs * steps,
-        "masked_entries": {b: counts[b] for b in BLOCKS},
-        "masked_fraction": {b: counts[b] / (totals[b] * epochs * steps) if totals[b] else 0.0 for b in BLOCKS},
+        "masked_entries": {b: counts[b] for b in blocks},
+        "masked_fraction": {b: counts[b] / (totals[b] * epochs * steps) if totals[b] else 0.0 for b in blocks},
         # Entries masked because the candidate's text is the row's own anchor or positive text, that the
         # guide rule alone keeps (what `mask_duplicates` changes against GISTEmbedLoss).
-        "duplicate_entries": {b: counts[f"{b}_duplicates"] for b in BLOCKS},
+        "duplicate_entries": {b: counts[f"{b}_duplicates"] for b in blocks},
     }

@@ -244,7 +244,8 @@ class TrainSettings:
     the distillation term); mini_batch_size turns either into its GradCache variant (CachedGuidedMaskLoss,
     CachedMultipleNegativesRankingLoss); matryoshka_dims wraps it in MatryoshkaLoss. distill ("embed"
     or "kl") adds distill_weight x a distillation term from the guide pass's stored embeddings
-    (pipeline.distill.DistilledLoss).
+    (pipeline.distill.DistilledLoss). directions, partition_mode, hardness_mode and hardness_strength are
+    MultipleNegativesRankingLoss's objective arguments, for every --loss but none (pipeline.loss.GuidedMaskLoss).
     """
 
     loss: str = "guided"
@@ -265,6 +266,10 @@ class TrainSettings:
     precision: str = "fp32"
     distill: str | None = None
     distill_weight: float = 1.0
+    directions: tuple[str, ...] = ("query_to_doc",)
+    partition_mode: str = "joint"
+    hardness_mode: str | None = None
+    hardness_strength: float = 0.0
     # The trainer's own options, passed through unchanged (SentenceTransformerTrainingArguments' names).
     report_to: tuple[str, ...] = ()
     save_total_limit: int | None = None
@@ -273,6 +278,15 @@ class TrainSettings:
     dataloader_num_workers: int = 0
     hub_model_id: str | None = None
 
+    def objective(self) -> dict:
+        """The objective's arguments of GuidedMaskLoss and MultipleNegativesRankingLoss."""
+        return dict(directions=tuple(self.directions), partition_mode=self.partition_mode, hardness_mode=self.hardness_mode,
+                    hardness_strength=self.hardness_strength)
+
+    @property
+    def default_objective(self) -> bool:
+        return tuple(self.directions) == ("query_to_doc",) and self.partition_mode == "joint" and not (self.hardness_mode and self.hardness_strength > 0)
+
     def check(self, model_dim: int | None = None) -> None:
         """Refuse settings that cannot train, before any model is loaded (model_dim: once it is)."""
         check_trainer_options(self)
@@ -280,6 +294,11 @@ class TrainSettings:
             raise GistError(f"--loss {self.loss}: use one of {', '.join(LOSSES)}")
         if self.precision not in PRECISIONS:
             raise GistError(f"--precision {self.precision}: use one of {', '.join(PRECISIONS)}")
+        from pipeline.loss import check_objective
+
+        check_objective(**self.objective())
+        if self.distill is not None and not self.default_objective:
+            raise GistError("--distill combines with the default objective only (--directions query_to_doc, --partition-mode joint, no --hardness-mode)")
         if self.distill is not None:
             if self.distill not in DISTILL_KINDS:
                 raise GistError(f"--distill {self.distill}: use one of {', '.join(DISTILL_KINDS)}")
@@ -363,14 +382,15 @@ def build_loss(model, masks: PlannedMasks, settings: TrainSettings):
         contrastive = GuidedMaskLoss(model, masks, temperature=settings.temperature, guided=guided)
         return DistilledLoss(contrastive, GuideTeacher.for_masks(masks), settings.distill, settings.distill_weight,
                              contrastive_weight=0.0 if settings.loss == "none" else 1.0, seed=settings.seed)
+    objective = settings.objective()
     if settings.loss != "mnrl" and settings.mini_batch_size:
-        loss = CachedGuidedMaskLoss(model, masks, temperature=settings.temperature, mini_batch_size=settings.mini_batch_size, guided=guided)
+        loss = CachedGuidedMaskLoss(model, masks, temperature=settings.temperature, mini_batch_size=settings.mini_batch_size, guided=guided, **objective)
     elif settings.loss != "mnrl":
-        loss = GuidedMaskLoss(model, masks, temperature=settings.temperature, guided=guided)
+        loss = GuidedMaskLoss(model, masks, temperature=settings.temperature, guided=guided, **objective)
     elif settings.mini_batch_size:
-        loss = CachedMultipleNegativesRankingLoss(model, scale=scale, mini_batch_size=settings.mini_batch_size, gather_across_devices=True)
+        loss = CachedMultipleNegativesRankingLoss(model, scale=scale, mini_batch_size=settings.mini_batch_size, gather_across_devices=True, **objective)
     else:
-        loss = MultipleNegativesRankingLoss(model, scale=scale, gather_across_devices=True)
+        loss = MultipleNegativesRankingLoss(model, scale=scale, gather_across_devices=True, **objective)
     return MatryoshkaLoss(model, loss, list(settings.matryoshka_dims)) if settings.matryoshka_dims else loss
 
 
@@ -410,7 +430,7 @@ def train_student(
         "kind": TRAINING.name, "data_fingerprint": training.fingerprint, "masks_plan": masks.meta["plan"], "masks_guide": masks.meta["guide_sha256"],
         "student": guide_mod.model_identity(str(student))["sha256"], **asdict(settings),
     }
-    record.update(matryoshka_dims=list(settings.matryoshka_dims), report_to=list(settings.report_to))
+    record.update(matryoshka_dims=list(settings.matryoshka_dims), report_to=list(settings.report_to), directions=list(settings.directions))
     rank, world_size = guide_mod.init_distributed()  # the trainer (accelerate) takes the process group over
     # The run is built in OUT's stage and moved to OUT when final/ is saved; a killed run's stage keeps
     # its checkpoints, for --resume with the same settings (the stage's key is the run record).
