@@ -64,7 +64,13 @@ def precompute_guide(
         reuse: earlier guide passes of the same guide and settings whose vectors are copied.
         guide_dtype: the guide's dtype on any device: float32 (the default: the masks of a float32
             GISTEmbedLoss), float16 or bfloat16 (faster on a GPU; entries near a threshold flip).
-        Others as `gist precompute-guide --help`.
+        columns: rename DATA's columns, e.g. "anchor=query,positive=doc".
+        encode_batch_size: the guide's encoding batch size.
+        device: auto (CUDA when present), cpu, cuda or cuda:N.
+        index: the FAISS index kind: auto, flat, ivf or hnsw.
+        rows_per_group: texts per embeddings row group, the unit a killed run resumes from.
+        trust_remote_code: allow the guide's own Python code to run.
+        overwrite: replace an earlier guide pass at `out` once the new one is complete.
 
     Returns the finished pass; under torchrun, ranks other than 0 (which encode and compute their
     share of the masks) get None.

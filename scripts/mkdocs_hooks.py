@@ -1,19 +1,16 @@
-"""mkdocs hooks: links to repository files outside docs/, and known docstring warnings.
+"""mkdocs hooks: links to repository files outside docs/.
 
 Links. Pages link results files and examples relative to themselves (`../../bench/results/train_step.json`
 from docs/benchmarks/), which is how GitHub resolves them. mkdocs only knows docs/, so this hook
 copies each linked repository file into the site at its repository path, rewrites the link to that
 copy, and fails the build (also without --strict) when a link points at something that is not a
 file of the repository: a results file renamed or removed breaks `make docs`.
-
-Docstrings. mkdocstrings parses docstrings in the Google style; a docstring it cannot parse is a
-warning, which --strict turns into a failed build. The warnings listed in KNOWN_DOCSTRING_WARNINGS
-are dropped (each names the file and line, so an edit there makes it reappear); any other fails.
+Docstrings are parsed by mkdocstrings in the Google style; one it cannot parse is a warning, which
+--strict turns into a failed build.
 """
 
 from __future__ import annotations
 
-import logging
 import os
 import re
 from pathlib import Path
@@ -21,22 +18,6 @@ from pathlib import Path
 from mkdocs.exceptions import PluginError
 from mkdocs.structure.files import File
 
-# griffe's warnings start with "path:line:"; these docstrings are prose that the Google parser misreads.
-KNOWN_DOCSTRING_WARNINGS = (
-    # an `Args:` section ending in "Others as `gist precompute-guide --help`." (not a `name: text` pair)
-    "pipeline/stage1.py:60: Failed to get 'name: description' pair",
-)
-
-
-class _KnownDocstringWarnings(logging.Filter):
-    def filter(self, record: logging.LogRecord) -> bool:
-        message = record.getMessage()
-        return not any(known in message for known in KNOWN_DOCSTRING_WARNINGS)
-
-
-def on_config(config):
-    logging.getLogger("mkdocs.plugins.griffe").addFilter(_KnownDocstringWarnings())
-    return config
 
 
 # Inline Markdown links and images: ](target) or ](target#anchor); targets without spaces.
