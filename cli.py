@@ -45,6 +45,11 @@ ContrastDocQuery = Annotated[bool, typer.Option(help="Also plan the positive-anc
 ContrastDocNegatives = Annotated[bool, typer.Option(help="Also plan the positive-negative masks (pn: p_i vs every negative, g(p_i, n) > t_i - m), which gist train --directions doc_to_doc needs with negative columns.")]
 Overwrite = Annotated[bool, typer.Option(show_default=False, help="Replace an earlier output of this command at --out, once the new one is complete (never anything else; your own files inside an output directory are kept).")]
 Columns = Annotated[Optional[str], typer.Option(help="Map column names, e.g. 'anchor=query,positive=doc,task=source'.")]
+# Evaluator prompts, shared by `train` and `evaluate` (pipeline.prompts.EvalPrompts).
+QueryPrompt = Annotated[Optional[str], typer.Option(help="Prompt prepended to the queries of --beir (InformationRetrievalEvaluator's query_prompt) and to both sentences of --sts, e.g. 'query: '.")]
+CorpusPrompt = Annotated[Optional[str], typer.Option(help="Prompt prepended to the --beir corpus (InformationRetrievalEvaluator's corpus_prompt), e.g. 'passage: '.")]
+QueryPromptName = Annotated[Optional[str], typer.Option(help="Instead of --query-prompt: the name of one of the model's own prompts (its config's prompts, e.g. query).")]
+CorpusPromptName = Annotated[Optional[str], typer.Option(help="Instead of --corpus-prompt: the name of one of the model's own prompts (e.g. document).")]
 
 
 def _print_versions(value: bool) -> None:
@@ -287,6 +292,12 @@ def train_command(
     partition_mode: Annotated[str, typer.Option(help="joint: one softmax over every direction's candidates; per_direction: one per direction, averaged (not with query_to_query or doc_to_doc).")] = "joint",
     hardness_mode: Annotated[Optional[str], typer.Option(help="Hardness-weighted negatives: in_batch_negatives (Lan et al. 2025), hard_negatives (EmbeddingGemma) or all_negatives; adds --hardness-strength x the detached cosine to those logits. Masked candidates stay out.")] = None,
     hardness_strength: Annotated[float, typer.Option(min=0.0, help="alpha of --hardness-mode (Lan et al. 9, EmbeddingGemma 5).")] = 0.0,
+    prompts: Annotated[Optional[str], typer.Option(help="The student's training prompts (SentenceTransformerTrainingArguments' prompts): one prompt for every column ('query: '), column=prompt pairs ('anchor=query: ,positive=passage: ,negative=passage: '; negative: every negative column), or a JSON object in any form sentence-transformers takes, per dataset included ('{\"nli\": {\"anchor\": \"query: \"}}').")] = None,
+    prompt_names: Annotated[Optional[str], typer.Option(help="Instead of --prompts: names of the student's own prompts (its config's prompts), in the same forms, e.g. 'anchor=query,positive=document,negative=document'.")] = None,
+    query_prompt: QueryPrompt = None,
+    corpus_prompt: CorpusPrompt = None,
+    query_prompt_name: QueryPromptName = None,
+    corpus_prompt_name: CorpusPromptName = None,
 ) -> None:
     """Stage 2: train the student with the stored masks; the guide is never loaded."""
     import json
@@ -310,6 +321,8 @@ def train_command(
         save_total_limit=save_total_limit, optim=optim, max_grad_norm=max_grad_norm, dataloader_num_workers=dataloader_num_workers, hub_model_id=push_to_hub,
         directions=tuple(d.strip() for d in directions.split(",") if d.strip()), partition_mode=partition_mode,
         hardness_mode=hardness_mode, hardness_strength=hardness_strength,
+        prompts=prompts, prompt_names=prompt_names, query_prompt=query_prompt, corpus_prompt=corpus_prompt,
+        query_prompt_name=query_prompt_name, corpus_prompt_name=corpus_prompt_name,
     )
     final = train_student(data_path, masks_path, student, out, settings, columns=columns, resume=resume, device=device, sts=sts, beir=beir)
     if final is None:
@@ -327,14 +340,20 @@ def evaluate_command(
     out: Annotated[Optional[Path], typer.Option(help="Write the results as JSON here.")] = None,
     max_seq_length: Annotated[Optional[int], typer.Option(min=1, help="Truncate inputs at N tokens (default: the model's own), e.g. to match a student trained with --max-seq-length.")] = None,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda.")] = "auto",
+    query_prompt: QueryPrompt = None,
+    corpus_prompt: CorpusPrompt = None,
+    query_prompt_name: QueryPromptName = None,
+    corpus_prompt_name: CorpusPromptName = None,
     overwrite: Overwrite = False,
 ) -> None:
     """Evaluate a model on STS (Spearman) and/or BEIR retrieval (nDCG@10); prints a table."""
     from pipeline.evaluate import evaluate_path
+    from pipeline.prompts import EvalPrompts
 
     if sts is None and beir is None:
         raise typer.BadParameter("give --sts FILE and/or --beir DIR", param_hint="--sts/--beir")
-    results = evaluate_path(model_path, sts, beir, out=out, max_seq_length=max_seq_length, device=device, overwrite=overwrite)
+    results = evaluate_path(model_path, sts, beir, out=out, max_seq_length=max_seq_length, device=device, overwrite=overwrite,
+                            prompts=EvalPrompts(query_prompt, corpus_prompt, query_prompt_name, corpus_prompt_name))
     table = Table("metric", "value", title=Text(str(model_path)))
     for name, value in results.items():
         table.add_row(name, f"{value:.4f}")
