@@ -20,7 +20,7 @@ from sentence_transformers.base.sampler import DefaultBatchSampler
 from transformers import TrainerCallback
 
 from pipeline import GistError
-from pipeline.data import TrainingData
+from pipeline.data import TrainingData, data_source, local_inputs
 from pipeline.distill import DISTILL_KINDS, remove_guide_projection
 from pipeline.masks import PlannedMasks
 from pipeline.outputs import Kind, Output
@@ -427,12 +427,14 @@ def build_loss(model, masks: PlannedMasks, settings: TrainSettings):
 def train_student(
     data: str | Path, masks: str | Path | PlannedMasks, student: str | Path, out: str | Path, settings: TrainSettings = TrainSettings(), *,
     columns: str | None = None, resume: bool = False, device: str = "auto", sts: Path | None = None, beir: Path | None = None,
+    subset: str | None = None, split: str | None = None, revision: str | None = None,
 ) -> Path | None:
     """Stage 2: train `student` on DATA with the plan and masks of stage 1; the guide is never loaded.
 
     With `settings.eval_steps`, the STS and/or BEIR evaluators run every that many steps through the
     trainer (the best checkpoint by STS Spearman, else BEIR nDCG@10, is recorded in OUT/eval.json
-    with the final scores). Returns OUT/final (None on ranks other than 0 under torchrun).
+    with the final scores). DATA is anything stage 1 takes (a Hub id with `subset`, `split`, `revision`;
+    a mixture): the masks' fingerprint decides. Returns OUT/final (None on ranks other than 0 under torchrun).
     """
     from pipeline import artifacts, guide as guide_mod
     from pipeline.evaluate import evaluate_model, training_evaluator
@@ -442,8 +444,9 @@ def train_student(
     if settings.eval_steps and not (sts or beir):
         raise GistError("--eval-steps needs --sts and/or --beir to evaluate on")
     masks = masks if isinstance(masks, PlannedMasks) else PlannedMasks(Path(masks))
+    data = data_source(data, subset, split, revision)
     output = Output(out, TRAINING, overwrite=None, inputs={
-        "DATA": data if isinstance(data, (str, Path)) else None, "--masks": masks.path.parent, "--student": student, "--sts": sts, "--beir": beir})
+        **local_inputs(data), "--masks": masks.path.parent, "--student": student, "--sts": sts, "--beir": beir})
     output.check()
     # Every input and setting is checked before OUT is touched: a typo leaves no trace.
     training = planned_training_data(data, masks, columns)
