@@ -45,6 +45,18 @@ ContrastDocQuery = Annotated[bool, typer.Option(help="Also plan the positive-anc
 ContrastDocNegatives = Annotated[bool, typer.Option(help="Also plan the positive-negative masks (pn: p_i vs every negative, g(p_i, n) > t_i - m), which gist train --directions doc_to_doc needs with negative columns.")]
 Overwrite = Annotated[bool, typer.Option(show_default=False, help="Replace an earlier output of this command at --out, once the new one is complete (never anything else; your own files inside an output directory are kept).")]
 Columns = Annotated[Optional[str], typer.Option(help="Map column names, e.g. 'anchor=query,positive=doc,task=source'.")]
+# Where a Hub dataset comes from (datasets.load_dataset's name, split, revision), shared by `precompute-guide` and `train`.
+Subset = Annotated[Optional[str], typer.Option(help="The subset (configuration name) of a Hub dataset or dataset repository DATA (every one of a mixture).")]
+Split = Annotated[Optional[str], typer.Option(help="The split of a Hub dataset or dataset repository DATA (default: train).")]
+Revision = Annotated[Optional[str], typer.Option(help="The revision (branch, tag or commit) of a Hub dataset DATA.")]
+DATA_HELP = ("Parquet, JSONL or CSV file; a datasets.save_to_disk directory (a DatasetDict: its splits train together, each a task); "
+             "a Hub dataset id or a local dataset repository folder, loaded with datasets.load_dataset (--subset, --split, --revision; "
+             "offline with HF_DATASETS_OFFLINE=1, from the cache); or several datasets 'name=SOURCE,name=SOURCE', each a task when it has no task column.")
+# Evaluator prompts, shared by `train` and `evaluate` (pipeline.prompts.EvalPrompts).
+QueryPrompt = Annotated[Optional[str], typer.Option(help="Prompt prepended to the queries of --beir (InformationRetrievalEvaluator's query_prompt) and to both sentences of --sts, e.g. 'query: '.")]
+CorpusPrompt = Annotated[Optional[str], typer.Option(help="Prompt prepended to the --beir corpus (InformationRetrievalEvaluator's corpus_prompt), e.g. 'passage: '.")]
+QueryPromptName = Annotated[Optional[str], typer.Option(help="Instead of --query-prompt: the name of one of the model's own prompts (its config's prompts, e.g. query).")]
+CorpusPromptName = Annotated[Optional[str], typer.Option(help="Instead of --corpus-prompt: the name of one of the model's own prompts (e.g. document).")]
 
 
 def _print_versions(value: bool) -> None:
@@ -78,7 +90,7 @@ def _plan_params(batch_size, epochs, seed, strategy, margin_strategy, margin, co
 
 @app.command("precompute-guide", short_help="Stage 1: encode once with the guide, plan, store masks.")
 def precompute_guide(
-    data_path: Annotated[Path, typer.Argument(metavar="DATA", help="Parquet, JSONL or CSV file, or a datasets.save_to_disk directory.")],
+    data_path: Annotated[Path, typer.Argument(metavar="DATA", help=DATA_HELP)],
     out: Annotated[Path, typer.Option(help="Output directory for the guide pass.")],
     guide: Annotated[Optional[str], typer.Option(help="Guide model directory (sentence-transformers). Or --embeddings: one of the two.")] = None,
     embeddings: Annotated[Optional[Path], typer.Option(metavar="VECTORS", help="Instead of --guide: any embedder's vectors of DATA's texts, no model loaded. Parquet with a 'text' column and one vector column (list of floats), looked up by text (extra texts are ignored); or .npy, one row per unique text of DATA in text-id order: distinct texts in order of first appearance, down the anchor column, then positive, then negative_1, negative_2, ... Checked (every text covered, one dimension, finite, non-zero), normalised to unit norm; the file's name and sha256 are the guide's identity.")] = None,
@@ -103,6 +115,9 @@ def precompute_guide(
     rows_per_group: Annotated[int, typer.Option(min=1, help="Texts per embeddings row group: the unit a killed run resumes from.")] = 4096,
     reuse: Annotated[Optional[list[Path]], typer.Option(metavar="DIR", help="An earlier precompute-guide directory of the same guide (repeatable): its texts are copied, not encoded again (e.g. after `gist mine`).")] = None,
     trust_remote_code: Annotated[bool, typer.Option(show_default=False, help="Allow the guide's own Python code to run.")] = False,
+    subset: Subset = None,
+    split: Split = None,
+    revision: Revision = None,
     overwrite: Overwrite = False,
 ) -> None:
     """Stage 1: encode every unique text with the guide once, index it, plan the batches, store their masks."""
@@ -116,7 +131,7 @@ def precompute_guide(
     done = run_stage1(
         data_path, guide, out, params, embeddings=embeddings, columns=columns, encode_batch_size=encode_batch_size, device=device, index=index,
         guide_max_seq_length=guide_max_seq_length, embedding_dtype=embedding_dtype, rows_per_group=rows_per_group, reuse=reuse or [], trust_remote_code=trust_remote_code,
-        guide_dtype=guide_dtype,
+        guide_dtype=guide_dtype, subset=subset, split=split, revision=revision,
         overwrite=overwrite,
     )
     if done is None:
@@ -250,7 +265,7 @@ def report_command(
 
 @app.command("train", short_help="Stage 2: train a student with the stored masks.")
 def train_command(
-    data_path: Annotated[Path, typer.Argument(metavar="DATA", help="The training data stage 1 was run on.")],
+    data_path: Annotated[Path, typer.Argument(metavar="DATA", help="The training data stage 1 was run on, in any form precompute-guide takes (a Hub id, a local file with the same rows: the fingerprint decides).")],
     masks_path: Annotated[Path, typer.Option("--masks", help="masks.parquet from precompute-guide or plan.")],
     student: Annotated[str, typer.Option(help="Student model directory (sentence-transformers).")],
     out: Annotated[Path, typer.Option(help="Output directory: run.json, checkpoints/, final/, train_log.jsonl, eval.json.")],
@@ -287,6 +302,15 @@ def train_command(
     partition_mode: Annotated[str, typer.Option(help="joint: one softmax over every direction's candidates; per_direction: one per direction, averaged (not with query_to_query or doc_to_doc).")] = "joint",
     hardness_mode: Annotated[Optional[str], typer.Option(help="Hardness-weighted negatives: in_batch_negatives (Lan et al. 2025), hard_negatives (EmbeddingGemma) or all_negatives; adds --hardness-strength x the detached cosine to those logits. Masked candidates stay out.")] = None,
     hardness_strength: Annotated[float, typer.Option(min=0.0, help="alpha of --hardness-mode (Lan et al. 9, EmbeddingGemma 5).")] = 0.0,
+    prompts: Annotated[Optional[str], typer.Option(help="The student's training prompts (SentenceTransformerTrainingArguments' prompts): one prompt for every column ('query: '), column=prompt pairs ('anchor=query: ,positive=passage: ,negative=passage: '; negative: every negative column), or a JSON object of them ('{\"anchor\": \"query: \"}').")] = None,
+    prompt_names: Annotated[Optional[str], typer.Option(help="Instead of --prompts: names of the student's own prompts (its config's prompts), in the same forms, e.g. 'anchor=query,positive=document,negative=document'.")] = None,
+    query_prompt: QueryPrompt = None,
+    corpus_prompt: CorpusPrompt = None,
+    query_prompt_name: QueryPromptName = None,
+    corpus_prompt_name: CorpusPromptName = None,
+    subset: Subset = None,
+    split: Split = None,
+    revision: Revision = None,
 ) -> None:
     """Stage 2: train the student with the stored masks; the guide is never loaded."""
     import json
@@ -310,8 +334,11 @@ def train_command(
         save_total_limit=save_total_limit, optim=optim, max_grad_norm=max_grad_norm, dataloader_num_workers=dataloader_num_workers, hub_model_id=push_to_hub,
         directions=tuple(d.strip() for d in directions.split(",") if d.strip()), partition_mode=partition_mode,
         hardness_mode=hardness_mode, hardness_strength=hardness_strength,
+        prompts=prompts, prompt_names=prompt_names, query_prompt=query_prompt, corpus_prompt=corpus_prompt,
+        query_prompt_name=query_prompt_name, corpus_prompt_name=corpus_prompt_name,
     )
-    final = train_student(data_path, masks_path, student, out, settings, columns=columns, resume=resume, device=device, sts=sts, beir=beir)
+    final = train_student(data_path, masks_path, student, out, settings, columns=columns, resume=resume, device=device, sts=sts, beir=beir,
+                          subset=subset, split=split, revision=revision)
     if final is None:
         return  # a rank other than 0 under torchrun
     say("done", "green", str(final))
@@ -327,14 +354,20 @@ def evaluate_command(
     out: Annotated[Optional[Path], typer.Option(help="Write the results as JSON here.")] = None,
     max_seq_length: Annotated[Optional[int], typer.Option(min=1, help="Truncate inputs at N tokens (default: the model's own), e.g. to match a student trained with --max-seq-length.")] = None,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda.")] = "auto",
+    query_prompt: QueryPrompt = None,
+    corpus_prompt: CorpusPrompt = None,
+    query_prompt_name: QueryPromptName = None,
+    corpus_prompt_name: CorpusPromptName = None,
     overwrite: Overwrite = False,
 ) -> None:
     """Evaluate a model on STS (Spearman) and/or BEIR retrieval (nDCG@10); prints a table."""
     from pipeline.evaluate import evaluate_path
+    from pipeline.prompts import EvalPrompts
 
     if sts is None and beir is None:
         raise typer.BadParameter("give --sts FILE and/or --beir DIR", param_hint="--sts/--beir")
-    results = evaluate_path(model_path, sts, beir, out=out, max_seq_length=max_seq_length, device=device, overwrite=overwrite)
+    results = evaluate_path(model_path, sts, beir, out=out, max_seq_length=max_seq_length, device=device, overwrite=overwrite,
+                            prompts=EvalPrompts(query_prompt, corpus_prompt, query_prompt_name, corpus_prompt_name))
     table = Table("metric", "value", title=Text(str(model_path)))
     for name, value in results.items():
         table.add_row(name, f"{value:.4f}")

@@ -1,13 +1,16 @@
 """Train a sentence-transformers student with gist's stored guide masks, from your own script.
 
 This is an ordinary SentenceTransformerTrainer script — MatryoshkaLoss, an evaluator during
-training, checkpoints — in which GISTEmbedLoss(model, guide) is replaced by GuidedMaskLoss(model,
+training, checkpoints, an E5-style prompted student (`query: ` on anchors, `passage: ` on
+positives and negatives, through the trainer's `prompts`) — in which GISTEmbedLoss(model, guide) is replaced by GuidedMaskLoss(model,
 masks). Stage 1 runs the guide once (here in-process; `gist precompute-guide` does the same), so
 the guide is never loaded while training. Compared with a GISTEmbedLoss script, the lines marked
 `# gist` differ.
 
     python examples/train_with_gist.py --data data/train.parquet --guide GUIDE --student STUDENT \
-        --sts data/stsb_dev.parquet --out runs/example [--mini-batch-size 32]
+        --sts data/stsb_dev.parquet --out runs/example [--mini-batch-size 32] [--query-prompt "query: " --passage-prompt "passage: "]
+
+The guide of stage 1 encodes the raw texts here (it does not see the student's prompts).
 """
 
 from __future__ import annotations
@@ -17,11 +20,11 @@ from pathlib import Path
 
 from datasets import Dataset
 from sentence_transformers import SentenceTransformer, SentenceTransformerTrainer
-from sentence_transformers.sentence_transformer.evaluation import EmbeddingSimilarityEvaluator
 from sentence_transformers.sentence_transformer.losses import MatryoshkaLoss
 
 from pipeline import CachedGuidedMaskLoss, GuidedMaskLoss, PlannedMasks, PlanParams  # gist
 from pipeline import planned_dataset, planned_training_args, precompute_guide  # gist
+from pipeline.evaluate import PromptedSimilarityEvaluator  # gist: EmbeddingSimilarityEvaluator with a prompt on both sentences
 
 
 def main() -> None:
@@ -37,6 +40,8 @@ def main() -> None:
     parser.add_argument("--dims", default="384,256,128,64", help="Matryoshka dimensions (at most the student's)")
     parser.add_argument("--max-steps", type=int, default=-1)
     parser.add_argument("--eval-steps", type=int, default=100)
+    parser.add_argument("--query-prompt", default="query: ", help="the student's prompt on anchors (and on STS sentences); '' for none")
+    parser.add_argument("--passage-prompt", default="passage: ", help="the student's prompt on positives and negatives; '' for none")
     args = parser.parse_args()
 
     # Stage 1, once per dataset and plan: the guide's verdicts for every planned batch.  # gist
@@ -51,8 +56,12 @@ def main() -> None:
         guided = GuidedMaskLoss(model, masks)  # gist: was GISTEmbedLoss(model, guide, margin=0.05)
     loss = MatryoshkaLoss(model, guided, matryoshka_dims=[int(d) for d in args.dims.split(",")])
 
+    # sentence-transformers' training prompts, per column of the training dataset (anchor, positive, negative_1..k)
+    prompts = {column: args.query_prompt if column == "anchor" else args.passage_prompt for column in train_dataset.column_names if column != "label"}
+
     sts = Dataset.from_parquet(args.sts)
-    evaluator = EmbeddingSimilarityEvaluator(sts["sentence1"], sts["sentence2"], sts["score"], name="sts")
+    evaluator = PromptedSimilarityEvaluator(sts["sentence1"], sts["sentence2"], sts["score"], name="sts",
+                                            prompt_kwargs={"prompt": args.query_prompt} if args.query_prompt else None)
 
     training_args = planned_training_args(  # gist: was SentenceTransformerTrainingArguments(...)
         masks,  # the plan fixes batch size, epochs and the batch sampler
@@ -65,6 +74,7 @@ def main() -> None:
         save_steps=args.eval_steps,
         logging_steps=10,
         metric_for_best_model="eval_sts_spearman_cosine",
+        prompts={c: p for c, p in prompts.items() if p} or None,
     )
     trainer = SentenceTransformerTrainer(
         model=model, args=training_args, train_dataset=train_dataset, loss=loss, evaluator=evaluator,

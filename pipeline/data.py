@@ -1,6 +1,7 @@
 """Load (anchor, positive[, negatives][, task]) training data, validate it, dedupe texts, fingerprint it.
 
-Reads Parquet, JSONL, CSV or a directory written by `datasets.save_to_disk` into a pyarrow table,
+Reads Parquet, JSONL, CSV, a directory written by `datasets.save_to_disk`, or a dataset loaded with
+`datasets.load_dataset` (a Hub id, or a local dataset repository folder) into a pyarrow table,
 maps user column names onto the canonical ones, checks every text, and assigns each unique text
 an id (order of first appearance, column by column). The fingerprint is a sha256 over the used
 columns in canonical order; stage 2 compares it with the one stored in the masks.
@@ -97,9 +98,161 @@ def parse_column_mapping(spec: str | None) -> dict[str, str]:
     return mapping
 
 
+DATA_SUFFIXES = (".parquet", ".jsonl", ".json", ".csv", ".gz")
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+MIXTURE_ITEM = re.compile(r"^\s*([A-Za-z0-9_][\w.-]*)\s*=(.+)$")
+
+
+@dataclass(frozen=True)
+class HubSource:
+    """A dataset `datasets.load_dataset` loads: a Hub id (offline with HF_DATASETS_OFFLINE=1, from the
+    cache) or a local dataset repository folder (data files and a README.md card with `configs:`)."""
+
+    id: str
+    subset: str | None = None
+    split: str = "train"
+    revision: str | None = None
+
+    def table(self) -> pa.Table:
+        import datasets
+
+        try:
+            loaded = datasets.load_dataset(self.id, self.subset, split=self.split, revision=self.revision)
+        except Exception as e:  # noqa: BLE001 - not found, offline, no such split or subset: one line
+            detail = str(e).strip().splitlines()[0] if str(e).strip() else "no detail"
+            raise GistError(f"{self.id}: cannot load with datasets.load_dataset (subset {self.subset}, split {self.split}, "
+                            f"revision {self.revision}): {type(e).__name__}: {detail}") from None
+        if not isinstance(loaded, datasets.Dataset):
+            raise GistError(f"{self.id}: datasets.load_dataset gave a {type(loaded).__name__}; name one split with --split")
+        return loaded.with_format("arrow")[:]
+
+    def record(self) -> dict:
+        local = Path(self.id).exists()
+        return {"path": str(Path(self.id).resolve()) if local else self.id, "hub_id": None if local else self.id,
+                "subset": self.subset, "split": self.split, "revision": self.revision}
+
+
+@dataclass(frozen=True)
+class Mixture:
+    """Several datasets trained together, as sentence-transformers trains a dict of datasets: their rows
+    one after the other in the given order, each dataset a task when it has no task column."""
+
+    sources: tuple[tuple[str, object], ...]  # (name, path | HubSource | datasets.Dataset)
+    path: Path | None = None  # the DatasetDict directory it was loaded from
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return tuple(name for name, _ in self.sources)
+
+    def tables(self, mapping: dict[str, str]) -> tuple[pa.Table, dict[str, str]]:
+        """The datasets' canonical columns concatenated (tasks: the task column, else the dataset's name), and the mapping used."""
+        parts, first = [], None
+        for name, source in self.sources:
+            table = read_table(source)
+            try:
+                columns = _select_columns(table, mapping)
+            except GistError as e:
+                raise GistError(f"dataset {name!r}: {e}") from None
+            texts = [c for c in columns if c != "task"]
+            if first is None:
+                first = (texts, columns)
+            elif texts != first[0]:
+                raise GistError(f"dataset {name!r} has columns {texts}, dataset {self.sources[0][0]!r} {first[0]}: every dataset needs the same columns "
+                                "(the same number of negatives)")
+            arrays = {}
+            for c in texts:
+                arrays[c] = decoded(table.column(columns[c]))
+                check_texts(f"{name}: {columns[c]}", arrays[c])  # before any cast: a column of numbers is refused, not converted
+                arrays[c] = arrays[c].cast(pa.large_string())
+            if "task" in columns:
+                arrays["task"] = decoded(table.column(columns["task"])).cast(pa.string())
+            else:
+                arrays["task"] = pa.chunked_array([pa.array([name] * table.num_rows, pa.string())])
+            parts.append(pa.table(arrays))
+        return pa.concat_tables(parts), {**first[1], "task": first[1].get("task", "task")}
+
+    def record(self) -> dict:
+        return {"path": str(self.path.resolve()) if self.path else None, "datasets": {name: source_record(source) for name, source in self.sources}}
+
+
+def source_record(source) -> dict:
+    """What the manifest says about where DATA came from: its path, or its Hub id, subset, split and
+    revision, or each dataset of a mixture."""
+    if isinstance(source, (HubSource, Mixture)):
+        return source.record()
+    if isinstance(source, (str, Path)):
+        return {"path": str(Path(source).resolve())}
+    return {"path": None}  # an in-memory datasets.Dataset
+
+
+def local_inputs(source) -> dict:
+    """The local files and directories a source reads, named for pipeline.outputs (OUT must not overlap them)."""
+    if isinstance(source, Mixture):
+        return {**({"DATA": source.path} if source.path else {}), **{f"DATA {name}": path for name, inner in source.sources for path in local_inputs(inner).values()}}
+    if isinstance(source, HubSource):
+        return {"DATA": Path(source.id)} if Path(source.id).exists() else {}
+    return {"DATA": source} if isinstance(source, (str, Path)) else {}
+
+
+def data_source(data, subset: str | None = None, split: str | None = None, revision: str | None = None):
+    """What DATA names: a local file or save_to_disk directory (returned as a Path), a DatasetDict
+    directory (a Mixture of its splits), a local dataset repository folder or a Hub id (a HubSource,
+    loaded with `subset`, `split` (default train) and `revision`), or several datasets as
+    `name=source,name=source` (a Mixture; each source any of the above). A `datasets.Dataset` is
+    returned as it is, a `datasets.DatasetDict` as a Mixture."""
+    hub = {"subset": subset, "split": split, "revision": revision}
+    if isinstance(data, (HubSource, Mixture)):
+        return data
+    if not isinstance(data, (str, Path)):
+        import datasets
+
+        if isinstance(data, datasets.DatasetDict):
+            return Mixture(tuple(data.items()))
+        return data
+    text = str(data)
+    path = Path(data)
+    if path.exists():
+        if path.is_dir() and (path / "dataset_dict.json").exists():
+            import datasets
+
+            loaded = datasets.load_from_disk(str(path))
+            _no_hub_options(hub, text)
+            return Mixture(tuple(loaded.items()), path)
+        if path.is_dir() and not (path / "dataset_info.json").exists() and not (path / "state.json").exists():
+            return HubSource(str(path), subset, split or "train", revision)  # a dataset repository folder: load_dataset's own path
+        _no_hub_options(hub, text)
+        return path
+    items = _PAIR_SPLIT.split(text) if "=" in text else []
+    if items and all(MIXTURE_ITEM.match(item) for item in items):
+        sources = []
+        for item in items:
+            name, source = (part.strip() for part in MIXTURE_ITEM.match(item).groups())
+            if name in dict(sources):
+                raise GistError(f"DATA: dataset name {name!r} given twice")
+            resolved = data_source(source, subset, split, revision)
+            if isinstance(resolved, Mixture):
+                raise GistError(f"DATA: dataset {name!r} is itself several datasets; name each split")
+            sources.append((name, resolved))
+        return Mixture(tuple(sources))
+    if HUB_ID.match(text) and not text.endswith(DATA_SUFFIXES):
+        return HubSource(text, subset, split or "train", revision)
+    raise GistError(f"{path}: no such file or directory")
+
+
+_PAIR_SPLIT = re.compile(r",(?=\s*[A-Za-z0-9_][\w.-]*\s*=)")
+
+
+def _no_hub_options(hub: dict, data: str) -> None:
+    given = [f"--{k}" for k, v in hub.items() if v is not None]
+    if given:
+        raise GistError(f"{', '.join(given)}: options of a Hub dataset or dataset repository; {data} is a local file")
+
+
 def read_table(path) -> pa.Table:
-    """Read a Parquet/JSONL/CSV file, a `datasets.save_to_disk` directory or an in-memory
+    """Read a Parquet/JSONL/CSV file, a `datasets.save_to_disk` directory, a HubSource or an in-memory
     `datasets.Dataset` (its rows as selected, shuffled or filtered) into a pyarrow table."""
+    if isinstance(path, HubSource):
+        return path.table()
     if not isinstance(path, (str, Path)):
         import datasets
 
@@ -264,10 +417,26 @@ def _tasks(column: pa.ChunkedArray | None) -> np.ndarray | None:
 
 
 def load_training_data(path, column_spec: str | None = None) -> TrainingData:
-    """Load and validate DATA (a path or a datasets.Dataset, see read_table); dedupe texts across
-    all text columns; compute the fingerprint."""
+    """Load and validate DATA (a path, a datasets.Dataset, a HubSource or a Mixture: see data_source);
+    dedupe texts across all text columns; compute the fingerprint. A Mixture is its datasets' rows
+    in order with a task column (each dataset's name where it has none): the fingerprint and ids of the
+    single file holding those rows."""
+    if isinstance(path, Mixture):
+        table, mapping = path.tables(parse_column_mapping(column_spec))
+        columns = _select_columns(table, {})
+        training = load_training_data_from(table, columns)
+        training.columns = mapping
+        return training
+    if not isinstance(path, HubSource):
+        resolved = data_source(path)
+        if isinstance(resolved, (HubSource, Mixture)):
+            return load_training_data(resolved, column_spec)
     table = read_table(path)
-    columns = _select_columns(table, parse_column_mapping(column_spec))
+    return load_training_data_from(table, _select_columns(table, parse_column_mapping(column_spec)))
+
+
+def load_training_data_from(table: pa.Table, columns: dict[str, str]) -> TrainingData:
+    """TrainingData from a table and its resolved canonical -> source columns."""
     arrays = {canonical: decoded(table.column(source)) for canonical, source in columns.items()}
     text_names = [c for c in arrays if c != "task"]
     for canonical in text_names:

@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import csv
+from dataclasses import asdict
 from pathlib import Path
 
 import pyarrow.compute as pc
@@ -17,20 +18,34 @@ from pipeline import GistError
 from pipeline.artifacts import write_json
 from pipeline.data import read_table
 from pipeline.outputs import Kind, Output
+from pipeline.prompts import EvalPrompts
+
+NO_PROMPTS = EvalPrompts()
 
 
-def sts_evaluator(path: Path) -> EmbeddingSimilarityEvaluator:
+class PromptedSimilarityEvaluator(EmbeddingSimilarityEvaluator):
+    """EmbeddingSimilarityEvaluator that encodes both sentences with a prompt (or a prompt name)."""
+
+    def __init__(self, *args, prompt_kwargs: dict | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.prompt_kwargs = dict(prompt_kwargs or {})
+
+    def embed_inputs(self, model, sentences, **kwargs):
+        return super().embed_inputs(model, sentences, **{**self.prompt_kwargs, **kwargs})
+
+
+def sts_evaluator(path: Path, prompts: EvalPrompts = NO_PROMPTS) -> EmbeddingSimilarityEvaluator:
     table = read_table(path)
     missing = {"sentence1", "sentence2", "score"} - set(table.column_names)
     if missing:
         raise GistError(f"{path}: STS file needs columns sentence1, sentence2, score; missing {sorted(missing)}")
-    return EmbeddingSimilarityEvaluator(
+    return PromptedSimilarityEvaluator(
         table.column("sentence1").to_pylist(), table.column("sentence2").to_pylist(),
-        pc.cast(table.column("score"), "float64").to_pylist(), name="sts", show_progress_bar=False,
+        pc.cast(table.column("score"), "float64").to_pylist(), name="sts", show_progress_bar=False, prompt_kwargs=prompts.sts_kwargs(),
     )
 
 
-def beir_evaluator(beir_dir: Path) -> InformationRetrievalEvaluator:
+def beir_evaluator(beir_dir: Path, prompts: EvalPrompts = NO_PROMPTS) -> InformationRetrievalEvaluator:
     beir_dir = Path(beir_dir)
     corpus_path = next((p for p in (beir_dir / "corpus.jsonl", beir_dir / "corpus.jsonl.gz") if p.exists()), None)
     qrels_path = beir_dir / "qrels" / "test.tsv"
@@ -50,28 +65,29 @@ def beir_evaluator(beir_dir: Path) -> InformationRetrievalEvaluator:
     return InformationRetrievalEvaluator(
         queries, corpus, relevant, name="beir", show_progress_bar=False, batch_size=32,
         mrr_at_k=[10], ndcg_at_k=[10], accuracy_at_k=[1], precision_recall_at_k=[100], map_at_k=[100],
+        **prompts.ir_kwargs(),
     )
 
 
-def evaluate_model(model, sts: Path | None = None, beir: Path | None = None) -> dict[str, float]:
-    """Run the chosen evaluators; returns {metric: value} with short, stable metric names."""
+def evaluate_model(model, sts: Path | None = None, beir: Path | None = None, prompts: EvalPrompts = NO_PROMPTS) -> dict[str, float]:
+    """Run the chosen evaluators (with `prompts`); returns {metric: value} with short, stable metric names."""
     results: dict[str, float] = {}
     if sts is not None:
-        scores = sts_evaluator(sts)(model)
+        scores = sts_evaluator(sts, prompts)(model)
         results["sts_spearman"] = scores["sts_spearman_cosine"]
     if beir is not None:
-        scores = beir_evaluator(beir)(model)
+        scores = beir_evaluator(beir, prompts)(model)
         results["beir_ndcg@10"] = scores["beir_cosine_ndcg@10"]
         results["beir_mrr@10"] = scores["beir_cosine_mrr@10"]
         results["beir_recall@100"] = scores["beir_cosine_recall@100"]
     return results
 
 
-def training_evaluator(sts: Path | None = None, beir: Path | None = None):
-    """The evaluator the trainer runs every `eval_steps`: STS and/or BEIR (a SequentialEvaluator of both)."""
+def training_evaluator(sts: Path | None = None, beir: Path | None = None, prompts: EvalPrompts = NO_PROMPTS):
+    """The evaluator the trainer runs every `eval_steps`: STS and/or BEIR (a SequentialEvaluator of both), with `prompts`."""
     from sentence_transformers.sentence_transformer.evaluation import SequentialEvaluator
 
-    evaluators = ([sts_evaluator(sts)] if sts else []) + ([beir_evaluator(beir)] if beir else [])
+    evaluators = ([sts_evaluator(sts, prompts)] if sts else []) + ([beir_evaluator(beir, prompts)] if beir else [])
     return evaluators[0] if len(evaluators) == 1 else SequentialEvaluator(evaluators)
 
 
@@ -79,22 +95,27 @@ EVALUATION = Kind("evaluation", directory=False, record=lambda out: out)  # the 
 
 
 def evaluate_path(model_path: str | Path, sts: Path | None = None, beir: Path | None = None, *, out: Path | None = None,
-                  max_seq_length: int | None = None, device: str = "auto", overwrite: bool = False) -> dict[str, float]:
-    """`gist evaluate`: load MODEL, evaluate it on STS and/or BEIR, and (with `out`) write the results
-    as JSON; every input is read (the evaluators built) before OUT is touched."""
+                  max_seq_length: int | None = None, device: str = "auto", overwrite: bool = False,
+                  prompts: EvalPrompts = NO_PROMPTS) -> dict[str, float]:
+    """`gist evaluate`: load MODEL, evaluate it on STS and/or BEIR (with `prompts`: the query prompt on
+    queries and on both STS sentences, the corpus prompt on the corpus), and (with `out`) write the
+    results as JSON; every input is read (the evaluators built) before OUT is touched."""
     from pipeline.guide import load_model
 
     if sts is None and beir is None:
         raise GistError("give --sts FILE and/or --beir DIR")
     output = Output(out, EVALUATION, inputs={"MODEL": model_path, "--sts": sts, "--beir": beir}, overwrite=overwrite) if out else None
+    prompts.check()
     if output:
         output.check()
-    evaluators = ([sts_evaluator(sts)] if sts else []) + ([beir_evaluator(beir)] if beir else [])  # the files are read before the model loads
+    evaluators = ([sts_evaluator(sts, prompts)] if sts else []) + ([beir_evaluator(beir, prompts)] if beir else [])  # the files are read before the model loads
     model = load_model(str(model_path), device)
+    prompts.check_model(model)
     if max_seq_length:
         model.max_seq_length = max_seq_length
-    results = evaluate_model(model, sts, beir)
+    results = evaluate_model(model, sts, beir, prompts)
     if output:
         with output.stage() as stage:
-            write_json(stage.path(out), {"kind": EVALUATION.name, "model": str(model_path), **results})
+            record = {"prompts": asdict(prompts)} if prompts else {}
+            write_json(stage.path(out), {"kind": EVALUATION.name, "model": str(model_path), **record, **results})
     return results

@@ -47,11 +47,16 @@ def precompute_guide(
     columns: str | None = None, encode_batch_size: int = 64, device: str = "auto", index: str = "auto",
     guide_max_seq_length: int | None = None, embedding_dtype: str = "float32", rows_per_group: int = 4096, reuse: list[Path] | tuple = (),
     trust_remote_code: bool = False, overwrite: bool = False, guide_dtype: str = "float32",
+    subset: str | None = None, split: str | None = None, revision: str | None = None,
 ) -> GuidePass | None:
     """Encode every unique text of DATA with the guide once, index it, plan the batches, store their masks.
 
     Args:
-        data: Parquet, JSONL or CSV file, or a `datasets.save_to_disk` directory.
+        data: Parquet, JSONL or CSV file, a `datasets.save_to_disk` directory (a DatasetDict: its splits
+            are a mixture), a Hub dataset id or dataset repository folder (`datasets.load_dataset`), or
+            several datasets `name=source,name=source` (pipeline.data.data_source).
+        subset, split, revision: `datasets.load_dataset`'s name, split (default train) and revision of a Hub
+            dataset (each Hub dataset of a mixture); recorded in the manifest.
         guide: the guide's sentence-transformers model directory; None with `embeddings`.
         embeddings: instead of a guide model, any embedder's vectors of DATA's texts (Parquet text +
             vector columns, or .npy rows in text-id order; see pipeline/vectors.py): checked, normalised
@@ -89,10 +94,11 @@ def precompute_guide(
     if embeddings is not None and any(model_only.values()):
         raise GistError(f"{', '.join(k for k, given in model_only.items() if given)}: options of a guide model; with --embeddings every vector comes from VECTORS "
                         "(a Parquet text -> vector file serves any subset of its texts: pass it again)")
+    dataset_source = data_mod.data_source(data, subset, split, revision)
     output = Output(out, GUIDE_PASS, overwrite=overwrite, inputs={
-        "DATA": data, "--guide": guide, "--embeddings": embeddings, **{f"--reuse {r}": r for r in reuse}})
+        **data_mod.local_inputs(dataset_source), "--guide": guide, "--embeddings": embeddings, **{f"--reuse {r}": r for r in reuse}})
     output.check()  # read-only: a refused OUT fails before the data is read or the guide loaded
-    training = data_mod.load_training_data(Path(data), columns)
+    training = data_mod.load_training_data(dataset_source, columns)
     check_plan(training, plan.batch_size, plan.epochs, plan.strategy)  # every check that needs no guide, before the guide pass
     rank, world_size = guide_mod.init_distributed()  # under torchrun each rank encodes a share of the texts
     if embeddings is not None:
@@ -141,7 +147,7 @@ def precompute_guide(
             kind=GUIDE_PASS.name,
             world_size=world_size,
             guide=guide_info,
-            dataset={"path": str(Path(data).resolve()), "fingerprint": training.fingerprint, "columns": training.columns, "num_examples": training.num_examples, "num_texts": len(training.texts), "num_negatives": training.num_negatives},
+            dataset={**data_mod.source_record(dataset_source), "fingerprint": training.fingerprint, "columns": training.columns, "num_examples": training.num_examples, "num_texts": len(training.texts), "num_negatives": training.num_negatives},
             encoding=encoding,
             index=index_info,
             plan=summary,

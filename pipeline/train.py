@@ -20,10 +20,11 @@ from sentence_transformers.base.sampler import DefaultBatchSampler
 from transformers import TrainerCallback
 
 from pipeline import GistError
-from pipeline.data import TrainingData
+from pipeline.data import TrainingData, data_source, local_inputs
 from pipeline.distill import DISTILL_KINDS, remove_guide_projection
 from pipeline.masks import PlannedMasks
 from pipeline.outputs import Kind, Output
+from pipeline.prompts import student_prompts
 
 TRAIN_LOG = "train_log.jsonl"
 
@@ -270,6 +271,15 @@ class TrainSettings:
     partition_mode: str = "joint"
     hardness_mode: str | None = None
     hardness_strength: float = 0.0
+    # Prompts (pipeline.prompts): the student's training prompts, as SentenceTransformerTrainingArguments(prompts=...)
+    # takes them (a str, {column: str}, {dataset: ...}), or names of the student's own prompts in the same forms;
+    # the evaluators' query and corpus prompts (STS: the query prompt on both sentences), or their names.
+    prompts: str | dict | None = None
+    prompt_names: str | dict | None = None
+    query_prompt: str | None = None
+    corpus_prompt: str | None = None
+    query_prompt_name: str | None = None
+    corpus_prompt_name: str | None = None
     # The trainer's own options, passed through unchanged (SentenceTransformerTrainingArguments' names).
     report_to: tuple[str, ...] = ()
     save_total_limit: int | None = None
@@ -287,9 +297,17 @@ class TrainSettings:
     def default_objective(self) -> bool:
         return tuple(self.directions) == ("query_to_doc",) and self.partition_mode == "joint" and not (self.hardness_mode and self.hardness_strength > 0)
 
+    def eval_prompts(self):
+        from pipeline.prompts import EvalPrompts
+
+        return EvalPrompts(self.query_prompt, self.corpus_prompt, self.query_prompt_name, self.corpus_prompt_name)
+
     def check(self, model_dim: int | None = None) -> None:
         """Refuse settings that cannot train, before any model is loaded (model_dim: once it is)."""
         check_trainer_options(self)
+        self.eval_prompts().check()
+        if self.prompts is not None and self.prompt_names is not None:
+            raise GistError("--prompts and --prompt-names: give one of them")
         if self.loss not in LOSSES:
             raise GistError(f"--loss {self.loss}: use one of {', '.join(LOSSES)}")
         if self.precision not in PRECISIONS:
@@ -345,7 +363,7 @@ def check_hub(repo_id: str) -> None:
                         f"{str(e).splitlines()[0] if str(e) else 'no detail'}); the run was not started") from None
 
 
-def gist_model_card(masks: PlannedMasks, settings: TrainSettings) -> str:
+def gist_model_card(masks: PlannedMasks, settings: TrainSettings, prompts=None) -> str:
     """The model card's section on how gist trained the model: the guide pass, the plan, the loss."""
     plan = masks.params
     loss = {"guided": "GuidedMaskLoss (the guide's stored masks)", "unguided": "GuidedMaskLoss without the guide's vetoes",
@@ -361,8 +379,20 @@ def gist_model_card(masks: PlannedMasks, settings: TrainSettings) -> str:
         f"- Plan: {plan.strategy} batches of {plan.batch_size}, {plan.epochs} epoch(s), seed {plan.seed}; {plan.margin_strategy} margin {plan.margin}, "
         f"contrast anchors {plan.contrast_anchors}, contrast positives {plan.contrast_positives}, mask duplicates {plan.mask_duplicates}",
         f"- Loss: {loss}; {', '.join(extras)}",
+        *prompt_card_lines(prompts, settings),
         f"- Data fingerprint: `{masks.meta['dataset_fingerprint'][:16]}…`", "",
     ])
+
+
+def prompt_card_lines(prompts, settings: TrainSettings) -> list[str]:
+    """The model card's lines on the prompts the student was trained and evaluated with."""
+    from dataclasses import asdict as fields
+
+    from pipeline.prompts import describe
+
+    evaluation = {k: v for k, v in fields(settings.eval_prompts()).items() if v is not None}
+    return ([f"- Training prompts: {describe(prompts)}" + (f" (from the student's prompt names {settings.prompt_names!r})" if settings.prompt_names else "")]
+            if prompts else []) + ([f"- Evaluation prompts: {', '.join(f'{k} {v!r}' for k, v in evaluation.items())}"] if evaluation else [])
 
 
 def build_loss(model, masks: PlannedMasks, settings: TrainSettings):
@@ -397,12 +427,14 @@ def build_loss(model, masks: PlannedMasks, settings: TrainSettings):
 def train_student(
     data: str | Path, masks: str | Path | PlannedMasks, student: str | Path, out: str | Path, settings: TrainSettings = TrainSettings(), *,
     columns: str | None = None, resume: bool = False, device: str = "auto", sts: Path | None = None, beir: Path | None = None,
+    subset: str | None = None, split: str | None = None, revision: str | None = None,
 ) -> Path | None:
     """Stage 2: train `student` on DATA with the plan and masks of stage 1; the guide is never loaded.
 
     With `settings.eval_steps`, the STS and/or BEIR evaluators run every that many steps through the
     trainer (the best checkpoint by STS Spearman, else BEIR nDCG@10, is recorded in OUT/eval.json
-    with the final scores). Returns OUT/final (None on ranks other than 0 under torchrun).
+    with the final scores). DATA is anything stage 1 takes (a Hub id with `subset`, `split`, `revision`;
+    a mixture): the masks' fingerprint decides. Returns OUT/final (None on ranks other than 0 under torchrun).
     """
     from pipeline import artifacts, guide as guide_mod
     from pipeline.evaluate import evaluate_model, training_evaluator
@@ -412,17 +444,20 @@ def train_student(
     if settings.eval_steps and not (sts or beir):
         raise GistError("--eval-steps needs --sts and/or --beir to evaluate on")
     masks = masks if isinstance(masks, PlannedMasks) else PlannedMasks(Path(masks))
+    data = data_source(data, subset, split, revision)
     output = Output(out, TRAINING, overwrite=None, inputs={
-        "DATA": data if isinstance(data, (str, Path)) else None, "--masks": masks.path.parent, "--student": student, "--sts": sts, "--beir": beir})
+        **local_inputs(data), "--masks": masks.path.parent, "--student": student, "--sts": sts, "--beir": beir})
     output.check()
     # Every input and setting is checked before OUT is touched: a typo leaves no trace.
     training = planned_training_data(data, masks, columns)
     check_max_steps(masks, settings.max_steps)
-    evaluator = training_evaluator(sts, beir) if settings.eval_steps else None  # reads the files: fails before training
+    evaluator = training_evaluator(sts, beir, settings.eval_prompts()) if settings.eval_steps else None  # reads the files: fails before training
     if settings.hub_model_id:
         check_hub(settings.hub_model_id)
     model = guide_mod.load_model(str(student), device)
     settings.check(model.get_embedding_dimension())
+    prompts = student_prompts(settings.prompts, settings.prompt_names, model, training.num_negatives)
+    settings.eval_prompts().check_model(model)
     if settings.max_seq_length:
         model.max_seq_length = settings.max_seq_length
     loss = build_loss(model, masks, settings)
@@ -430,7 +465,8 @@ def train_student(
         "kind": TRAINING.name, "data_fingerprint": training.fingerprint, "masks_plan": masks.meta["plan"], "masks_guide": masks.meta["guide_sha256"],
         "student": guide_mod.model_identity(str(student))["sha256"], **asdict(settings),
     }
-    record.update(matryoshka_dims=list(settings.matryoshka_dims), report_to=list(settings.report_to), directions=list(settings.directions))
+    record.update(matryoshka_dims=list(settings.matryoshka_dims), report_to=list(settings.report_to), directions=list(settings.directions),
+                  training_prompts=prompts)
     rank, world_size = guide_mod.init_distributed()  # the trainer (accelerate) takes the process group over
     # The run is built in OUT's stage and moved to OUT when final/ is saved; a killed run's stage keeps
     # its checkpoints, for --resume with the same settings (the stage's key is the run record).
@@ -456,6 +492,7 @@ def train_student(
             fp16=settings.precision == "fp16", bf16=settings.precision == "bf16",
             report_to=list(settings.report_to) or "none", save_total_limit=settings.save_total_limit, max_grad_norm=settings.max_grad_norm,
             dataloader_num_workers=settings.dataloader_num_workers, **({"optim": settings.optim} if settings.optim else {}),
+            **({"prompts": prompts} if prompts else {}),
             **({"eval_strategy": "steps", "eval_steps": settings.eval_steps, "metric_for_best_model": metric, "greater_is_better": True} if evaluator else {}),
         )
         trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
@@ -465,9 +502,9 @@ def train_student(
         remove_guide_projection(model)  # --distill embed's projection was trained with the student, not part of it
         model.save(str(stage.dir / "final"))
         with open(stage.dir / "final" / "README.md", "a") as card:
-            card.write(gist_model_card(masks, settings))
+            card.write(gist_model_card(masks, settings, prompts))
         if sts or beir:
-            results = evaluate_model(model, sts, beir)
+            results = evaluate_model(model, sts, beir, settings.eval_prompts())
             if evaluator is not None:
                 best = trainer.state.best_model_checkpoint
                 results["best_checkpoint"] = str(out / Path(best).relative_to(stage.dir)) if best else None  # where it is once OUT is in place
