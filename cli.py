@@ -407,7 +407,7 @@ def main() -> None:
         say("error:", "red", str(e))
         sys.exit(1)
     except (Interrupted, KeyboardInterrupt) as e:
-        say("interrupted", "red", f"({e or 'SIGINT'}): finished work is kept; run the same command again to resume (gist train: add --resume)")
+        say("interrupted", "red", f"({e or 'SIGINT'}): nothing was replaced; a guide pass resumes when the same command runs again, a training run with --resume")
         sys.exit(130)
     except Exception as e:  # noqa: BLE001 - the interface is one line, the traceback is behind --debug
         if state["debug"]:

@@ -149,3 +149,14 @@ def verify_run(run_dir: Path) -> dict:
     for name in manifest.get("files", {}):
         verify_checksum(run_dir, name, manifest, full=True)
     return manifest
+
+
+def guide_dir_of(run_dir: Path, manifest: dict | None = None) -> Path:
+    """The guide pass of a precompute-guide (itself) or plan directory (the one it was planned from)."""
+    manifest = manifest or read_manifest(run_dir)
+    kind = manifest.get("kind")
+    if kind == "guide-pass":
+        return Path(run_dir)
+    if kind == "plan":
+        return Path(manifest["guide_dir"])
+    raise GistError(f"{run_dir}: not a precompute-guide or plan directory (kind {kind!r})")

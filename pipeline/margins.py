@@ -23,11 +23,11 @@ import numpy as np
 import torch
 
 from pipeline import GistError
-from pipeline.artifacts import write_json
+from pipeline.artifacts import guide_dir_of, write_json
 from pipeline.masks import BLOCKS, chunk_batches, duplicate_masks, guide_similarities, plan_masks
 from pipeline.outputs import Kind, Output
 from pipeline.plan import check_rule
-from pipeline.report import NBINS, guide_dir_of, histogram, load_planned
+from pipeline.report import NBINS, histogram, load_planned
 from pipeline.report_plots import save_figure
 
 MARGINS = "margins.json", "margins.md", "margins.png"

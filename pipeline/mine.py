@@ -201,10 +201,12 @@ def mine_from_pass(
     if out.suffix != ".parquet":
         raise GistError(f"--out {out}: write a .parquet file")
     corpus_file = None if corpus in ("positives", "all") else Path(corpus)
-    output = Output(out, MINED, inputs={"GUIDE_DIR": guide_dir, "--corpus": corpus_file, "--guide": guide}, overwrite=overwrite)
-    output.check()
     t_start = time.perf_counter()
     manifest, training, embeddings = guide_mod.load_guide_pass(guide_dir)
+    model_path = guide or manifest["guide"]["path"]  # what encodes a --corpus file's new texts
+    output = Output(out, MINED, overwrite=overwrite, inputs={
+        "GUIDE_DIR": guide_dir, "--corpus": corpus_file, "the guide model": model_path if corpus_file else None})
+    output.check()
     texts = training.texts
     if corpus == "positives":
         corpus_ids = training.positive_ids
@@ -221,7 +223,6 @@ def mine_from_pass(
                                 f"--embeddings {manifest['guide']['name']} (no model to encode them): add their vectors there and run precompute-guide again")
             new_vectors = np.zeros((0, embeddings.shape[1]), dtype=np.float32)
         else:
-            model_path = guide or manifest["guide"]["path"]
             model = guide_mod.load_model(model_path, device)  # checks the directory before hashing its files
             if guide_mod.model_identity(model_path)["sha256"] != manifest["guide"]["sha256"]:
                 raise GistError(f"--guide {model_path}: not the guide of {guide_dir} (model files differ); mining needs one guide's embeddings")

@@ -27,6 +27,7 @@ import json
 import os
 import platform
 import shutil
+import signal
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -111,29 +112,44 @@ class Output:
 
     def __init__(self, path: str | Path, kind: Kind, *, inputs: dict[str, str | Path | None] | None = None,
                  overwrite: bool | None = False, option: str = "--out"):
-        self.path, self.kind, self.option = Path(path), kind, option
+        # The real path: a symlink or an empty directory given as OUT (a mount point) is written through,
+        # `--out .` and `x/../x` name one place, and its stage lies beside what is really written.
+        self.path, self.kind, self.option = Path(os.path.realpath(path)), kind, option
         self.inputs = {label: Path(p) for label, p in (inputs or {}).items() if p is not None}
         self.overwrite = overwrite
 
     @property
     def finals(self) -> list[Path]:
+        """The paths the output occupies, its record last (swapped in last)."""
         return [self.path, *self.kind.companions(self.path)]
 
+    @property
+    def root(self) -> Path:
+        """The stage: beside OUT, or beside a file kind's record (two outputs sharing a record share a stage and its lock)."""
+        return stage_dir(self.path if self.kind.directory else self.kind.record_path(self.path))
+
     def check(self) -> None:
-        """Read-only: refuse an OUT that overlaps an input, or an existing one this command may not replace."""
-        for final in [*self.finals, stage_dir(self.path)]:
-            resolved = final.resolve()
+        """Read-only: refuse an OUT that overlaps an input, an existing one this command may not replace,
+        or one that cannot be written."""
+        for final in [*self.finals, self.root]:
             for label, path in self.inputs.items():
-                if _overlaps(resolved, path.resolve()):
+                if _overlaps(final, path.resolve()):
                     raise GistError(f"{self.option} {self.path} is, contains or lies inside {label} ({path}); gist never writes into what it reads: choose another {self.option}")
-        existing = [final for final in self.finals if final.exists() and not _empty_dir(final)]
+        writable = next(parent for parent in self.root.parents if parent.exists())
+        if not os.access(writable, os.W_OK | os.X_OK):
+            raise GistError(f"{self.path}: the output directory is not writable ({writable})")
+        # An empty directory is nobody's output: a directory kind fills it; for a file kind it is in the way.
+        existing = [final for final in self.finals if final.exists() and not (self.kind.directory and _empty_dir(final))]
         if not existing:
             return
-        record = read_kind(self.kind.record_path(self.path)) if self.kind.record_path(self.path).is_file() else None
-        ours = record is not None and record["kind"] == self.kind.name and Path(str(record.get("out", self.path))).name == self.path.name
-        if not ours:
+        record_path = self.kind.record_path(self.path)
+        record = read_kind(record_path) if record_path.is_file() else None
+        if record is None or record["kind"] != self.kind.name:
             what = f"a gist {record['kind']} output" if record else "not written by gist"
             raise GistError(f"{existing[0]} exists and is {what}, not a gist {self.kind.name} output; choose another {self.option}")
+        named = Path(str(record.get("out", self.path))).name
+        if named != self.path.name:
+            raise GistError(f"{record_path} is the record of another gist {self.kind.name} output ({named}); choose another {self.option}")
         if self.overwrite is None:
             raise GistError(f"{self.path} already holds a finished {self.kind.name} output; choose another {self.option}")
         if not self.overwrite:
@@ -150,13 +166,13 @@ class Output:
         """
         from pipeline.guide import barrier
 
-        root = stage_dir(self.path)
+        root = self.root
         if rank != 0:
             barrier(world_size)  # rank 0 has prepared the stage
             yield Stage(root, resumed=(root / "new").is_dir())
             return
         self.check()
-        created = [] if root.exists() else [root, *_missing_ancestors(root)]
+        ancestors, ours = _missing_ancestors(root), not root.exists()
         try:
             root.mkdir(parents=True, exist_ok=True)
             handle = open(root / LOCK, "a+")
@@ -164,10 +180,14 @@ class Output:
             raise GistError(f"{self.path}: the output directory is not writable ({e.strerror})") from None
         try:
             try:
-                _lock(handle, self.path)  # another gist's stage: refused, left alone
-                stage = Stage(root, resumed=self._reopen(root, key, discard))  # a refused interrupted run: left as it was
+                _lock(handle, self.path)  # another gist's stage: refused and left alone
             except BaseException:
-                _remove_all(created)
+                _remove_empty(ancestors)
+                raise
+            try:
+                stage = Stage(root, resumed=self._reopen(root, key, discard))  # a refused interrupted run is left as it was
+            except BaseException:
+                _remove_empty(([root] if ours else []) + ancestors, whole=ours)
                 raise
             try:
                 barrier(world_size)
@@ -175,7 +195,7 @@ class Output:
                 self._commit(stage)
             except BaseException:
                 if not stage.keeps():
-                    _remove_all([root, *created[1:]])
+                    _remove_empty([root, *ancestors], whole=True)
                 raise
         finally:
             handle.close()  # releases the lock
@@ -191,7 +211,8 @@ class Output:
             found = None
         new = root / "new"
         if key is not None and found == mine and new.is_dir():
-            for leftover in new.glob(".*"):  # a killed run's temporary files (atomic writes, parts being joined)
+            # A killed run's temporary files: atomic writes anywhere in the stage, parts being joined.
+            for leftover in [*new.glob(".*"), *root.rglob("*.tmp-*")]:
                 _remove(leftover)
             return True
         if not discard and new.is_dir() and any(new.iterdir()):
@@ -211,23 +232,43 @@ class Output:
         return False
 
     def _commit(self, stage: Stage) -> None:
-        """Swap the staged result in; an old output is moved aside only now, then removed with the stage."""
+        """Swap the staged result in: an old output is moved aside only now (the user's own files in it
+        carried into the new one), the record last. Ctrl-C and SIGTERM wait until the swap is done; a
+        failure on the way puts every moved entry back."""
+        self.check()  # under the lock: an OUT that appeared meanwhile is not replaced without --overwrite
         old = stage.root / "old"
         old.mkdir()
-        if self.kind.directory:
-            pairs = [(stage.dir, self.path)]
-            if self.path.is_dir() and any(self.path.iterdir()):  # an earlier output of this kind (check): keep the user's own files
-                for entry in self.path.iterdir():
-                    if entry.name not in self.kind.owned and not (stage.dir / entry.name).exists():
-                        os.replace(entry, stage.dir / entry.name)
-        else:
-            pairs = [(stage.path(final), final) for final in self.finals]
-        for staged, final in pairs:
-            if not staged.exists():
-                raise GistError(f"internal: {final.name} was not written")  # a command that forgot part of its output
-            if final.exists() or final.is_symlink():
-                os.replace(final, old / final.name)
-            os.replace(staged, final)
+        moves: list[tuple[Path, Path]] = []
+
+        def move(source: Path, target: Path) -> None:
+            os.replace(source, target)
+            moves.append((source, target))
+
+        blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+        try:
+            if not self.kind.directory:
+                for final in self.finals:
+                    if not stage.path(final).exists():
+                        raise GistError(f"internal: {final.name} was not written")  # a command that forgot part of its output
+                    if final.exists() or final.is_symlink():
+                        move(final, old / final.name)
+                    move(stage.path(final), final)
+            elif _empty_dir(self.path):  # an empty directory (a mount point, say): filled, the record last
+                for entry in sorted(stage.dir.iterdir(), key=lambda entry: entry.name == self.kind.record):
+                    move(entry, self.path / entry.name)
+            else:
+                if self.path.exists():  # an earlier output of this kind (check): the user's own files stay
+                    for entry in self.path.iterdir():
+                        if entry.name not in self.kind.owned and not (stage.dir / entry.name).exists():
+                            move(entry, stage.dir / entry.name)
+                    move(self.path, old / self.path.name)
+                move(stage.dir, self.path)
+        except BaseException:
+            for source, target in reversed(moves):
+                os.replace(target, source)
+            raise
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
         _remove(stage.root)
 
 
@@ -268,10 +309,12 @@ def _remove(path: Path) -> None:
         path.unlink(missing_ok=True)
 
 
-def _remove_all(paths: list[Path]) -> None:
-    """Remove the stage (the first path, whole), then the directories created for it (if still empty)."""
-    if paths:
-        _remove(paths[0])
-    for directory in paths[1:]:
-        with contextlib.suppress(OSError):
-            directory.rmdir()
+def _remove_empty(paths: list[Path], whole: bool = False) -> None:
+    """Remove directories this run created, innermost first, each only if empty; with `whole`, the
+    first (the run's own stage) whatever it holds."""
+    for number, directory in enumerate(paths):
+        if whole and number == 0:
+            _remove(directory)
+        else:
+            with contextlib.suppress(OSError):
+                directory.rmdir()

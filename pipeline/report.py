@@ -32,7 +32,7 @@ import numpy as np
 from threadpoolctl import threadpool_limits
 
 from pipeline import GistError
-from pipeline.artifacts import read_manifest, verify_checksum, write_json
+from pipeline.artifacts import guide_dir_of, read_manifest, verify_checksum, write_json
 from pipeline.data import NO_TASK, TrainingData
 from pipeline.guide import load_guide_pass
 from pipeline.mask_check import differences, rounding_band
@@ -49,17 +49,6 @@ def _enabled(masks: PlannedMasks, data: TrainingData) -> dict[str, bool]:
     """Blocks that have candidates in this plan."""
     p = masks.params
     return {"ap": True, "aa": p.contrast_anchors, "pp": p.contrast_positives, "an": data.num_negatives > 0}
-
-
-def guide_dir_of(run_dir: Path, manifest: dict | None = None) -> Path:
-    """The guide pass of a precompute-guide (itself) or plan directory (the one it was planned from)."""
-    manifest = manifest or read_manifest(run_dir)
-    kind = manifest.get("kind")
-    if kind == "guide-pass":
-        return Path(run_dir)
-    if kind == "plan":
-        return Path(manifest["guide_dir"])
-    raise GistError(f"{run_dir}: not a precompute-guide or plan directory (kind {kind!r})")
 
 
 def load_planned(run_dir: Path) -> tuple[dict, Path, PlannedMasks, TrainingData, np.ndarray]:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -121,13 +122,18 @@ def _readable_json(path: Path) -> bool:
     return True
 
 
+def complete_checkpoints(checkpoints_dir: Path) -> list[Path]:
+    """The checkpoints that were completely written (the trainer writes trainer_state.json last)."""
+    return [p for p in Path(checkpoints_dir).glob("checkpoint-*") if _readable_json(p / "trainer_state.json")]
+
+
 def last_complete_checkpoint(checkpoints_dir: Path) -> Path:
-    """The newest checkpoint that was completely written (the trainer writes trainer_state.json last).
+    """The newest complete checkpoint (`complete_checkpoints`).
 
     transformers writes checkpoints in place, so a run killed while saving leaves a partial
     `checkpoint-N` that the trainer's own `get_last_checkpoint` would pick and fail to load.
     """
-    complete = [p for p in Path(checkpoints_dir).glob("checkpoint-*") if _readable_json(p / "trainer_state.json")]
+    complete = complete_checkpoints(checkpoints_dir)
     if not complete:
         raise GistError(f"--resume: no complete checkpoint in {checkpoints_dir}")
     return max(complete, key=lambda p: int(p.name.split("-")[1]))
@@ -445,8 +451,10 @@ def train_student(
         raise GistError("--eval-steps needs --sts and/or --beir to evaluate on")
     masks = masks if isinstance(masks, PlannedMasks) else PlannedMasks(Path(masks))
     data = data_source(data, subset, split, revision)
+    pass_dir = masks.path.parent  # the pass (or plan) the masks belong to, and the guide pass distillation reads
+    guide_pass = artifacts.guide_dir_of(pass_dir) if (pass_dir / artifacts.MANIFEST).is_file() else None
     output = Output(out, TRAINING, overwrite=None, inputs={
-        **local_inputs(data), "--masks": masks.path.parent, "--student": student, "--sts": sts, "--beir": beir})
+        **local_inputs(data), "--masks": pass_dir, "its guide pass": guide_pass, "--student": student, "--sts": sts, "--beir": beir})
     output.check()
     # Every input and setting is checked before OUT is touched: a typo leaves no trace.
     training = planned_training_data(data, masks, columns)
@@ -472,12 +480,15 @@ def train_student(
     # its checkpoints, for --resume with the same settings (the stage's key is the run record).
     with output.stage(record, rank=rank, world_size=world_size, discard=False) as stage:
         checkpoints = stage.dir / "checkpoints"
-        stage.keep_when(lambda: any(checkpoints.glob("checkpoint-*")))
-        interrupted = stage.resumed and any(checkpoints.glob("checkpoint-*"))
+        stage.keep_when(lambda: complete_checkpoints(checkpoints) != [])
+        interrupted = stage.resumed and complete_checkpoints(checkpoints) != []
         if resume and not interrupted:
-            raise GistError(f"--resume: no interrupted run of {out} with these settings to resume (nothing in {stage.root}); run without --resume")
+            raise GistError(f"--resume: no interrupted run of {out} with these settings and a complete checkpoint to resume (in {stage.root}); run without --resume")
         if interrupted and not resume:
             raise GistError(f"an interrupted run of {out} with these settings has checkpoints in {stage.root}; continue it with --resume, or remove that directory to start afresh")
+        if stage.resumed and not resume and rank == 0:  # a killed run with nothing to resume from: start afresh
+            for entry in stage.dir.iterdir():
+                shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
         if rank == 0:
             artifacts.write_json(stage.dir / RUN_RECORD, record)
         checkpoint = last_complete_checkpoint(checkpoints) if resume else None

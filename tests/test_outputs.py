@@ -39,7 +39,7 @@ def killed_before_the_swap(monkeypatch, *args):
             raise KeyboardInterrupt
 
         patch.setattr(outputs.Output, "_commit", killed)
-        patch.setattr(outputs, "_remove_all", lambda paths: None)
+        patch.setattr(outputs, "_remove_empty", lambda paths, whole=False: None)
         assert gist(*args, check=False).returncode == 130
 
 
@@ -153,3 +153,93 @@ def test_user_data_is_printed_as_plain_text(model_pass, data, tmp_path):
 def test_the_masks_contract_does_not_import_the_trainer():
     code = "import sys, pipeline.masks; sys.exit('pipeline.train' in sys.modules or 'transformers' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], cwd=ROOT).returncode == 0
+
+
+# Found by review of the lifecycle itself.
+def test_a_refused_run_never_removes_another_runs_stage(model_pass, data, tmp_path):
+    """A refusal reached through another spelling of OUT (`run/../run`, where `run` did not exist) or
+    while another gist holds the stage removed that stage: an interrupted run's checkpoints, or a live run's."""
+    import fcntl
+
+    from tests.conftest import interrupted_training
+
+    args = ("train", data, "--masks", model_pass / "masks.parquet", "--student", STUDENT, "--max-steps", "2", "--save-steps", "1")
+    gist(*args, "--out", tmp_path / "a")
+    stage = interrupted_training(tmp_path / "a", tmp_path / "run")
+    def contents():
+        return sorted(p.relative_to(stage) for p in stage.rglob("*") if p.name != ".lock")
+
+    before = contents()
+    assert_fails(gist(*args, "--lr", "1e-3", "--out", tmp_path / "run" / ".." / "run", check=False), 1, "other settings")
+    with open(stage / ".lock", "a+") as lock:  # a live gist holds the stage
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        assert_fails(gist(*args, "--out", tmp_path / "run" / ".." / "run", "--resume", check=False), 1, "being written by another gist")
+    assert contents() == before
+    gist(*args, "--out", tmp_path / "run", "--resume")
+    assert (tmp_path / "run" / "final").is_dir() and not stage.exists()
+
+
+def test_a_failed_swap_puts_everything_back(model_pass, tmp_path, monkeypatch):
+    """A failure (or Ctrl-C) between the swap's renames lost the user's files, the old output and the new."""
+    out = tmp_path / "plan"
+    gist("plan", model_pass, "--out", out, *PLAN)
+    (out / "notes.txt").write_text("the user's")
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    real, calls = outputs.os.replace, []
+
+    def failing(source, target):
+        calls.append(source)
+        if len(calls) == 3:  # notes carried over, the old plan moved aside: the new one cannot be moved in
+            raise OSError(28, "No space left on device")
+        real(source, target)
+
+    monkeypatch.setattr(outputs.os, "replace", failing)
+    assert_fails(gist("plan", model_pass, "--out", out, *PLAN, "--seed", "1", "--overwrite", check=False), 1, "No space left")
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["plan"]
+
+
+def test_an_empty_directory_or_a_link_is_written_through(model_pass, tmp_path, monkeypatch):
+    """An empty directory given as OUT (a mount point) was replaced, not filled; a symlink was replaced by
+    a directory; `--out .` failed after all the work."""
+    (tmp_path / "mounted").mkdir()
+    gist("plan", model_pass, "--out", tmp_path / "mounted", *PLAN)
+    (tmp_path / "target").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "target")
+    gist("plan", model_pass, "--out", tmp_path / "link", *PLAN)
+    assert (tmp_path / "link").is_symlink() and (tmp_path / "target" / "masks.parquet").is_file()
+    (tmp_path / "here").mkdir()
+    monkeypatch.chdir(tmp_path / "here")
+    gist("plan", model_pass, "--out", ".", *PLAN)
+    for out in ("mounted", "target", "here"):
+        verify_run(tmp_path / out)
+        assert (tmp_path / out / "masks.parquet").read_bytes() == (tmp_path / "mounted" / "masks.parquet").read_bytes()
+    assert_fails(gist("mine", model_pass, "--out", tmp_path / "here", check=False), 1, "write a .parquet file")
+    (tmp_path / "dir.parquet").mkdir()
+    assert_fails(gist("mine", model_pass, "--out", tmp_path / "dir.parquet", check=False), 1, "not written by gist")
+
+
+def test_a_run_killed_in_its_first_checkpoint_starts_afresh(model_pass, data, tmp_path):
+    from tests.conftest import interrupted_training
+
+    args = ("train", data, "--masks", model_pass / "masks.parquet", "--student", STUDENT, "--max-steps", "2", "--save-steps", "1")
+    gist(*args, "--out", tmp_path / "a")
+    stage = interrupted_training(tmp_path / "a", tmp_path / "run", "checkpoints/checkpoint-2")
+    (stage / "new" / "checkpoints" / "checkpoint-1" / "trainer_state.json").unlink()  # killed while saving its first checkpoint
+    assert_fails(gist(*args, "--out", tmp_path / "run", "--resume", check=False), 1, "no interrupted run")
+    gist(*args, "--out", tmp_path / "run")
+    assert (tmp_path / "run" / "final").is_dir()
+
+
+def test_training_never_writes_into_the_guide_pass_it_distils_from(model_pass, data, tmp_path):
+    gist("plan", model_pass, "--out", tmp_path / "plan", *PLAN)
+    proc = gist("train", data, "--masks", tmp_path / "plan" / "masks.parquet", "--student", STUDENT, "--distill", "kl", "--max-steps", "1",
+                "--out", model_pass / "student", check=False)
+    assert_fails(proc, 1, "lies inside its guide pass")
+    assert not (model_pass / "student").exists()
+
+
+def test_a_filter_summary_names_its_own_output(model_pass, tmp_path):
+    gist("filter", model_pass, "--out", tmp_path / "kept.parquet", "--top-k", "3")
+    proc = gist("filter", model_pass, "--out", tmp_path / "kept.jsonl", "--top-k", "3", "--overwrite", check=False)
+    assert_fails(proc, 1, "is the record of another gist filter output (kept.parquet)")
