@@ -55,8 +55,9 @@ def precompute_guide(
         data: Parquet, JSONL or CSV file, a `datasets.save_to_disk` directory (a DatasetDict: its splits
             are a mixture), a Hub dataset id or dataset repository folder (`datasets.load_dataset`), or
             several datasets `name=source,name=source` (pipeline.data.data_source).
-        subset, split, revision: `datasets.load_dataset`'s name, split (default train) and revision of a Hub
-            dataset (each Hub dataset of a mixture); recorded in the manifest.
+        subset: `datasets.load_dataset`'s configuration name of a Hub dataset (each Hub dataset of a mixture).
+        split: its split (default train).
+        revision: its revision; the three are recorded in the manifest.
         guide: the guide's sentence-transformers model directory; None with `embeddings`.
         embeddings: instead of a guide model, any embedder's vectors of DATA's texts (Parquet text +
             vector columns, or .npy rows in text-id order; see pipeline/vectors.py): checked, normalised
