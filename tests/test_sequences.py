@@ -72,11 +72,11 @@ class Workspace:
         return found
 
     def out(self, suffix: str = "") -> Path:
-        """A new name, an earlier output, or one of the inputs: OUT as a careless user picks it."""
+        """A new name, an earlier output, or one of the inputs: OUT as a careless user picks it, sometimes
+        spelled another way (`x/../NAME`), which must name the same place."""
         existing = [p for p in self.root.iterdir() if not p.name.startswith(".") and p.name != "refs"]
-        if self.rng.random() < 0.4 and existing:
-            return self.rng.choice(existing)
-        return self.root / f"out{self.rng.randrange(4)}{suffix}"
+        out = self.rng.choice(existing) if self.rng.random() < 0.4 and existing else self.root / f"out{self.rng.randrange(4)}{suffix}"
+        return out.parent / "x" / ".." / out.name if self.rng.random() < 0.15 else out
 
 
 def gist_texts(data: Path) -> list[str]:
