@@ -269,3 +269,49 @@ def table(result: dict) -> None:
     print_table(f"static_step ({result['mode']}): s/step and peak RssAnon MB added; stage 1 {result['stage1_s']} s",
                 ["batch", "mnrl s", "guided s", "online s", "guide fwd s", "mnrl MB", "guided MB", "online MB", "guided/mnrl t",
                  "guided/mnrl mem", "online/guided t", "break-even steps", "targets met"], rows)
+
+
+def device_run(work: Path, guide_dir: Path, device: str, quick: bool) -> dict:
+    """The static-student configuration of bench/gpu_check.py: the same measurement on the GPU machine.
+
+    No trained weights travel there, so the static student is random-init over all-MiniLM-L6-v2's
+    tokenizer (256 dims: the distilled student's shape, hence its step cost) and the guide is gpu_check's
+    random-weight mpnet; the data is the shipped 2000-row sample tiled to 4096 pairs (duplicate texts
+    are encoded once by stage 1; the training steps are the same size). Batches 256, 1024, 2048 (quick: 16, 32).
+    """
+    import pyarrow as pa
+
+    import cli
+    from bench.common import ROOT
+    from pipeline.static import make_static_student
+
+    student = work / "static-student"
+    make_static_student(ROOT / "bench" / "gpu_models" / "all-MiniLM-L6-v2", student, init="random", dim=256, overwrite=True)
+    rows = 64 if quick else 4096
+    table = pq.read_table(SAMPLE).select(["anchor", "positive"])
+    table = pa.concat_tables([table] * math.ceil(rows / table.num_rows)).slice(0, rows)
+    data_path = work / "static-pairs.parquet"
+    pq.write_table(table, data_path)
+    sizes = [16, 32] if quick else [256, 1024, 2048]
+    warm, steps = (1, 2) if quick else (3, 10)
+    start = time.perf_counter()
+    first = work / "static-pass"
+    cli.precompute_guide(data_path, guide=str(guide_dir), out=first, batch_size=sizes[0], epochs=math.ceil((warm + steps) / (rows // sizes[0])),
+                         strategy="random", device=device, overwrite=True)
+    result: dict = {"stage1_s": time.perf_counter() - start, "rows": rows, "records": []}
+    masks = {sizes[0]: first / "masks.parquet"}
+    for size in sizes[1:]:
+        cli.plan_command(first, out=work / f"static-plan-b{size}", batch_size=size, epochs=math.ceil((warm + steps) / (rows // size)), strategy="random",
+                         overwrite=True)
+        masks[size] = work / f"static-plan-b{size}" / "masks.parquet"
+    for size in sizes:
+        record = {"batch_size": size}
+        for config in CONFIGS:
+            r = measure(config, str(student), str(guide_dir), str(data_path), str(masks[size]), warm, steps, device)
+            record[config] = {k: r.get(k) for k in ("step_s", "cuda_peak_mb", "guide_forward_s")}
+        record["guided_over_mnrl_time"] = record["guided"]["step_s"] / record["mnrl"]["step_s"]
+        record["online_over_guided_time"] = record["online"]["step_s"] / record["guided"]["step_s"]
+        saved = record["online"]["step_s"] - record["guided"]["step_s"]
+        record["break_even_steps"] = result["stage1_s"] / saved if saved > 0 else None
+        result["records"].append(record)
+    return result
