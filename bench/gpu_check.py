@@ -29,8 +29,10 @@ and module files, no weights) with seeded random weights. What it measures:
 6. a static student (bench.static_step.device_run): a 256-dim StaticEmbedding over MiniLM's tokenizer
    trained with MNRL, with the stored masks and with the mpnet guide online, at batch 256, 1024 and 2048
    (3 warm-up + 10 timed steps each), stage 1 timed: guided/MNRL time, online/guided time and the
-   break-even step count on the GPU (expected there: online/guided ~20-100x rather than ~1000x, as the
-   guide's forward gains far more from the GPU than a static step, which is mostly tokenization).
+   break-even step count on the GPU. Expected there: online/guided ~10-30x rather than the CPU's hundreds,
+   because the guide's forward (~5 TFLOP per 512 texts of ~64 tokens: ~0.1-0.3 s in float32) gains far
+   more from the GPU than the static step, which is mostly CPU tokenization (~10-20 ms); break-even still
+   near one epoch (stage 1 embeds each unique text once, the online guide every text of every step).
 
 The GPU machine lacks `datasets` and FAISS: carry their wheels (DEVELOPERS.md / the device tool's
 README: `pip download` datasets, faiss-gpu or faiss-cpu, and their missing dependencies into .whl/).
