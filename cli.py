@@ -374,6 +374,26 @@ def evaluate_command(
     Console().print(table)
 
 
+@app.command("static-student", short_help="Make a static-embedding student (model2vec distillation or random).")
+def static_student_command(
+    source: Annotated[Path, typer.Argument(metavar="SOURCE", help="A local model directory (distill: a sentence-transformers or transformers model; random: any directory with tokenizer.json) or, for --init random, a tokenizer.json file.")],
+    out: Annotated[Path, typer.Option(help="Output directory: a sentence-transformers model (StaticEmbedding) for gist train --student.")],
+    init: Annotated[str, typer.Option(help="distill: model2vec distillation of SOURCE (needs the static extra: pip install 'gist[static]'); random: N(0, 1) token vectors over SOURCE's tokenizer, as sentence-transformers' static-embedding recipe.")] = "distill",
+    dim: Annotated[int, typer.Option(min=1, help="Embedding dimension (distill: PCA dimensions, at most SOURCE's hidden size).")] = 256,
+    seed: Annotated[int, typer.Option(help="Seed of --init random.")] = 0,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda: where SOURCE embeds its vocabulary (distill).")] = "auto",
+    overwrite: Overwrite = False,
+) -> None:
+    """Write a static-embedding student (sentence-transformers StaticEmbedding) to OUT, without Hub access; train it with gist train --student OUT."""
+    from pipeline.static import INITS, make_static_student, static_record
+
+    if init not in INITS:
+        raise typer.BadParameter(f"use one of {', '.join(INITS)}", param_hint="--init")
+    made = make_static_student(source, out, init=init, dim=dim, seed=seed, device=device, overwrite=overwrite)
+    record = static_record(made)
+    say("done", "green", f"{made}: static student, {record['vocab_size']:,} tokens x {record['dim']} dims ({init} from {source})")
+
+
 @app.command("verify", short_help="Check every file of a run directory against its manifest.")
 def verify_command(
     run_dir: Annotated[Path, typer.Argument(metavar="GUIDE_DIR", help="A finished precompute-guide or plan directory.")],

@@ -26,6 +26,13 @@ and module files, no weights) with seeded random weights. What it measures:
    against the CPU's masks: differing entries counted within float32 rounding of their threshold
    (pipeline.mask_check's band, expected) and beyond it (expected none); with faiss-gpu importable, the
    IVF index and a clustered plan built on the GPU (timed), else recorded as not available.
+6. a static student (bench.static_step.device_run): a 256-dim StaticEmbedding over MiniLM's tokenizer
+   trained with MNRL, with the stored masks and with the mpnet guide online, at batch 256, 1024 and 2048
+   (3 warm-up + 10 timed steps each), stage 1 timed: guided/MNRL time, online/guided time and the
+   break-even step count on the GPU. Expected there: online/guided ~10-30x rather than the CPU's hundreds,
+   because the guide's forward (~5 TFLOP per 512 texts of ~64 tokens: ~0.1-0.3 s in float32) gains far
+   more from the GPU than the static step, which is mostly CPU tokenization (~10-20 ms); break-even still
+   near one epoch (stage 1 embeds each unique text once, the online guide every text of every step).
 
 The GPU machine lacks `datasets` and FAISS: carry their wheels (DEVELOPERS.md / the device tool's
 README: `pip download` datasets, faiss-gpu or faiss-cpu, and their missing dependencies into .whl/).
@@ -285,9 +292,12 @@ def main() -> None:
     mpnet_masks = PlannedMasks(work / "pass-mpnet" / "masks.parquet")
     report["train_step"] = step_times(student, mpnet, data, mpnet_masks, work, args.device, steps)
     report["masks_at_scale"] = masks_at_scale(work, args.device, args.quick)
+    from bench.static_step import device_run  # 6. a static student: MNRL vs stored masks vs the online mpnet guide, batch 256/1024/2048
+
+    report["static_step"] = device_run(work, mpnet_dir, args.device, args.quick)
     (args.out / "gpu_check.json").write_text(json.dumps(report, indent=2, default=str))
     shutil.rmtree(work, ignore_errors=True)
-    print(json.dumps({k: report[k] for k in ("stage1", "equivalence", "train_step", "masks_at_scale")}, indent=2, default=str))
+    print(json.dumps({k: report[k] for k in ("stage1", "equivalence", "train_step", "masks_at_scale", "static_step")}, indent=2, default=str))
 
 
 if __name__ == "__main__":

@@ -29,6 +29,7 @@ _EXPORTS = {
     "MiningParams": "pipeline.mine", "mine_from_pass": "pipeline.mine",
     "planned_dataset": "pipeline.train", "planned_training_args": "pipeline.train", "planned_batch_sampler": "pipeline.train",
     "TrainSettings": "pipeline.train", "train_student": "pipeline.train", "build_trainer": "pipeline.train",
+    "make_static_student": "pipeline.static", "StaticGuidedMaskLoss": "pipeline.static", "CachedStaticGuidedMaskLoss": "pipeline.static",
 }
 __all__ = ["FORMAT_VERSION", "GistError", "__version__", *_EXPORTS]
 

@@ -409,6 +409,7 @@ def build_loss(model, masks: PlannedMasks, settings: TrainSettings):
     )
 
     from pipeline.loss import CachedGuidedMaskLoss, GuidedMaskLoss
+    from pipeline.static import static_student_loss
 
     scale = 1.0 / settings.temperature
     guided = settings.loss in ("guided", "none")
@@ -419,7 +420,10 @@ def build_loss(model, masks: PlannedMasks, settings: TrainSettings):
         return DistilledLoss(contrastive, GuideTeacher.for_masks(masks), settings.distill, settings.distill_weight,
                              contrastive_weight=0.0 if settings.loss == "none" else 1.0, seed=settings.seed)
     objective = settings.objective()
-    if settings.loss != "mnrl" and settings.mini_batch_size:
+    static = static_student_loss(model, masks, settings)  # a StaticEmbedding student's losses (pipeline/static.py), else None
+    if static is not None:
+        loss = static
+    elif settings.loss != "mnrl" and settings.mini_batch_size:
         loss = CachedGuidedMaskLoss(model, masks, temperature=settings.temperature, mini_batch_size=settings.mini_batch_size, guided=guided, **objective)
     elif settings.loss != "mnrl":
         loss = GuidedMaskLoss(model, masks, temperature=settings.temperature, guided=guided, **objective)
@@ -444,6 +448,7 @@ def train_student(
     """
     from pipeline import artifacts, guide as guide_mod
     from pipeline.evaluate import evaluate_model, training_evaluator
+    from pipeline.static import check_static_settings
 
     out = Path(out)
     settings.check()
@@ -464,6 +469,7 @@ def train_student(
         check_hub(settings.hub_model_id)
     model = guide_mod.load_model(str(student), device)
     settings.check(model.get_embedding_dimension())
+    check_static_settings(model, settings)  # --max-seq-length, --gradient-checkpointing: no meaning for a static student
     prompts = student_prompts(settings.prompts, settings.prompt_names, model, training.num_negatives)
     settings.eval_prompts().check_model(model)
     if settings.max_seq_length:
