@@ -39,10 +39,14 @@ from bench.common import FULL_TRAIN, SAMPLE, WORK, Context, median, print_table,
 from bench.train_step import StepClock
 
 NAME = "static_step"
-CONFIGS = ("mnrl", "guided", "online")
+# guided: GISTEmbedLoss's candidates (ap, aa, pp) with the stored masks; guided_ap: MNRL's candidates (ap only,
+# masks planned with --no-contrast-anchors --no-contrast-positives) with the stored masks: the like-for-like cost
+# of the masks alone. For a static student the similarity blocks are most of a step, so the two differ.
+CONFIGS = ("mnrl", "guided", "guided_ap", "online")
 TEMPERATURE = 0.01
 GUIDE_CHUNK = 64  # texts per guide forward in the online configuration
-TARGETS = {"guided_over_mnrl_time": ("<=", 1.05), "guided_over_mnrl_memory": ("<=", 1.05), "online_over_guided_time": (">=", 100.0)}
+TARGETS = {"guided_over_mnrl_time": ("<=", 1.05), "guided_over_mnrl_memory": ("<=", 1.05), "guided_ap_over_mnrl_time": ("<=", 1.05),
+           "guided_ap_over_mnrl_memory": ("<=", 1.05), "online_over_guided_time": (">=", 100.0)}
 
 
 def rss_anon_mb() -> float:
@@ -199,6 +203,40 @@ def schedules(ctx: Context) -> dict[str, list[tuple[int, int, int]]]:
     return {"cheap": cheap, "online": online}
 
 
+def ap_plans(first: Path, work: Path, sizes: list[int], most: int, rows: int) -> dict[int, Path]:
+    """Masks of MNRL's candidates (ap only) for each batch size, re-planned from the guide pass `first`."""
+    import cli
+
+    masks = {}
+    for size in sizes:
+        out = work / f"plan-ap-b{size}"
+        cli.plan_command(first, out=out, batch_size=size, epochs=math.ceil(most / (rows // size)), strategy="random",
+                         contrast_anchors=False, contrast_positives=False, overwrite=True)
+        masks[size] = out / "masks.parquet"
+    return masks
+
+
+def like_for_like(ctx: Context) -> dict:
+    """MNRL against guided_ap only (no guide online), side by side in one run, from the guide pass a full
+    `run` left in the work directory: `python -m bench.static_step --like-for-like`."""
+    data_path, student, work = data_file(ctx), static_student(ctx), ctx.work_dir(NAME)
+    rows = pq.read_metadata(data_path).num_rows
+    plan = schedules(ctx)["cheap"]
+    sizes, most = [b for b, _, _ in plan], max(w + s for _, w, s in plan)
+    ap_masks = ap_plans(work / f"guide-b{sizes[0]}", work, sizes, most, rows)
+    records = []
+    for size, warm, steps in plan:
+        record = {"batch_size": size}
+        for config in ("mnrl", "guided_ap"):
+            result = run_isolated(measure, config, str(student), str(ctx.guide), str(data_path), str(ap_masks[size]), warm, steps)
+            print(f"static_step b{size} {config}: {result['step_s']:.4f} s/step, +{result['memory']['increase_mb']:.0f} MB RssAnon", file=sys.stderr)
+            record[f"{config}_step_s"], record[f"{config}_peak_mb"], record[f"{config}_run"] = round(result["step_s"], 4), result["memory"]["increase_mb"], result
+        record["guided_ap_over_mnrl_time"] = round(record["guided_ap_step_s"] / record["mnrl_step_s"], 3)
+        record["guided_ap_over_mnrl_memory"] = round(record["guided_ap_peak_mb"] / max(record["mnrl_peak_mb"], 0.1), 3)
+        records.append(record)
+    return {"student": str(student), "data": str(data_path), "rows": rows, "records": records}
+
+
 def run(ctx: Context) -> dict:
     import cli
 
@@ -217,8 +255,9 @@ def run(ctx: Context) -> dict:
     masks[sizes[0]] = first / "masks.parquet"
     for size in sizes[1:]:
         out = work / f"plan-b{size}"
-        cli.plan_command(first, out=out, batch_size=size, epochs=math.ceil(most / (rows // size)), strategy="random")
+        cli.plan_command(first, out=out, batch_size=size, epochs=math.ceil(most / (rows // size)), strategy="random", overwrite=True)
         masks[size] = out / "masks.parquet"
+    ap_masks = ap_plans(first, work, sizes, most, rows)
     import json
 
     manifest = json.loads((first / "manifest.json").read_text())
@@ -227,7 +266,8 @@ def run(ctx: Context) -> dict:
         record = {"batch_size": size}
         for config in CONFIGS:
             w, s = (owarm, osteps) if config == "online" else (warm, steps)
-            result = run_isolated(measure, config, str(student), str(ctx.guide), str(data_path), str(masks[size]), w, s)
+            chosen = ap_masks[size] if config == "guided_ap" else masks[size]
+            result = run_isolated(measure, config, str(student), str(ctx.guide), str(data_path), str(chosen), w, s)
             print(f"static_step b{size} {config}: {result['step_s']:.4f} s/step, +{result['memory']['increase_mb']:.0f} MB RssAnon "
                   f"(load {result['load_avg_1m_after']:.1f})", file=sys.stderr)
             record[f"{config}_step_s"] = round(result["step_s"], 4)
@@ -237,6 +277,8 @@ def run(ctx: Context) -> dict:
         record["online_guide_forward_s"] = round(record["online_run"]["guide_forward_s"], 3)
         record["guided_over_mnrl_time"] = round(record["guided_step_s"] / record["mnrl_step_s"], 3)
         record["guided_over_mnrl_memory"] = round(record["guided_peak_mb"] / max(record["mnrl_peak_mb"], 0.1), 3)
+        record["guided_ap_over_mnrl_time"] = round(record["guided_ap_step_s"] / record["mnrl_step_s"], 3)
+        record["guided_ap_over_mnrl_memory"] = round(record["guided_ap_peak_mb"] / max(record["mnrl_peak_mb"], 0.1), 3)
         record["online_over_guided_time"] = round(record["online_step_s"] / record["guided_step_s"], 1)
         record["guide_forward_over_guided_step"] = round(record["online_guide_forward_s"] / record["guided_step_s"], 1)
         saved = record["online_step_s"] - record["guided_step_s"]
@@ -315,3 +357,17 @@ def device_run(work: Path, guide_dir: Path, device: str, quick: bool) -> dict:
         record["break_even_steps"] = result["stage1_s"] / saved if saved > 0 else None
         result["records"].append(record)
     return result
+
+
+if __name__ == "__main__":
+    import argparse
+
+    from bench.common import ROOT, write_result
+
+    parser = argparse.ArgumentParser(prog="python -m bench.static_step", description=like_for_like.__doc__.splitlines()[0])
+    parser.add_argument("--like-for-like", action="store_true", required=True, help="MNRL vs guided_ap only, from a full run's guide pass")
+    parser.add_argument("--models", type=Path, default=ROOT / ".cache" / "models")
+    args = parser.parse_args()
+    context = Context("full", args.models.resolve(), None, None, None)
+    started, load = time.perf_counter(), os.getloadavg()[0]
+    write_result(f"{NAME}-like-for-like", context, like_for_like(context), started, load)
