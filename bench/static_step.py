@@ -217,13 +217,17 @@ def ap_plans(first: Path, work: Path, sizes: list[int], most: int, rows: int) ->
 
 
 def like_for_like(ctx: Context) -> dict:
-    """MNRL against guided_ap only (no guide online), side by side in one run, from the guide pass a full
-    `run` left in the work directory: `python -m bench.static_step --like-for-like`."""
-    data_path, student, work = data_file(ctx), static_student(ctx), ctx.work_dir(NAME)
+    """MNRL against guided_ap only (no guide online), side by side in one run: `python -m bench.static_step
+    --like-for-like` (its own guide pass over the same data)."""
+    import cli
+
+    data_path, student, work = data_file(ctx), static_student(ctx), ctx.work_dir(f"{NAME}-like-for-like")
     rows = pq.read_metadata(data_path).num_rows
     plan = schedules(ctx)["cheap"]
     sizes, most = [b for b, _, _ in plan], max(w + s for _, w, s in plan)
-    ap_masks = ap_plans(work / f"guide-b{sizes[0]}", work, sizes, most, rows)
+    first = work / f"guide-b{sizes[0]}"
+    cli.precompute_guide(data_path, guide=str(ctx.guide), out=first, batch_size=sizes[0], epochs=math.ceil(most / (rows // sizes[0])), strategy="random")
+    ap_masks = ap_plans(first, work, sizes, most, rows)
     records = []
     for size, warm, steps in plan:
         record = {"batch_size": size}
