@@ -69,14 +69,20 @@ def beir_evaluator(beir_dir: Path, prompts: EvalPrompts = NO_PROMPTS) -> Informa
     )
 
 
-def evaluate_model(model, sts: Path | None = None, beir: Path | None = None, prompts: EvalPrompts = NO_PROMPTS) -> dict[str, float]:
-    """Run the chosen evaluators (with `prompts`); returns {metric: value} with short, stable metric names."""
+def evaluators(sts: Path | None = None, beir: Path | None = None, prompts: EvalPrompts = NO_PROMPTS) -> dict:
+    """The chosen evaluators by name ("sts", "beir"), with `prompts`; building them reads (and checks) their files."""
+    return {**({"sts": sts_evaluator(sts, prompts)} if sts else {}), **({"beir": beir_evaluator(beir, prompts)} if beir else {})}
+
+
+def evaluate_model(model, sts: Path | None = None, beir: Path | None = None, prompts: EvalPrompts = NO_PROMPTS, built: dict | None = None) -> dict[str, float]:
+    """Run the chosen evaluators (with `prompts`; or the `built` ones); returns {metric: value} with short, stable metric names."""
+    built = built if built is not None else evaluators(sts, beir, prompts)
     results: dict[str, float] = {}
-    if sts is not None:
-        scores = sts_evaluator(sts, prompts)(model)
+    if "sts" in built:
+        scores = built["sts"](model)
         results["sts_spearman"] = scores["sts_spearman_cosine"]
-    if beir is not None:
-        scores = beir_evaluator(beir, prompts)(model)
+    if "beir" in built:
+        scores = built["beir"](model)
         results["beir_ndcg@10"] = scores["beir_cosine_ndcg@10"]
         results["beir_mrr@10"] = scores["beir_cosine_mrr@10"]
         results["beir_recall@100"] = scores["beir_cosine_recall@100"]
@@ -87,8 +93,8 @@ def training_evaluator(sts: Path | None = None, beir: Path | None = None, prompt
     """The evaluator the trainer runs every `eval_steps`: STS and/or BEIR (a SequentialEvaluator of both), with `prompts`."""
     from sentence_transformers.sentence_transformer.evaluation import SequentialEvaluator
 
-    evaluators = ([sts_evaluator(sts, prompts)] if sts else []) + ([beir_evaluator(beir, prompts)] if beir else [])
-    return evaluators[0] if len(evaluators) == 1 else SequentialEvaluator(evaluators)
+    chosen = list(evaluators(sts, beir, prompts).values())
+    return chosen[0] if len(chosen) == 1 else SequentialEvaluator(chosen)
 
 
 EVALUATION = Kind("evaluation", directory=False, record=lambda out: out)  # the JSON file records the kind
@@ -108,12 +114,12 @@ def evaluate_path(model_path: str | Path, sts: Path | None = None, beir: Path | 
     prompts.check()
     if output:
         output.check()
-    evaluators = ([sts_evaluator(sts, prompts)] if sts else []) + ([beir_evaluator(beir, prompts)] if beir else [])  # the files are read before the model loads
+    built = evaluators(sts, beir, prompts)  # the files are read before the model loads
     model = load_model(str(model_path), device)
     prompts.check_model(model)
     if max_seq_length:
         model.max_seq_length = max_seq_length
-    results = evaluate_model(model, sts, beir, prompts)
+    results = evaluate_model(model, built=built)
     if output:
         with output.stage() as stage:
             record = {"prompts": asdict(prompts)} if prompts else {}

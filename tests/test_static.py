@@ -17,7 +17,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 from sentence_transformers import SentenceTransformer
-from transformers import TrainerCallback
 
 from cli import plan_command
 from pipeline import GistError
@@ -27,6 +26,7 @@ from pipeline.static import (
     CachedStaticGuidedMaskLoss, StaticGuidedMaskLoss, cached_static_mnrl, flat_static_features, padded_static_features,
 )
 from pipeline.train import build_trainer, training_dataset
+from tests.test_train import StopAfter
 from tests.conftest import ROOT, STUDENT, gist
 
 # Matmul cosines (the static loss's) vs the rule's broadcast cosines: float32 rounding, amplified by 1/temperature = 100.
@@ -182,7 +182,7 @@ def test_build_loss_picks_the_static_classes(guide_run, static_student):
 def test_gist_train_a_static_student_end_to_end(tmp_path, static_run, triplets, static_student):
     """--loss guided with GradCache, MatryoshkaLoss and evaluation during training; --loss mnrl plain; the
     saved models load in plain sentence-transformers and moved away from the initial weights."""
-    sts, beir = ROOT / "data" / "stsb_dev.parquet", ROOT / "data" / "scifact"
+    sts = ROOT / "data" / "stsb_dev.parquet"
     common = ["--masks", static_run / MASKS, "--student", static_student, "--logging-steps", "1", "--lr", "0.2", "--max-steps", "4", "--save-steps", "2"]
     gist("train", triplets, *common, "--out", tmp_path / "guided", "--mini-batch-size", "6", "--matryoshka-dims", "32,16",
          "--eval-steps", "2", "--sts", sts)
@@ -205,15 +205,6 @@ def test_options_without_meaning_are_refused_in_one_line(tmp_path, static_run, t
     assert proc.returncode == 1
     assert "static embedding model" in proc.stderr and option[0] in proc.stderr and "Traceback" not in proc.stderr
     assert not (tmp_path / "run").exists()
-
-
-class StopAfter(TrainerCallback):
-    def __init__(self, step: int):
-        self.step = step
-
-    def on_step_end(self, args, state, control, **kwargs):
-        if state.global_step == self.step:
-            control.should_training_stop = True
 
 
 def test_resume_gives_the_same_weights(tmp_path, static_run, triplets, static_student):

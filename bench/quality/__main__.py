@@ -147,14 +147,18 @@ def main(argv: list[str] | None = None) -> int:
     s = make_settings(args.quick, args.models)
     work = WORK / NAME / s.mode
     result = run(s, work, args.plan, [v for v in VARIANTS if v in variants], seeds, args.resume)
+    write_results(args.out or (work / f"quality-{args.plan}.json" if args.quick else RESULTS / f"{NAME}-{args.plan}.json"), result, table)
+    return 0
+
+
+def write_results(out: Path, result: dict, print_table) -> None:
+    """Write a quality run's result as strict JSON to `out` and print its tables."""
     from pipeline.artifacts import write_json
 
-    out = args.out or (work / f"quality-{args.plan}.json" if args.quick else RESULTS / f"{NAME}-{args.plan}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     write_json(out, strict_json(result))
-    table(result)
+    print_table(result)
     print(f"wrote {out}", file=sys.stderr)
-    return 0
 
 
 if __name__ == "__main__":

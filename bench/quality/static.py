@@ -194,14 +194,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     seeds = [int(x) for x in args.seeds.split(",")] if args.seeds else list(SEEDS)
     result = run(args.quick, args.models.resolve(), seeds, args.resume)
-    from bench.quality.__main__ import strict_json
-    from pipeline.artifacts import write_json
+    from bench.quality.__main__ import write_results
 
-    out = (WORK / NAME / "quick" / f"{NAME}.json") if args.quick else RESULTS / f"{NAME}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    write_json(out, strict_json(result))
-    table(result)
-    print(f"wrote {out}", file=sys.stderr)
+    write_results((WORK / NAME / "quick" / f"{NAME}.json") if args.quick else RESULTS / f"{NAME}.json", result, table)
     return 0
 
 
