@@ -174,6 +174,12 @@ def plan_command(
     say("done", "green", f"{out / 'masks.parquet'}: {plan['num_batches']} batches, masked ap {plan['masked_fraction']['ap']:.2%}")
 
 
+def _vectors_option(guide: dict, guide_dir: Path) -> str:
+    """How a next pass over mined or filtered data gets its vectors without encoding: a model pass is
+    reused (--reuse), a pass from --embeddings VECTORS takes them from VECTORS again."""
+    return f"--embeddings {guide['path']}" if guide.get("source") == "embeddings" else f"--reuse {guide_dir}"
+
+
 @app.command("mine", short_help="Mine hard negatives from the stored embeddings.")
 def mine_command(
     guide_dir: Annotated[Path, typer.Argument(metavar="GUIDE_DIR", help="A finished precompute-guide directory.")],
@@ -202,8 +208,7 @@ def mine_command(
         meta = mine_from_pass(guide_dir, out, params, corpus=corpus, corpus_column=corpus_column, guide=guide,
                               encode_batch_size=encode_batch_size, device=device, overwrite=overwrite)
     kept, dropped = meta["rows"], meta["examples"] - meta["rows"]
-    # A model pass's vectors are reused; a pass from --embeddings VECTORS takes its vectors from VECTORS again.
-    guide_option = f"--embeddings {meta['guide']['path']}" if meta["guide"].get("source") == "embeddings" else f"--reuse {guide_dir}"
+    guide_option = _vectors_option(meta["guide"], guide_dir)
     say("done", "green", f"{out}: {kept} rows x {num_negatives} negatives"
         + (f" ({dropped} dropped: not enough negatives in the window; widen --range-max or lower the margin)" if dropped else "")
         + f", mined in {meta['timings']['mine_s']:.2f}s; next: gist precompute-guide {out} {guide_option} ...")
@@ -225,8 +230,7 @@ def filter_command(
     with console.status("ranking every positive for its anchor"):
         summary = filter_pass(guide_dir, out, FilterParams(top_k, min_score, among), data=data_path, overwrite=overwrite)
     dropped = ", ".join(f"{t} {v['dropped']}/{v['examples']}" for t, v in summary["per_task"].items())
-    manifest = summary["guide"]
-    guide_option = f"--embeddings {manifest['path']}" if manifest.get("source") == "embeddings" else f"--reuse {guide_dir}"
+    guide_option = _vectors_option(summary["guide"], guide_dir)
     say("done", "green", f"{out}: kept {summary['kept']} of {summary['examples']} examples (dropped per task: {dropped}); "
         f"summary {summary_path(out)}; next: gist precompute-guide {out} {guide_option} ... (encodes nothing)")
 

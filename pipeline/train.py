@@ -475,12 +475,10 @@ def train_student(
     if settings.max_seq_length:
         model.max_seq_length = settings.max_seq_length
     loss = build_loss(model, masks, settings)
-    record = {
+    record = json.loads(json.dumps({  # as run.json stores it (tuples as lists), so a resumed run's record compares equal
         "kind": TRAINING.name, "data_fingerprint": training.fingerprint, "masks_plan": masks.meta["plan"], "masks_guide": masks.meta["guide_sha256"],
-        "student": guide_mod.model_identity(str(student))["sha256"], **asdict(settings),
-    }
-    record.update(matryoshka_dims=list(settings.matryoshka_dims), report_to=list(settings.report_to), directions=list(settings.directions),
-                  training_prompts=prompts)
+        "student": guide_mod.model_identity(str(student))["sha256"], **asdict(settings), "training_prompts": prompts,
+    }))
     rank, world_size = guide_mod.init_distributed()  # the trainer (accelerate) takes the process group over
     # The run is built in OUT's stage and moved to OUT when final/ is saved; a killed run's stage keeps
     # its checkpoints, for --resume with the same settings (the stage's key is the run record).
