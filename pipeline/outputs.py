@@ -55,6 +55,12 @@ class Kind:
         return out / self.record if self.directory else self.record(out)
 
 
+def _records_in(path: Path) -> list[Path]:
+    """Where an existing `path` would carry a gist record: itself (a file kind), or a directory's JSON files
+    (every directory kind's record is one: manifest.json, run.json, report.json, ...)."""
+    return [path] if path.is_file() else sorted(path.glob("*.json"))
+
+
 def stage_dir(out: Path) -> Path:
     """Where the output `out` is built before it is swapped in."""
     out = Path(out)
@@ -136,6 +142,8 @@ class Output:
                 if _overlaps(final, path.resolve()):
                     raise GistError(f"{self.option} {self.path} is, contains or lies inside {label} ({path}); gist never writes into what it reads: choose another {self.option}")
         writable = next(parent for parent in self.root.parents if parent.exists())
+        if not writable.is_dir():
+            raise GistError(f"{self.path}: the output directory is not writable ({writable} is a file, not a directory); choose another {self.option}")
         if not os.access(writable, os.W_OK | os.X_OK):
             raise GistError(f"{self.path}: the output directory is not writable ({writable})")
         # An empty directory is nobody's output: a directory kind fills it; for a file kind it is in the way.
@@ -144,6 +152,8 @@ class Output:
             return
         record_path = self.kind.record_path(self.path)
         record = read_kind(record_path) if record_path.is_file() else None
+        if record is None:  # perhaps another kind of gist output: its record says which
+            record = next(filter(None, (read_kind(p) for p in _records_in(self.path))), None)
         if record is None or record["kind"] != self.kind.name:
             what = f"a gist {record['kind']} output" if record else "not written by gist"
             raise GistError(f"{existing[0]} exists and is {what}, not a gist {self.kind.name} output; choose another {self.option}")

@@ -44,8 +44,7 @@ def parse_prompt_spec(spec, option: str = "--prompts", datasets: tuple[str, ...]
             except ValueError as e:
                 raise GistError(f"{option}: not a valid JSON object ({e})") from None
         else:
-            match = _PAIR_START.match(spec)
-            if match and (COLUMN_KEY.match(match.group(1)) or match.group(1) in datasets):
+            if _PAIR_START.match(spec):  # `name=...`: pairs, whose keys are checked below (a typo is refused, not taken as one prompt)
                 pairs = {}
                 for item in _PAIR_SPLIT.split(spec):
                     key, _, value = item.partition("=")
