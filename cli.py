@@ -115,12 +115,16 @@ def precompute_guide(
     rows_per_group: Annotated[int, typer.Option(min=1, help="Texts per embeddings row group: the unit a killed run resumes from.")] = 4096,
     reuse: Annotated[Optional[list[Path]], typer.Option(metavar="DIR", help="An earlier precompute-guide directory of the same guide (repeatable): its texts are copied, not encoded again (e.g. after `gist mine`).")] = None,
     trust_remote_code: Annotated[bool, typer.Option(show_default=False, help="Allow the guide's own Python code to run.")] = False,
+    guide_prompts: Annotated[Optional[str], typer.Option(help="The guide's prompt per role, instead of its own: one prompt for every role, or role=prompt pairs over anchor, positive, negative ('anchor=query: ,positive=passage: ,negative=passage: '); '' for no prompt at all. Default: anchors encoded as the guide's encode_query (its 'query' prompt), positives and negatives as encode_document (its 'document'/'passage'/'corpus' prompt). The student's --prompts strings here reproduce GISTEmbedLoss, whose guide sees the student's prompts.")] = None,
+    guide_prompt_names: Annotated[Optional[str], typer.Option(help="Instead of --guide-prompts: names of the guide's own prompts (its config's prompts), in the same forms, e.g. 'anchor=query,positive=document'.")] = None,
     subset: Subset = None,
     split: Split = None,
     revision: Revision = None,
     overwrite: Overwrite = False,
 ) -> None:
-    """Stage 1: encode every unique text with the guide once, index it, plan the batches, store their masks."""
+    """Stage 1: encode every unique text with the guide once, index it, plan the batches, store their masks.
+
+    A text in two roles with two prompts (an anchor that is also a positive) is stored once per view."""
     from pipeline.guide import INDEX_KINDS
     from pipeline.stage1 import precompute_guide as run_stage1
 
@@ -131,7 +135,7 @@ def precompute_guide(
     done = run_stage1(
         data_path, guide, out, params, embeddings=embeddings, columns=columns, encode_batch_size=encode_batch_size, device=device, index=index,
         guide_max_seq_length=guide_max_seq_length, embedding_dtype=embedding_dtype, rows_per_group=rows_per_group, reuse=reuse or [], trust_remote_code=trust_remote_code,
-        guide_dtype=guide_dtype, subset=subset, split=split, revision=revision,
+        guide_dtype=guide_dtype, subset=subset, split=split, revision=revision, guide_prompts=guide_prompts, guide_prompt_names=guide_prompt_names,
         overwrite=overwrite,
     )
     if done is None:
@@ -140,7 +144,8 @@ def precompute_guide(
     encoding, plan = m["encoding"], m["plan"]
     source = (f"vectors from {m['guide']['name']}, {encoding['renormalized_texts']} renormalised" if m["guide"].get("source") == "embeddings"
               else f"{encoding['encoded_texts']} encoded, {encoding['reused_texts']} reused, {encoding['resumed_texts']} resumed")
-    say("done", "green", f"{out}: {m['dataset']['num_texts']} texts ({source}), "
+    views = f" as {m['dataset']['num_vectors']} vectors" if m["dataset"]["num_vectors"] != m["dataset"]["num_texts"] else ""
+    say("done", "green", f"{out}: {m['dataset']['num_texts']} texts{views} ({source}), "
         f"{plan['num_batches']} batches, masked ap {plan['masked_fraction']['ap']:.2%}, {m['timings']['total_s']:.1f}s")
 
 
@@ -184,7 +189,7 @@ def _vectors_option(guide: dict, guide_dir: Path) -> str:
 def mine_command(
     guide_dir: Annotated[Path, typer.Argument(metavar="GUIDE_DIR", help="A finished precompute-guide directory.")],
     out: Annotated[Path, typer.Option(help="Output .parquet: anchor, positive, negative_1..k[, task], ready for precompute-guide.")],
-    corpus: Annotated[str, typer.Option(help="Where negatives come from: positives (the data's positives, as mine_hard_negatives), all (every text of the guide pass), or a Parquet/JSONL/CSV file whose new texts are encoded once with the guide.")] = "positives",
+    corpus: Annotated[str, typer.Option(help="Where negatives come from: positives (the data's positives, as mine_hard_negatives), all (every text the guide pass stores as a document), or a Parquet/JSONL/CSV file whose new texts are encoded once with the guide (its document view).")] = "positives",
     corpus_column: Annotated[str, typer.Option(help="Text column of a --corpus file.")] = "text",
     num_negatives: Annotated[int, typer.Option(min=1, help="Negatives per example (negative_1..negative_k).")] = 3,
     range_min: Annotated[int, typer.Option(min=0, help="Skip this many of the closest candidates.")] = 0,
@@ -196,9 +201,15 @@ def mine_command(
     guide: Annotated[Optional[str], typer.Option(help="Guide model directory, only to encode a --corpus file's new texts (default: the path in GUIDE_DIR's manifest).")] = None,
     encode_batch_size: Annotated[int, typer.Option(min=1, help="Guide encoding batch size for a --corpus file.")] = 64,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda (for encoding a --corpus file).")] = "auto",
+    query_prompt: Annotated[Optional[str], typer.Option(help="mine_hard_negatives' query_prompt: must be the prompt the guide pass encoded anchors with (queries are read from that stored view; refused otherwise).")] = None,
+    corpus_prompt: Annotated[Optional[str], typer.Option(help="mine_hard_negatives' corpus_prompt: must be the prompt the guide pass encoded positives with.")] = None,
+    query_prompt_name: Annotated[Optional[str], typer.Option(help="Instead of --query-prompt: the name of one of the guide's own prompts (e.g. query).")] = None,
+    corpus_prompt_name: Annotated[Optional[str], typer.Option(help="Instead of --corpus-prompt: the name of one of the guide's own prompts (e.g. document).")] = None,
     overwrite: Overwrite = False,
 ) -> None:
-    """Hard negatives from the stored guide embeddings: sentence-transformers' mine_hard_negatives without re-encoding."""
+    """Hard negatives from the stored guide embeddings: sentence-transformers' mine_hard_negatives without re-encoding.
+
+    Queries (anchors) and corpus (positives) are read in the views the guide pass stored them in."""
     from pipeline.mine import SAMPLING, MiningParams, mine_from_pass
 
     if sampling_strategy not in SAMPLING:
@@ -206,7 +217,8 @@ def mine_command(
     params = MiningParams(num_negatives, range_min, range_max, absolute_margin, relative_margin, sampling_strategy, seed)
     with console.status("mining (encoding a --corpus file's new texts first, if any)"):
         meta = mine_from_pass(guide_dir, out, params, corpus=corpus, corpus_column=corpus_column, guide=guide,
-                              encode_batch_size=encode_batch_size, device=device, overwrite=overwrite)
+                              encode_batch_size=encode_batch_size, device=device, overwrite=overwrite, query_prompt=query_prompt,
+                              corpus_prompt=corpus_prompt, query_prompt_name=query_prompt_name, corpus_prompt_name=corpus_prompt_name)
     kept, dropped = meta["rows"], meta["examples"] - meta["rows"]
     guide_option = _vectors_option(meta["guide"], guide_dir)
     say("done", "green", f"{out}: {kept} rows x {num_negatives} negatives"

@@ -68,7 +68,7 @@ def sampled_recall(data: TrainingData, embeddings: np.ndarray, samples: int, see
     start = time.perf_counter()
     rows = training_sample(data.num_examples, samples, seed)
     thresholds = conflicts.pair_dots(embeddings, data.anchor_ids, data.positive_ids)
-    found = conflicts.searches(data, len(embeddings))
+    found = conflicts.searches(data)
     bounded = conflicts.search_space(embeddings, data, found)
     graph = edges(data, conflicts.conflict_graph(data, embeddings, **rule, space=bounded))
     searched = _sample_edges(data, embeddings, rows, thresholds, found, bounded, rule)

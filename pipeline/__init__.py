@@ -14,7 +14,7 @@ import importlib
 __version__ = "0.1.0"
 
 # Bumped whenever the layout of an artifact changes; stage 2 refuses other versions.
-FORMAT_VERSION = 4
+FORMAT_VERSION = 5
 
 
 class GistError(Exception):

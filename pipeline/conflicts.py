@@ -10,6 +10,11 @@ duplicate positive, an anchor that is another's negative) never escapes the sear
 conflicts whenever the rule (or duplicate masking) flags it. Rows are searched ROWS_PER_BLOCK at a
 time and each block's edges merged as found, so memory holds one block's proposals beside the graph.
 
+Everything here is in stored-row space (pipeline.views): a "text" below is a stored vector, a text
+under the view of the role it plays (anchors as queries, the others as documents); duplicate masking
+compares the text ids behind the rows, and a row's own texts include its anchor's and positive's
+rows in every view, so a text shared across roles is found as the rule's duplicate whatever its view.
+
 The search is a join of inner products against a per-row bound (each query vector carries
 -bound as one more coordinate, so one FAISS range search at radius 0 applies every row's own
 bound, in BLAS blocks). While affordable (EXACT_SEARCH_MADDS) it is exhaustive over the full
@@ -152,7 +157,7 @@ class SearchSpace:
 
 def flagged_texts(
     embeddings: np.ndarray, space: SearchSpace, query_ids: np.ndarray, own_ids: np.ndarray, thresholds: np.ndarray,
-    candidates: np.ndarray, margin_strategy: str, margin: float, duplicate_ids: np.ndarray | None = None,
+    candidates: np.ndarray, margin_strategy: str, margin: float, duplicate_ids: np.ndarray | None = None, text_of: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """(row, text) pairs where the mask rule flags candidate text for the row's query text.
 
@@ -161,6 +166,7 @@ def flagged_texts(
     is re-scored with `pair_dots` and kept iff `false_negative_mask` says so, or iff it is one of
     `duplicate_ids[r]` (duplicate masking: the row's anchor and positive texts). Every flagged text
     is returned: memory grows with the rows given (conflict_graph passes ROWS_PER_BLOCK at a time).
+    `text_of`: the text id of each stored row, for duplicate masking (None: rows are text ids).
     """
     # The rule's bound is never below t - max(m, 0): t - m (absolute); t - |t| m (relative) is at
     # least t - m for m >= 0 (|t| <= 1) and at least t for m < 0. A negative margin only raises it.
@@ -174,22 +180,24 @@ def flagged_texts(
     sims = pair_dots(embeddings, query_ids[rows], texts)
     keep = false_negative_mask(sims, thresholds[rows], margin_strategy, margin)
     if duplicate_ids is not None:
-        keep |= (duplicate_ids[rows] == texts[:, None]).any(axis=1)
+        keep |= (duplicate_ids[rows] == (texts if text_of is None else text_of[texts])[:, None]).any(axis=1)
     return rows[keep], texts[keep]
 
 
-def searches(data: TrainingData, num_texts: int, contrast_anchors: bool = True, contrast_positives: bool = True) -> list[tuple]:
-    """(query text ids, own text ids (rows, k), holders CSR: text id -> examples) of each search:
-    anchors against the texts an anchor meets (positives, anchors if contrast_anchors, negatives),
-    and, if contrast_positives, positives against positives."""
-    n = data.num_examples
+def searches(data: TrainingData, contrast_anchors: bool = True, contrast_positives: bool = True) -> list[tuple]:
+    """(query rows, own rows (rows, k), holders CSR: stored row -> examples) of each search: anchors
+    against the rows an anchor meets (positives, anchors if contrast_anchors, negatives), and, if
+    contrast_positives, positives against positives. Rows are `data.rows`' (pipeline.views)."""
+    n, rows = data.num_examples, data.rows
     examples = np.arange(n, dtype=np.int64)
-    keys = [data.positive_ids] + ([data.anchor_ids] if contrast_anchors else []) + [data.negative_ids.reshape(-1)]
+    keys = [rows.positive] + ([rows.anchor] if contrast_anchors else []) + [rows.negative.reshape(-1)]
     values = [examples] + ([examples] if contrast_anchors else []) + [np.repeat(examples, data.num_negatives)]
-    own = np.column_stack([data.anchor_ids, data.positive_ids, data.negative_ids])
-    found = [(data.anchor_ids, own, _csr(np.concatenate(keys), np.concatenate(values), num_texts))]
+    own = [rows.anchor[:, None], rows.positive[:, None], rows.negative]
+    if rows.by_view.shape[1] > 1:  # the anchor's and positive's texts in every view: a duplicate in another role is proposed
+        own += [rows.by_view[data.anchor_ids], rows.by_view[data.positive_ids]]
+    found = [(rows.anchor, np.hstack(own), _csr(np.concatenate(keys), np.concatenate(values), rows.num_rows))]
     if contrast_positives:
-        found.append((data.positive_ids, data.positive_ids[:, None], _csr(data.positive_ids, examples, num_texts)))
+        found.append((rows.positive, rows.positive[:, None], _csr(rows.positive, examples, rows.num_rows)))
     return found
 
 
@@ -219,8 +227,8 @@ def conflict_graph(
     16384 rows per block alike; bench/results/fn_aware_recall.json).
     """
     n = data.num_examples
-    thresholds = pair_dots(embeddings, data.anchor_ids, data.positive_ids)
-    found = searches(data, len(embeddings), contrast_anchors, contrast_positives)
+    thresholds = pair_dots(embeddings, data.rows.anchor, data.rows.positive)
+    found = searches(data, contrast_anchors, contrast_positives)
     space = space or search_space(embeddings, data, found)
     duplicate_ids = np.column_stack([data.anchor_ids, data.positive_ids]) if mask_duplicates else None  # one row per example
     merged, pending = np.empty(0, np.int64), []
@@ -229,7 +237,7 @@ def conflict_graph(
         for start in range(0, n, ROWS_PER_BLOCK):
             block = slice(start, start + ROWS_PER_BLOCK)
             rows, texts = flagged_texts(embeddings, space, query_ids[block], own_ids[block], thresholds[block], candidates,
-                                        margin_strategy, margin, None if duplicate_ids is None else duplicate_ids[block])
+                                        margin_strategy, margin, None if duplicate_ids is None else duplicate_ids[block], data.rows.text)
             left, right = _expand(rows + start, texts, indptr, holders)
             left, right = left[left != right], right[left != right]
             pending.append(np.unique(np.concatenate([left * n + right, right * n + left])))

@@ -14,7 +14,7 @@ import gzip
 import hashlib
 import json
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -47,6 +47,8 @@ class TrainingData:
             the data has no task column.
         fingerprint: sha256 over the used columns, in canonical order.
         columns: canonical column name -> source column name.
+        views: the guide pass's views of the texts (pipeline.views.GuideViews); None: one view,
+            a vector per text. `rows` derives where each role's texts sit among the stored vectors.
     """
 
     texts: pa.LargeStringArray
@@ -56,6 +58,20 @@ class TrainingData:
     tasks: np.ndarray | None
     fingerprint: str
     columns: dict[str, str]
+    views: object = None
+    _rows: tuple | None = field(default=None, repr=False, compare=False)
+
+    @property
+    def rows(self):
+        """The guide pass's rows of each role's texts (pipeline.views.VectorRows): what every
+        consumer of the stored vectors gathers by, while duplicates compare text ids. Derived once
+        for these id arrays and views (a copy with other ids derives its own)."""
+        from pipeline.views import SINGLE_VIEW, vector_rows
+
+        basis = (self.anchor_ids, self.positive_ids, self.negative_ids, self.views)
+        if self._rows is None or any(a is not b for a, b in zip(self._rows[0], basis)):
+            self._rows = (basis, vector_rows(self, self.views or SINGLE_VIEW))
+        return self._rows[1]
 
     @property
     def num_examples(self) -> int:
@@ -495,12 +511,13 @@ def write_data_tables(out_dir: Path, data: TrainingData) -> None:
 def read_data_tables(run_dir: Path, manifest: dict) -> TrainingData:
     """Rebuild TrainingData from a stage-1 directory (no DATA file needed), e.g. for `gist plan`."""
     from pipeline.artifacts import verify_checksum
+    from pipeline.views import GuideViews
 
     texts = pq.read_table(verify_checksum(run_dir, TEXTS, manifest)).column("text").cast(pa.large_string()).combine_chunks()
     examples = pq.read_table(verify_checksum(run_dir, EXAMPLES, manifest))
     negatives = examples.column("negative_ids").combine_chunks()
     n = examples.num_rows
-    return TrainingData(
+    data = TrainingData(
         texts=texts,
         anchor_ids=examples.column("anchor_id").to_numpy(),
         positive_ids=examples.column("positive_id").to_numpy(),
@@ -509,3 +526,5 @@ def read_data_tables(run_dir: Path, manifest: dict) -> TrainingData:
         fingerprint=manifest["dataset"]["fingerprint"],
         columns=manifest["dataset"]["columns"],
     )
+    data.views = GuideViews.from_record(manifest["guide"]["views"])  # the pass's views of each role
+    return data

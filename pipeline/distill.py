@@ -52,8 +52,9 @@ class GuideTeacher:
         self.guide_dir = Path(guide_dir)
         manifest, data, embeddings = load_guide_pass(self.guide_dir)
         self.fingerprint = data.fingerprint
-        self.embeddings = embeddings  # (texts, dim) float32, read-only
-        self.text_ids = np.column_stack([data.anchor_ids, data.positive_ids, data.negative_ids])  # (N, columns)
+        self.embeddings = embeddings  # (stored rows, dim), read-only
+        # Each column's stored row: the anchor's query view, the others' document view (pipeline.views).
+        self.rows = np.column_stack([data.rows.anchor, data.rows.positive, data.rows.negative])  # (N, columns)
         self.dim = int(embeddings.shape[1])
 
     @classmethod
@@ -74,7 +75,7 @@ class GuideTeacher:
     def labels(self, example_ids: Tensor, columns: int) -> Tensor:
         """(batch, columns, dim) float32 guide embeddings of the examples' first `columns` texts."""
         ids = np.asarray(example_ids.cpu() if isinstance(example_ids, Tensor) else example_ids, dtype=np.int64)
-        return torch.from_numpy(gather(self.embeddings, self.text_ids[ids, :columns]))
+        return torch.from_numpy(gather(self.embeddings, self.rows[ids, :columns]))
 
 
 class TeacherLabelLoss(nn.Module):

@@ -93,14 +93,18 @@ def positive_ranks(embeddings: np.ndarray, data: data_mod.TrainingData, depth: i
     """
     import faiss
 
-    candidates = np.unique(data.positive_ids) if among == "positives" else np.arange(len(data.texts))
+    # Anchors are read in their query view, candidates in the positives' document view (pipeline.views);
+    # "all" candidates: every text stored in that view.
+    rows = data.rows
+    query, document = (lambda texts: rows.of("anchor", texts)), (lambda texts: rows.of("positive", texts))
+    candidates = np.unique(data.positive_ids) if among == "positives" else np.flatnonzero(document(np.arange(len(data.texts))) >= 0)
     index = faiss.IndexFlatIP(embeddings.shape[1])
-    index.add(guide_mod.gather(embeddings, candidates))
+    index.add(guide_mod.gather(embeddings, document(candidates)))
     groups = _same_anchor_positives(data)
     anchors = np.unique(data.anchor_ids)
     # Excluded texts (the anchor itself, its positives) can fill the top of a search: search past them.
     k = int(min(len(candidates), depth + 1 + max(len(g) for g in groups.values())))
-    scores = pair_dots(embeddings, data.anchor_ids, data.positive_ids)
+    scores = pair_dots(embeddings, rows.anchor, rows.positive)
     ranks = np.empty(data.num_examples, dtype=np.int64)
     exact = np.empty(data.num_examples, dtype=bool)
     example_order = np.argsort(data.anchor_ids, kind="stable")
@@ -114,9 +118,9 @@ def positive_ranks(embeddings: np.ndarray, data: data_mod.TrainingData, depth: i
     with guide_mod.faiss_single_thread():  # the same results on any thread count
         for start in range(0, len(anchors), SEARCH_ROWS):
             block = anchors[start : start + SEARCH_ROWS]
-            found_scores, found = index.search(guide_mod.gather(embeddings, block), k)
+            found_scores, found = index.search(guide_mod.gather(embeddings, query(block)), k)
             texts = candidates[found]
-            texts_scores = pair_dots(embeddings, np.repeat(block, k), texts.reshape(-1)).reshape(texts.shape)
+            texts_scores = pair_dots(embeddings, np.repeat(query(block), k), document(texts.reshape(-1))).reshape(texts.shape)
             for row, anchor in enumerate(block.tolist()):
                 members = example_order[first[start + row] : last[start + row]]
                 rank(anchor, texts[row], texts_scores[row], members)
@@ -124,8 +128,8 @@ def positive_ranks(embeddings: np.ndarray, data: data_mod.TrainingData, depth: i
                 exact[members] = (k == len(candidates)) | (found_scores[row][-1] < scores[members] - RADIUS_SLACK)
                 unsure = members[~exact[members] & (ranks[members] <= depth)]
                 if len(unsure):  # within the depth but near the deepest result: every candidate near or above, by range
-                    _, _, near = index.range_search(guide_mod.gather(embeddings, [anchor]), float(scores[unsure].min()) - RADIUS_SLACK)
-                    rank(anchor, candidates[near], pair_dots(embeddings, np.full(len(near), anchor), candidates[near]), unsure)
+                    _, _, near = index.range_search(guide_mod.gather(embeddings, query([anchor])), float(scores[unsure].min()) - RADIUS_SLACK)
+                    rank(anchor, candidates[near], pair_dots(embeddings, np.repeat(query([anchor]), len(near)), document(candidates[near])), unsure)
                     exact[unsure] = True
     return PositiveRanks(scores, ranks, exact)
 

@@ -29,6 +29,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from pipeline import GistError
 from pipeline.artifacts import atomic_path
 from pipeline.data import TrainingData
+from pipeline.views import GuideViews, VectorRows, View
 
 EMBEDDINGS = "embeddings.parquet"
 VECTORS = "embeddings.npy"  # the same vectors as a raw array, memory-mapped by every consumer
@@ -143,9 +144,15 @@ def model_identity(path: str) -> dict:
     return {"path": str(root.resolve()), "name": root.resolve().name, "sha256": digest.hexdigest()}
 
 
-# What decides a stored vector besides the text: the model's files and how it was run. Two passes
-# agreeing on these store the same vector for a text, so one can reuse or resume the other's work.
+# What decides a stored vector besides the text and its view: the model's files and how it was run.
+# Two passes agreeing on these store the same vector for a text under the same view (pipeline.views),
+# so one can reuse or resume the other's work.
 ENCODING_KEYS = ("sha256", "dtype", "max_seq_length")
+
+
+def stored_views(manifest: dict) -> dict:
+    """The views record of a pass's manifest (pipeline.views.GuideViews.record)."""
+    return manifest["guide"]["views"]
 
 
 def encoding_identity(identity: dict, model, dtype: str) -> dict:
@@ -161,7 +168,15 @@ def _progress() -> Progress:
 
 
 def embeddings_schema(dim: int, dtype: str = "float32") -> pa.Schema:
-    return pa.schema([("text_id", pa.int64()), ("embedding", pa.list_(pa.from_numpy_dtype(np.dtype(dtype)), dim))])
+    """`embeddings.parquet`: a row per stored vector, its text, its view (pipeline.views) and the vector."""
+    return pa.schema([("text_id", pa.int64()), ("view", pa.int8()), ("embedding", pa.list_(pa.from_numpy_dtype(np.dtype(dtype)), dim))])
+
+
+def embeddings_table(rows: VectorRows, start: int, vectors: np.ndarray, schema: pa.Schema) -> pa.Table:
+    """Stored rows start.. (their text ids and views) with their vectors, as `embeddings.parquet` holds them."""
+    stop = start + len(vectors)
+    return pa.table({"text_id": rows.text[start:stop].astype(np.int64), "view": rows.view[start:stop],
+                     "embedding": pa.FixedSizeListArray.from_arrays(vectors.reshape(-1), vectors.shape[1])}, schema=schema)
 
 
 def gather(embeddings: np.ndarray, ids: np.ndarray) -> np.ndarray:
@@ -170,17 +185,21 @@ def gather(embeddings: np.ndarray, ids: np.ndarray) -> np.ndarray:
 
 
 class StoredEmbeddings:
-    """Embeddings of earlier guide passes (`--reuse DIR`), looked up by text, so no text is encoded twice.
+    """Embeddings of earlier guide passes (`--reuse DIR`), looked up by view and text, so no text is encoded twice.
 
     Only passes of the same guide files and encoding settings (ENCODING_KEYS of `guide`) are
-    accepted: their vectors are what this guide would store. `key` identifies the sources (their embeddings' checksums) for the resume key.
+    accepted: their vectors are what this guide would store. A text is found in a view of a source
+    equal to the asked view (same prompt and task): a pass made with other prompts serves only the
+    views it shares. `key` identifies the sources (their embeddings' checksums) for the resume key.
     """
 
     def __init__(self, run_dirs: list[Path], guide: dict, embedding_dtype: str = "float32"):
         from pipeline.artifacts import read_manifest, verify_checksum
         from pipeline.data import TEXTS
 
-        texts, self.sources, self.key = [], [], []
+        self.sources, self.key = [], []
+        by_view: dict[View, tuple[list, list]] = {}  # view -> (texts, rows in the sources laid end to end), per source
+        start = 0
         for run_dir in run_dirs:
             manifest = read_manifest(run_dir)
             stored = manifest.get("guide", {})
@@ -194,16 +213,27 @@ class StoredEmbeddings:
                 raise GistError(
                     f"--reuse {run_dir}: encoded by {stored.get('name')} otherwise than by this guide {guide['name']} ({shown}); its embeddings cannot be reused"
                 )
-            texts.append(pq.read_table(verify_checksum(run_dir, TEXTS, manifest)).column("text").cast(pa.large_string()))
+            texts = pq.read_table(verify_checksum(run_dir, TEXTS, manifest)).column("text").cast(pa.large_string()).combine_chunks()
+            stored = pq.read_table(verify_checksum(run_dir, EMBEDDINGS, manifest), columns=["text_id", "view"])
+            text_of_row, view_of_row = stored.column("text_id").to_numpy(), stored.column("view").to_numpy()
+            for index, view in enumerate(GuideViews.from_record(stored_views(manifest)).views):
+                here = np.flatnonzero(view_of_row == index)
+                found = by_view.setdefault(view, ([], []))
+                found[0].append(texts.take(text_of_row[here]))
+                found[1].append(here + start)
             self.sources.append(open_embeddings(verify_checksum(run_dir, VECTORS, manifest)))
             self.key.append(manifest["files"][VECTORS]["sha256"])
-        self.texts = pa.chunked_array([chunk for array in texts for chunk in array.chunks], pa.large_string()).combine_chunks()
+            start += len(self.sources[-1])
+        self.views = {view: (pa.chunked_array(texts, pa.large_string()).combine_chunks(), np.concatenate(rows)) for view, (texts, rows) in by_view.items()}
         self.starts = np.cumsum([0] + [len(v) for v in self.sources])
 
-    def lookup(self, texts: list[str]) -> np.ndarray:
-        """Row of each text in the sources laid end to end (the first source holding it), -1 where none has it."""
-        rows = pc.index_in(pa.array(texts, pa.large_string()), value_set=self.texts)
-        return rows.fill_null(-1).to_numpy().astype(np.int64)
+    def lookup(self, texts: list[str], view: View) -> np.ndarray:
+        """Row of each text's `view` in the sources laid end to end (the first source holding it), -1 where none has it."""
+        if view not in self.views:
+            return np.full(len(texts), -1, dtype=np.int64)
+        stored_texts, rows = self.views[view]
+        found = pc.index_in(pa.array(texts, pa.large_string()), value_set=stored_texts).fill_null(-1).to_numpy().astype(np.int64)
+        return np.where(found >= 0, rows[found], -1)
 
     def take(self, rows: np.ndarray) -> np.ndarray:
         """float32 vectors of `rows` (from `lookup`), read from each source's memory map."""
@@ -215,22 +245,24 @@ class StoredEmbeddings:
         return out
 
 
-def embed(model, texts: list[str], batch_size: int, stored: StoredEmbeddings | None = None, first_id: int = 0) -> tuple[np.ndarray, int]:
-    """Normalized float32 guide embeddings of `texts` (text ids from `first_id`); texts found in
-    `stored` are copied, not encoded. Returns the vectors and how many came from `stored`.
+def embed(model, texts: list[str], view: View, batch_size: int, stored: StoredEmbeddings | None = None) -> tuple[np.ndarray, int]:
+    """Normalized float32 guide embeddings of `texts` seen through `view` (its prompt, its task);
+    texts found in `stored` under the same view are copied, not encoded. Returns the vectors and how
+    many came from `stored`.
     """
-    rows = stored.lookup(texts) if stored is not None else np.full(len(texts), -1, dtype=np.int64)
+    rows = stored.lookup(texts, view) if stored is not None else np.full(len(texts), -1, dtype=np.int64)
     found, missing = np.flatnonzero(rows >= 0), np.flatnonzero(rows < 0)
     vectors = np.empty((len(texts), model.get_embedding_dimension()), dtype=np.float32)
     if len(found):
         vectors[found] = stored.take(rows[found])
     if len(missing):
         vectors[missing] = model.encode(
-            [texts[i] for i in missing], batch_size=batch_size, normalize_embeddings=True, convert_to_numpy=True, show_progress_bar=False
+            [texts[i] for i in missing], batch_size=batch_size, normalize_embeddings=True, convert_to_numpy=True, show_progress_bar=False,
+            **view.encode_kwargs(),
         )
     if not np.isfinite(vectors).all():
-        bad = np.flatnonzero(~np.isfinite(vectors).all(axis=1))[:5] + first_id
-        raise GistError(f"the guide produced NaN/inf embeddings for text ids {bad.tolist()}; check the model (a float16 guide overflowing? try --guide-dtype float32 or bfloat16)")
+        bad = [texts[i][:60] for i in np.flatnonzero(~np.isfinite(vectors).all(axis=1))[:3]]
+        raise GistError(f"the guide produced NaN/inf embeddings (e.g. for {bad}); check the model (a float16 guide overflowing? try --guide-dtype float32 or bfloat16)")
     return vectors, len(found)
 
 
@@ -243,11 +275,12 @@ def encoding_started(stage) -> bool:
 
 
 def encode_to_parquet(
-    model, texts: pa.Array, stage, batch_size: int, rows_per_group: int, rank: int = 0, world_size: int = 1,
+    model, data: TrainingData, views: GuideViews, stage, batch_size: int, rows_per_group: int, rank: int = 0, world_size: int = 1,
     stored: StoredEmbeddings | None = None, embedding_dtype: str = "float32",
 ) -> dict | None:
-    """Encode `texts` (normalized) into the stage's `embeddings.parquet` and `embeddings.npy`, stored
-    as `embedding_dtype`, resuming finished work.
+    """Encode every stored row of `data` (a text under a view, `data.rows`; normalized) into the
+    stage's `embeddings.parquet` and `embeddings.npy`, stored as `embedding_dtype`, resuming finished work.
+    A chunk's rows are encoded a view at a time (each with its prompt and task).
 
     Finished chunks are part files in the stage's work directory (`pipeline.outputs`: a stage is
     resumed only by a run of the same guide, encoding settings and data); once joined the parts are
@@ -263,34 +296,37 @@ def encode_to_parquet(
     barrier(world_size)
 
     dim = model.get_embedding_dimension()
-    counts = {"dim": dim, "encoded_texts": 0, "reused_texts": 0, "resumed_texts": len(texts), "encode_seconds": 0.0}
+    rows = data.rows
+    num_rows = rows.num_rows
+    counts = {"dim": dim, "encoded_texts": 0, "reused_texts": 0, "resumed_texts": num_rows, "encode_seconds": 0.0}
     if all(path.exists() for path in joined):  # joined by an earlier run of this stage: all finished
         return counts if rank == 0 else None
     schema = embeddings_schema(dim, embedding_dtype)
-    n_chunks = (len(texts) + rows_per_group - 1) // rows_per_group
+    n_chunks = (num_rows + rows_per_group - 1) // rows_per_group
     resumed = reused = encoded = 0
     encode_seconds = 0.0
     with _progress() as progress:
         mine = range(rank, n_chunks, world_size)
-        task = progress.add_task("guide: encoding texts" + (f" (rank {rank})" if world_size > 1 else ""), total=sum(min(len(texts), (c + 1) * rows_per_group) - c * rows_per_group for c in mine))
+        task = progress.add_task("guide: encoding texts" + (f" (rank {rank})" if world_size > 1 else ""), total=sum(min(num_rows, (c + 1) * rows_per_group) - c * rows_per_group for c in mine))
         # The bar moves per encoded batch: a hook on the model's forward, which encode calls once per batch.
         hook = model.register_forward_hook(lambda module, args, output: progress.advance(task, len(output["sentence_embedding"])))
         try:
             for chunk in mine:
-                start, stop = chunk * rows_per_group, min(len(texts), (chunk + 1) * rows_per_group)
+                start, stop = chunk * rows_per_group, min(num_rows, (chunk + 1) * rows_per_group)
                 part = parts_dir / f"part-{chunk:06d}.parquet"
                 if part.exists():
                     resumed += stop - start
                     progress.advance(task, stop - start)
                     continue
                 t0 = time.perf_counter()
-                vectors, from_stored = embed(model, texts[start:stop].to_pylist(), batch_size, stored, first_id=start)
+                vectors, from_stored = np.empty((stop - start, dim), dtype=np.float32), 0
+                for index, view in enumerate(views.views):  # the chunk's rows of each view, in row order
+                    here = np.flatnonzero(rows.view[start:stop] == index)
+                    if len(here):
+                        vectors[here], copied = embed(model, data.texts.take(rows.text[start:stop][here]).to_pylist(), view, batch_size, stored)
+                        from_stored += copied
                 encode_seconds += time.perf_counter() - t0
-                table = pa.table(
-                    {"text_id": np.arange(start, stop, dtype=np.int64),
-                     "embedding": pa.FixedSizeListArray.from_arrays(vectors.reshape(-1).astype(embedding_dtype), dim)},
-                    schema=schema,
-                )
+                table = embeddings_table(rows, start, vectors.astype(embedding_dtype), schema)
                 with atomic_path(part) as tmp:
                     pq.write_table(table, tmp)
                 reused += from_stored
@@ -309,7 +345,7 @@ def encode_to_parquet(
     if rank != 0:
         return None
     with atomic_path(joined[0]) as tmp, pq.ParquetWriter(tmp, schema) as writer, atomic_path(joined[1]) as raw:
-        array = np.lib.format.open_memmap(raw, mode="w+", dtype=embedding_dtype, shape=(len(texts), dim))
+        array = np.lib.format.open_memmap(raw, mode="w+", dtype=embedding_dtype, shape=(num_rows, dim))
         for chunk in range(n_chunks):
             table = pq.read_table(parts_dir / f"part-{chunk:06d}.parquet")
             writer.write_table(table, row_group_size=rows_per_group)
@@ -333,14 +369,15 @@ def open_embeddings(path: Path) -> np.ndarray:
 
 
 def read_embeddings(path: Path) -> np.ndarray:
-    """Read `embeddings.parquet` (the interchange format) into a (num_texts, dim) array ordered by text id."""
+    """Read `embeddings.parquet` (the interchange format) into a (rows, dim) array in stored-row order:
+    by text id, then view (under one view, row = text id)."""
     try:
         table = pq.read_table(path)
     except (pa.ArrowException, OSError) as e:
         raise GistError(f"{path}: cannot read embeddings ({str(e).splitlines()[0]})") from None
     ids = table.column("text_id").to_numpy()
-    if not np.array_equal(ids, np.arange(len(ids))):
-        raise GistError(f"{path}: text ids are not 0..n-1 in order; the file is not from gist")
+    if len(ids) and (ids[0] != 0 or np.any(np.diff(ids) < 0) or np.any(np.diff(ids) > 1)):
+        raise GistError(f"{path}: text ids are not in stored-row order; the file is not from gist")
     emb = table.column("embedding").combine_chunks()
     return emb.values.to_numpy().reshape(len(ids), emb.type.list_size)
 

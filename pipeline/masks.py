@@ -149,9 +149,11 @@ def guide_similarities(source, data: TrainingData, batches: np.ndarray, params: 
     Blocks: "ap" (nb, G, G), "aa", "pp" (when the plan contrasts them), "an" (nb, G, k*G); "pa" (nb, G, G)
     and "pn" (nb, G, k*G) when the plan asks for the document-side blocks.
     """
-    # Negative columns in column-major order: column c * G + j is negative c of example j.
+    # Negative columns in column-major order: column c * G + j is negative c of example j. Each role's
+    # vectors are its view's (pipeline.views): anchors as queries, positives and negatives as documents.
+    rows = data.rows
     anchors, positives, negatives = _gather(  # (nb, G, d), (nb, G, d), (nb, k * G, d)
-        source, [data.anchor_ids[batches], data.positive_ids[batches], negative_columns(data, batches)], device
+        source, [rows.anchor[batches], rows.positive[batches], negative_columns(rows.negative, batches)], device
     )
     with exact_float32_matmul():
         sims = {"ap": torch.bmm(anchors, positives.transpose(1, 2))}
@@ -184,9 +186,10 @@ def rule_masks(sims: dict[str, torch.Tensor], margin_strategy: str, margin: floa
     return masks
 
 
-def negative_columns(data: TrainingData, batches: np.ndarray) -> np.ndarray:
-    """Text ids of the `an` block's candidates, (nb, k * G): column c * G + j is negative c of example j."""
-    return data.negative_ids[batches].transpose(0, 2, 1).reshape(len(batches), -1)
+def negative_columns(negative_ids: np.ndarray, batches: np.ndarray) -> np.ndarray:
+    """The `an` block's candidates (text ids, or stored rows) of `negative_ids` (N, k), (nb, k * G):
+    column c * G + j is negative c of example j."""
+    return negative_ids[batches].transpose(0, 2, 1).reshape(len(batches), -1)
 
 
 def duplicate_masks(data: TrainingData, batches: np.ndarray, params: PlanParams, device: str = "cpu") -> dict[str, torch.Tensor]:
@@ -194,7 +197,7 @@ def duplicate_masks(data: TrainingData, batches: np.ndarray, params: PlanParams,
     as `rule_masks` shapes them: never true negatives. The true pairs ap[i, i], pa[i, i] are not ones;
     disabled aa/pp blocks are all False, unplanned document-side blocks absent."""
     ids = {name: torch.from_numpy(np.ascontiguousarray(a)).to(device) for name, a in
-           (("a", data.anchor_ids[batches]), ("p", data.positive_ids[batches]), ("n", negative_columns(data, batches)))}
+           (("a", data.anchor_ids[batches]), ("p", data.positive_ids[batches]), ("n", negative_columns(data.negative_ids, batches)))}
     own_a, own_p = ids["a"].unsqueeze(-1), ids["p"].unsqueeze(-1)  # (nb, G, 1): row i's texts
 
     def same_text(candidates: torch.Tensor) -> torch.Tensor:

@@ -18,6 +18,11 @@ selection is that of `mine_hard_negatives(..., use_faiss=True, output_format="n-
 One deliberate difference: a candidate that *is* the anchor's text is skipped (sentence-transformers
 mines the anchor as its own negative when it is in the corpus and no margin is set).
 
+Prompts: queries are the anchors' stored view, the corpus the positives' (pipeline.views), i.e.
+`mine_hard_negatives(query_prompt=..., corpus_prompt=...)` with the prompts the pass encoded them
+with; `--query-prompt` / `--corpus-prompt` (or their names) state them and are refused when the pass
+holds no such view. A corpus file's texts without a stored document view are encoded with it.
+
 Reference: NV-Retriever, arXiv 2407.15831 (positive-aware mining).
 """
 
@@ -31,6 +36,7 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from pipeline import GistError
@@ -103,15 +109,19 @@ def check_params(params: MiningParams, range_max: int) -> None:
 
 
 def mine_negatives(
-    embeddings: np.ndarray, anchor_ids: np.ndarray, positive_ids: np.ndarray, corpus_ids: np.ndarray, params: MiningParams
+    embeddings: np.ndarray, anchor_ids: np.ndarray, positive_ids: np.ndarray, corpus_ids: np.ndarray, params: MiningParams,
+    query_rows: np.ndarray | None = None, document_rows: np.ndarray | None = None,
 ) -> MinedNegatives:
-    """Mine negatives for every example from unit guide embeddings indexed by text id.
+    """Mine negatives for every example from unit guide embeddings.
 
     Args:
-        embeddings: (num_texts, dim) float32 unit vectors (stage 1's embeddings, maybe extended).
-        anchor_ids, positive_ids: (num_examples,) text ids of each example's anchor and positive.
+        embeddings: (rows, dim) float32 unit vectors (stage 1's stored vectors, maybe extended).
+        anchor_ids: (num_examples,) text ids of each example's anchor.
+        positive_ids: (num_examples,) text ids of each example's positive.
         corpus_ids: text ids to draw negatives from; the positives are added, as mine_hard_negatives does.
         params: the selection options.
+        query_rows: the row of each text id's query view (the anchors'); None: row = text id.
+        document_rows: the row of each text id's document view (the corpus'); None: row = text id.
     """
     import faiss
 
@@ -121,16 +131,18 @@ def mine_negatives(
     range_max = params.range_max if params.range_max is not None else default_range_max(params, max_positives)
     check_params(params, range_max)
 
+    query_rows = np.arange(len(embeddings)) if query_rows is None else query_rows
+    document_rows = np.arange(len(embeddings)) if document_rows is None else document_rows
     index = faiss.IndexFlatIP(embeddings.shape[1])
-    index.add(gather(embeddings, corpus))
-    query_vectors = gather(embeddings, queries)
+    index.add(gather(embeddings, document_rows[corpus]))
+    query_vectors = gather(embeddings, query_rows[queries])
     found = [index.search(query_vectors[s : s + SEARCH_CHUNK], range_max + max_positives + 1) for s in range(0, len(queries), SEARCH_CHUNK)]
     scores = np.concatenate([f[0] for f in found])
     candidates = np.concatenate([f[1] for f in found])
     candidates = np.where(candidates >= 0, corpus[np.maximum(candidates, 0)], -1)  # corpus positions -> text ids
 
     # Never a query's own positives, never the query itself, never FAISS's -1 padding.
-    num_texts = np.int64(len(embeddings))
+    num_texts = np.int64(len(document_rows))
     positive_keys = np.unique(query_of_row * num_texts + positive_ids)
     own = np.isin(np.arange(len(queries))[:, None] * num_texts + candidates, positive_keys)
     scores[own | (candidates == queries[:, None]) | (candidates < 0)] = -np.inf
@@ -138,7 +150,7 @@ def mine_negatives(
     skipped = {}
     if params.absolute_margin is not None or params.relative_margin is not None:
         # The hardest (lowest-scoring) positive of each query sets its bar.
-        positive_scores = np.einsum("nd,nd->n", gather(embeddings, anchor_ids), gather(embeddings, positive_ids))
+        positive_scores = np.einsum("nd,nd->n", gather(embeddings, query_rows[anchor_ids]), gather(embeddings, document_rows[positive_ids]))
         bar = np.full(len(queries), np.inf, dtype=np.float32)
         np.minimum.at(bar, query_of_row, positive_scores)
         bar = bar[:, None]
@@ -186,14 +198,19 @@ def write_mined(out_path: Path, texts: pa.Array, data: TrainingData, mined: Mine
 def mine_from_pass(
     guide_dir: str | Path, out: str | Path, params: MiningParams = MiningParams(), *, corpus: str = "positives",
     corpus_column: str = "text", guide: str | None = None, encode_batch_size: int = 64, device: str = "auto", overwrite: bool = False,
+    query_prompt: str | None = None, corpus_prompt: str | None = None, query_prompt_name: str | None = None, corpus_prompt_name: str | None = None,
 ) -> dict:
     """Mine hard negatives for every example of a stored guide pass and write them to `out` (.parquet).
 
-    `corpus`: "positives" (the data's positives, as mine_hard_negatives), "all" (every text of the
-    pass), or a Parquet/JSONL/CSV file whose texts not in the pass are encoded once with the guide
-    (`guide`, default the path in the pass's manifest). Returns the metadata written with the rows.
+    `corpus`: "positives" (the data's positives, as mine_hard_negatives), "all" (every text the
+    pass stores as a document), or a Parquet/JSONL/CSV file whose texts not in the pass are encoded
+    once with the guide (`guide`, default the path in the pass's manifest) in the document view.
+    `query_prompt` / `corpus_prompt` (or the guide's prompt names): as mine_hard_negatives takes
+    them; they must be the prompts the pass encoded anchors / positives with. Returns the metadata
+    written with the rows.
     """
     from pipeline import data as data_mod, guide as guide_mod
+    from pipeline.views import GuideViews, served_prompt
 
     guide_dir, out = Path(guide_dir), Path(out)
     if params.sampling_strategy not in SAMPLING:
@@ -203,20 +220,31 @@ def mine_from_pass(
     corpus_file = None if corpus in ("positives", "all") else Path(corpus)
     t_start = time.perf_counter()
     manifest, training, embeddings = guide_mod.load_guide_pass(guide_dir)
+    views = GuideViews.from_record(guide_mod.stored_views(manifest))
+    own_prompts = manifest["guide"].get("prompts") or {}
+    for option, prompt, name, role in (("--query-prompt", query_prompt, query_prompt_name, "anchor"), ("--corpus-prompt", corpus_prompt, corpus_prompt_name, "positive")):
+        if prompt is not None and name is not None:
+            raise GistError(f"{option} and {option}-name: give one of them")
+        if name is not None and name not in own_prompts:
+            raise GistError(f"{option}-name {name!r}: the guide of {guide_dir} defines no such prompt (its prompts: {', '.join(sorted(own_prompts)) or 'none'})")
+        served_prompt(views, role, own_prompts[name] if name is not None else prompt, option)
     model_path = guide or manifest["guide"]["path"]  # what encodes a --corpus file's new texts
     output = Output(out, MINED, overwrite=overwrite, inputs={
         "GUIDE_DIR": guide_dir, "--corpus": corpus_file, "the guide model": model_path if corpus_file else None})
     output.check()
     texts = training.texts
+    query_rows = training.rows.of("anchor", np.arange(len(texts)))
+    document_rows = training.rows.of("positive", np.arange(len(texts)))
     if corpus == "positives":
         corpus_ids = training.positive_ids
     elif corpus == "all":
-        corpus_ids = np.arange(len(texts))
+        corpus_ids = np.flatnonzero(document_rows >= 0)
     else:
-        # A corpus file: its texts already in the guide pass reuse their vectors, the rest are encoded once.
+        # A corpus file: its texts stored in the document view reuse their vectors, the rest are encoded once.
         corpus_texts = data_mod.read_corpus(Path(corpus), corpus_column)
-        rows = guide_mod.StoredEmbeddings([guide_dir], manifest["guide"], manifest["encoding"]["embedding_dtype"]).lookup(corpus_texts)
-        new_texts = [corpus_texts[i] for i in np.flatnonzero(rows < 0)]
+        corpus_ids = pc.index_in(pa.array(corpus_texts, pa.large_string()), value_set=texts).fill_null(-1).to_numpy().astype(np.int64)
+        unstored = np.flatnonzero((corpus_ids < 0) | (document_rows[np.maximum(corpus_ids, 0)] < 0))
+        new_texts = [corpus_texts[i] for i in unstored]
         if manifest["guide"].get("source") == "embeddings":  # a pass from --embeddings VECTORS: no model to encode with
             if new_texts:
                 raise GistError(f"--corpus {corpus}: {len(new_texts)} text(s) not in {guide_dir}, e.g. {new_texts[0][:60]!r}, and its vectors came from "
@@ -229,18 +257,25 @@ def mine_from_pass(
             guide_mod.set_guide_dtype(model, manifest["guide"]["dtype"])  # encode as the guide pass did
             if manifest["guide"]["max_seq_length"] is not None:
                 model.max_seq_length = manifest["guide"]["max_seq_length"]  # encode as the guide pass did
-            new_vectors, _ = guide_mod.embed(model, new_texts, encode_batch_size, first_id=len(texts))
-        rows[rows < 0] = len(texts) + np.arange(len(new_texts))
-        texts = pa.concat_arrays([texts, pa.array(new_texts, pa.large_string())])
-        embeddings, corpus_ids = np.concatenate([embeddings, new_vectors]), rows
+            new_vectors, _ = guide_mod.embed(model, new_texts, views.view_of("positive"), encode_batch_size)
+        new_rows = len(embeddings) + np.arange(len(new_texts))
+        new = corpus_ids[unstored] < 0  # texts not in the pass get text ids after its own
+        known = corpus_ids[unstored[~new]]
+        document_rows[known] = new_rows[~new]
+        corpus_ids[unstored[new]] = len(texts) + np.arange(int(new.sum()))
+        texts = pa.concat_arrays([texts, pa.array([t for t, n in zip(new_texts, new) if n], pa.large_string())])
+        query_rows = np.concatenate([query_rows, np.full(int(new.sum()), -1)])
+        document_rows = np.concatenate([document_rows, new_rows[new]])
+        embeddings = np.concatenate([embeddings, new_vectors])
     t_load = time.perf_counter()
-    mined = mine_negatives(embeddings, training.anchor_ids, training.positive_ids, corpus_ids, params)
+    mined = mine_negatives(embeddings, training.anchor_ids, training.positive_ids, corpus_ids, params, query_rows, document_rows)
     t_mine = time.perf_counter()
     meta = {
         "kind": MINED.name,
         "mining": {**asdict(params), "range_max": mined.range_max, "corpus": corpus if corpus in ("positives", "all") else str(Path(corpus).resolve())},
         "guide_dir": str(guide_dir.resolve()), "guide": manifest["guide"], "dataset": manifest["dataset"],
-        "corpus_texts": len(np.unique(corpus_ids)), "encoded_texts": len(texts) - len(training.texts),
+        "corpus_texts": len(np.unique(corpus_ids)), "encoded_texts": len(embeddings) - training.rows.num_rows,
+        "query_prompt": views.view_of("anchor").prompt, "corpus_prompt": views.view_of("positive").prompt,
         "examples": training.num_examples, "skipped_candidates": mined.skipped,
         "timings": {"load_s": round(t_load - t_start, 3), "mine_s": round(t_mine - t_load, 3)},
     }

@@ -102,7 +102,7 @@ def _cluster_groups(data: TrainingData, embeddings: np.ndarray, batch_size: int,
         if k == 1:
             groups[(task, 0)] = members
             continue
-        anchors = data.anchor_ids[members]
+        anchors = data.rows.anchor[members]  # the anchors' stored rows (their query view)
         sample = gather(embeddings, anchors[training_sample(len(members), KMEANS_POINTS_PER_CLUSTER * k, seed)])
         kmeans = faiss.Kmeans(sample.shape[1], k, niter=20, seed=seed, spherical=True, gpu=faiss_gpu(device) is not None)
         assignment = np.empty(len(members), dtype=np.int64)

@@ -129,7 +129,7 @@ def _scan(masks: PlannedMasks, data: TrainingData, embeddings: np.ndarray, task_
             sims = guide_similarities(embeddings, data, rows, params)
             duplicates = duplicate_masks(data, rows, params)  # "identical" pairs, and the plan's duplicate masks
             recomputed = plan_masks(sims, params, duplicates)[0]
-            a_ids, p_ids, n_ids = data.anchor_ids[rows], data.positive_ids[rows], negative_columns(data, rows)
+            a_ids, p_ids, n_ids = data.anchor_ids[rows], data.positive_ids[rows], negative_columns(data.negative_ids, rows)
             ids = {"ap": (a_ids, p_ids), "aa": (a_ids, a_ids), "pp": (p_ids, p_ids), "an": (a_ids, n_ids)}
             threshold = sims["threshold"][..., 0].numpy()  # t_i, (nb, G)
             acc["hist_positive"] += histogram(threshold)

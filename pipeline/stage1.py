@@ -21,6 +21,7 @@ from pipeline import GistError, artifacts, data as data_mod, guide as guide_mod,
 from pipeline.masks import PlanParams
 from pipeline.outputs import Kind, Output
 from pipeline.plan import check_plan, check_rule, plan_batches, rule_options
+from pipeline.views import guide_views
 
 
 # What precompute-guide and plan write (pipeline.outputs): a guide pass, and a plan of one.
@@ -48,6 +49,7 @@ def precompute_guide(
     guide_max_seq_length: int | None = None, embedding_dtype: str = "float32", rows_per_group: int = 4096, reuse: list[Path] | tuple = (),
     trust_remote_code: bool = False, overwrite: bool = False, guide_dtype: str = "float32",
     subset: str | None = None, split: str | None = None, revision: str | None = None,
+    guide_prompts: str | dict | None = None, guide_prompt_names: str | dict | None = None,
 ) -> GuidePass | None:
     """Encode every unique text of DATA with the guide once, index it, plan the batches, store their masks.
 
@@ -64,6 +66,11 @@ def precompute_guide(
             and stored as the guide pass, no model loaded; the file's name and sha256 are the guide's identity.
         out: the guide pass directory to write.
         plan: batch size, epochs, seed, strategy and the mask rule's options.
+        guide_prompts: the guide's prompt per role, overriding its own (pipeline.views): one string for
+            every role, or anchor=/positive=/negative= pairs; "" for no prompt at all. The same strings
+            as the student's training prompts reproduce `GISTEmbedLoss` (its guide sees them).
+        guide_prompt_names: the same, as names of the guide's own prompts (`query`, `document`, ...).
+            Without either, anchors are encoded as `encode_query` and the rest as `encode_document` would.
         guide_max_seq_length: truncate the guide's inputs at this many tokens (GISTEmbedLoss with a
             guide sharing the student's tokenizer cuts them at the student's max_seq_length).
         embedding_dtype: float32 (exact, the default) or float16 (half the disk and page cache) storage.
@@ -91,10 +98,11 @@ def precompute_guide(
     check_rule(plan)
     if (guide is None) == (embeddings is None):
         raise GistError("precompute-guide: pass either --guide MODEL or --embeddings VECTORS (one of them)")
-    model_only = {"--reuse": bool(reuse), "--guide-max-seq-length": guide_max_seq_length is not None, "--guide-dtype": guide_dtype != "float32", "--trust-remote-code": trust_remote_code}
+    model_only = {"--reuse": bool(reuse), "--guide-max-seq-length": guide_max_seq_length is not None, "--guide-dtype": guide_dtype != "float32",
+                  "--trust-remote-code": trust_remote_code, "--guide-prompts": guide_prompts is not None, "--guide-prompt-names": guide_prompt_names is not None}
     if embeddings is not None and any(model_only.values()):
         raise GistError(f"{', '.join(k for k, given in model_only.items() if given)}: options of a guide model; with --embeddings every vector comes from VECTORS "
-                        "(a Parquet text -> vector file serves any subset of its texts: pass it again)")
+                        "(a Parquet text -> vector file serves any subset of its texts: pass it again; a 'role' column gives queries and documents their own vectors)")
     dataset_source = data_mod.data_source(data, subset, split, revision)
     output = Output(out, GUIDE_PASS, overwrite=overwrite, inputs={
         **data_mod.local_inputs(dataset_source), "--guide": guide, "--embeddings": embeddings, **{f"--reuse {r}": r for r in reuse}})
@@ -104,14 +112,15 @@ def precompute_guide(
     rank, world_size = guide_mod.init_distributed()  # under torchrun each rank encodes a share of the texts
     t_data = time.perf_counter()
     if embeddings is not None:
-        source = vectors_mod.ExternalVectors(embeddings, training)
+        source = vectors_mod.ExternalVectors(embeddings, training)  # sets training's rows: one view, or a view per role column value
         source.check()  # coverage, dimension, finiteness: a bad file fails here, before OUT is touched
-        identity = source.identity()
+        identity = {**source.identity(), "views": source.views.record()}
         encoding_key = {"guide": identity}
     else:
-        source = _GuideEncoder(guide, device, guide_dtype, guide_max_seq_length, trust_remote_code, reuse, embedding_dtype, encode_batch_size)
+        source = _GuideEncoder(guide, device, guide_dtype, guide_max_seq_length, trust_remote_code, reuse, embedding_dtype, guide_prompts, guide_prompt_names)
         identity = source.identity
-        encoding_key = {"guide": {key: identity[key] for key in guide_mod.ENCODING_KEYS}, "reuse": source.stored.key if source.stored else [],
+        training.views = source.views
+        encoding_key = {"guide": {key: identity[key] for key in (*guide_mod.ENCODING_KEYS, "views")}, "reuse": source.stored.key if source.stored else [],
                         "batch_size": encode_batch_size}
     t_load = time.perf_counter()  # the guide loaded and hashed, or VECTORS checked
     # A killed pass resumes only the vectors of the same guide, encoding settings and data.
@@ -126,7 +135,7 @@ def precompute_guide(
             guide_info = {**identity, "dim": source.dim, "device": None}
         else:
             stage.keep_when(lambda: guide_mod.encoding_started(stage))
-            counts = guide_mod.encode_to_parquet(source.model, training.texts, stage, encode_batch_size, rows_per_group, rank, world_size, source.stored, embedding_dtype)
+            counts = guide_mod.encode_to_parquet(source.model, training, source.views, stage, encode_batch_size, rows_per_group, rank, world_size, source.stored, embedding_dtype)
             encoding = {"batch_size": encode_batch_size, "rows_per_group": rows_per_group, "embedding_dtype": embedding_dtype,
                         "reused_from": [str(Path(r).resolve()) for r in reuse], **(counts or {})}
             device = str(source.model.device)
@@ -149,7 +158,8 @@ def precompute_guide(
             kind=GUIDE_PASS.name,
             world_size=world_size,
             guide=guide_info,
-            dataset={**data_mod.source_record(dataset_source), "fingerprint": training.fingerprint, "columns": training.columns, "num_examples": training.num_examples, "num_texts": len(training.texts), "num_negatives": training.num_negatives},
+            dataset={**data_mod.source_record(dataset_source), "fingerprint": training.fingerprint, "columns": training.columns, "num_examples": training.num_examples,
+                     "num_texts": len(training.texts), "num_vectors": training.rows.num_rows, "num_negatives": training.num_negatives},
             encoding=encoding,
             index=index_info,
             plan=summary,
@@ -160,11 +170,11 @@ def precompute_guide(
 
 
 class _GuideEncoder:
-    """The guide model of a pass, loaded and set up as the pass encodes (dtype, sequence length),
-    with its identity and the --reuse passes it may copy vectors from: every input of the model's
-    half of a guide pass, opened before OUT is touched."""
+    """The guide model of a pass, loaded and set up as the pass encodes (dtype, sequence length,
+    the view of each role: pipeline.views), with its identity and the --reuse passes it may copy
+    vectors from: every input of the model's half of a guide pass, opened before OUT is touched."""
 
-    def __init__(self, guide, device, guide_dtype, guide_max_seq_length, trust_remote_code, reuse, embedding_dtype, encode_batch_size):
+    def __init__(self, guide, device, guide_dtype, guide_max_seq_length, trust_remote_code, reuse, embedding_dtype, guide_prompts, guide_prompt_names):
         self.model = guide_mod.load_model(str(guide), device, trust_remote_code)
         guide_mod.set_guide_dtype(self.model, guide_dtype)
         if guide_max_seq_length:
@@ -172,7 +182,9 @@ class _GuideEncoder:
                 self.model.max_seq_length = guide_max_seq_length
             except AttributeError:
                 raise GistError(f"--guide-max-seq-length: {guide} takes no sequence length (a static embedding model?)") from None
-        self.identity = guide_mod.encoding_identity(guide_mod.model_identity(str(guide)), self.model, guide_dtype)
+        self.views = guide_views(self.model, guide_prompts, guide_prompt_names)
+        self.identity = {**guide_mod.encoding_identity(guide_mod.model_identity(str(guide)), self.model, guide_dtype),
+                         "views": self.views.record(), "prompts": dict(self.model.prompts or {})}
         self.stored = guide_mod.StoredEmbeddings(list(reuse), self.identity, embedding_dtype) if reuse else None
 
 

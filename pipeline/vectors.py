@@ -6,7 +6,9 @@ guide pass a model would: nothing is loaded, nothing is encoded. VECTORS is one 
 
 - Parquet with a `text` column (strings, dictionary-encoded or string_view too) and one vector
   column (list or fixed-size list of floats): looked up by text, so it may hold more texts than
-  DATA, in any order; each text once.
+  DATA, in any order; each text once. An optional `role` column (`query` / `document`) gives a
+  served embedder's two views of a text (pipeline.views): anchors are then looked up among the
+  `query` rows, positives and negatives among the `document` rows; each (text, role) once.
 - NumPy `.npy`, a 2-d float array with one row per unique text of DATA in gist's text-id order:
   DATA's distinct texts in order of first appearance, reading the anchor column top to bottom,
   then the positive column, then negative_1, negative_2, ... (after `--columns`). That is the
@@ -35,12 +37,15 @@ import pyarrow.parquet as pq
 from pipeline import GistError
 from pipeline.artifacts import atomic_path, sha256_file
 from pipeline.data import TrainingData, decoded
-from pipeline.guide import EMBEDDINGS, VECTORS, embeddings_schema
+from pipeline.guide import EMBEDDINGS, VECTORS, embeddings_schema, embeddings_table
+from pipeline.views import ROLES, GuideViews, View, role_views
 
 FORMATS = {".parquet": "parquet", ".npy": "npy"}
 BLOCK_ROWS = 1 << 16  # vectors read, checked and normalised at a time
 UNIT_TOLERANCE = 1e-5  # |norm - 1| below this: already unit (float32 rounding of a normalised vector); stored as given
 SHOWN = 3  # texts named in an error
+ROLE_COLUMN = "role"  # optional: which view of its text a row is
+ROLE_VIEWS = ("query", "document")
 
 
 def _quote(text: str, width: int = 60) -> str:
@@ -52,16 +57,19 @@ def _named(texts: list[str]) -> str:
 
 
 class ExternalVectors:
-    """VECTORS opened against DATA's texts: which row of the file holds each text id, its dimension.
+    """VECTORS opened against DATA's texts: which row of the file holds each stored vector (a text, or
+    with a role column a text in a view), its dimension. Opening sets `training`'s rows for its views.
 
-    Opening reads the file's metadata and, for Parquet, its text column (the lookup); the vectors
-    themselves are read in blocks by `check` and `write`, so a file larger than memory works.
+    Opening reads the file's metadata and, for Parquet, its text (and role) column (the lookup); the
+    vectors themselves are read in blocks by `check` and `write`, so a file larger than memory works.
     """
 
     def __init__(self, path: str | Path, training: TrainingData):
         self.path = Path(path)
         self.texts = training.texts
         self.num_texts = len(training.texts)
+        self.views = training.views = GuideViews.of({role: View(None) for role in ROLES})  # one view; a role column replaces it
+        self.stored = training.rows
         self.format = FORMATS.get(self.path.suffix.lower())
         if self.format is None:
             raise GistError(f"--embeddings {self.path}: use a .parquet (text + vector columns) or .npy (rows in text-id order) file")
@@ -85,7 +93,6 @@ class ExternalVectors:
                 "per text in text-id order (see `gist precompute-guide --help`), or use Parquet with a text column"
             )
         self.dim, self.dtype, self.column = self.array.shape[1], self.array.dtype.name, None
-        self.rows = np.arange(self.num_texts)  # file row of each text id
 
     def _open_parquet(self, training: TrainingData) -> None:
         try:
@@ -96,7 +103,7 @@ class ExternalVectors:
         needs_text = f"--embeddings {self.path}: needs a string column 'text' beside the vectors (columns: {', '.join(schema.names)})"
         if "text" not in schema.names:
             raise GistError(needs_text)
-        vector_columns = [f.name for f in schema if f.name != "text" and (pa.types.is_list(f.type) or pa.types.is_large_list(f.type) or pa.types.is_fixed_size_list(f.type))]
+        vector_columns = [f.name for f in schema if f.name not in ("text", ROLE_COLUMN) and (pa.types.is_list(f.type) or pa.types.is_large_list(f.type) or pa.types.is_fixed_size_list(f.type))]
         if len(vector_columns) != 1:
             found = f"several ({', '.join(vector_columns)}): keep one" if vector_columns else f"none among {', '.join(schema.names)}"
             raise GistError(f"--embeddings {self.path}: needs one vector column (a list of floats) beside 'text', found {found}")
@@ -115,23 +122,44 @@ class ExternalVectors:
         if texts.null_count:
             raise GistError(f"--embeddings {self.path}: {texts.null_count} null text(s)")
         ids = pc.index_in(texts, value_set=training.texts).fill_null(-1).to_numpy().astype(np.int64)  # text id of each file row
+        view = np.zeros(len(ids), dtype=np.int64)
+        if ROLE_COLUMN in schema.names:
+            self.views = training.views = role_views()
+            self.stored = training.rows
+            view = self._role_views(ids)
         used = ids >= 0
-        counts = np.bincount(ids[used], minlength=self.num_texts)
+        stored = np.full(len(ids), -1, dtype=np.int64)  # stored row of each file row, -1: DATA does not need it
+        stored[used] = self.stored.by_view[ids[used], view[used]]
+        counts = np.bincount(stored[stored >= 0], minlength=self.stored.num_rows)
         missing = np.flatnonzero(counts == 0)
+        as_role = (lambda rows: f" as {self._role_names(rows)}") if ROLE_COLUMN in schema.names else (lambda rows: "")
         if len(missing):
             raise GistError(
-                f"--embeddings {self.path}: no vector for {len(missing)} of DATA's {self.num_texts} texts, e.g. "
-                f"{_named(self._texts(missing[:SHOWN + 1]))} (texts must match exactly)"
+                f"--embeddings {self.path}: no vector for {len(missing)} of DATA's {self.stored.num_rows} texts{' and roles' if as_role(missing[:1]) else ''}, e.g. "
+                f"{_named(self._texts(missing[:SHOWN + 1]))}{as_role(missing[:SHOWN + 1])} (texts must match exactly)"
             )
         repeated = np.flatnonzero(counts > 1)
         if len(repeated):
-            raise GistError(f"--embeddings {self.path}: {len(repeated)} text(s) appear more than once, e.g. {_named(self._texts(repeated[:SHOWN + 1]))}; keep one vector per text")
-        self.file_ids = ids
-        self.rows = np.empty(self.num_texts, dtype=np.int64)
-        self.rows[ids[used]] = np.flatnonzero(used)
+            raise GistError(f"--embeddings {self.path}: {len(repeated)} text(s) appear more than once{as_role(repeated[:SHOWN + 1])}, e.g. "
+                            f"{_named(self._texts(repeated[:SHOWN + 1]))}; keep one vector per text" + (" and role" if as_role(repeated[:1]) else ""))
+        self.file_rows = stored
         first = next(self.file.iter_batches(batch_size=BLOCK_ROWS, columns=[self.column])).column(0)
         dims = self._parquet_dims(first)[first.is_valid().to_numpy(zero_copy_only=False)]
         self.dim = int(dims[0]) if len(dims) else 0  # of the first vector; every other must have it
+
+    def _role_views(self, ids: np.ndarray) -> np.ndarray:
+        """The view of each file row from its role (query: the anchors' view, document: the others')."""
+        roles = decoded(self.file.read(columns=[ROLE_COLUMN]).column(ROLE_COLUMN))
+        if not (pa.types.is_string(roles.type) or pa.types.is_large_string(roles.type)):
+            raise GistError(f"--embeddings {self.path}: column {ROLE_COLUMN!r} must hold strings (query or document), not {roles.type}")
+        names = np.asarray(roles.fill_null("").to_pylist(), dtype=object)
+        bad = sorted(set(names.tolist()) - set(ROLE_VIEWS))
+        if bad:
+            raise GistError(f"--embeddings {self.path}: column {ROLE_COLUMN!r} holds {', '.join(map(repr, bad[:SHOWN]))}; use query or document")
+        return np.where(names == "query", self.views.roles["anchor"], self.views.roles["positive"]).astype(np.int64)
+
+    def _role_names(self, rows: np.ndarray) -> str:
+        return ", ".join(ROLE_VIEWS[int(self.stored.view[r] != self.views.roles["anchor"])] for r in rows[:SHOWN]) + (", ..." if len(rows) > SHOWN else "")
 
     @staticmethod
     def _parquet_dims(vectors: pa.Array) -> np.ndarray:
@@ -140,14 +168,14 @@ class ExternalVectors:
         return pc.list_value_length(vectors).fill_null(0).to_numpy()
 
     def _raw_blocks(self) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-        """(text ids, their vectors as read) block by block; Parquet rows whose text DATA lacks are skipped."""
+        """(stored rows, their vectors as read) block by block; Parquet rows DATA does not need are skipped."""
         if self.format == "npy":
             for start in range(0, self.num_texts, BLOCK_ROWS):
                 yield np.arange(start, min(start + BLOCK_ROWS, self.num_texts)), np.asarray(self.array[start : start + BLOCK_ROWS])
             return
         start = 0
         for batch in self.file.iter_batches(batch_size=BLOCK_ROWS, columns=[self.column]):
-            vectors, ids = batch.column(0), self.file_ids[start : start + batch.num_rows]
+            vectors, ids = batch.column(0), self.file_rows[start : start + batch.num_rows]
             start += batch.num_rows
             dims = self._parquet_dims(vectors)
             bad = np.flatnonzero((dims != self.dim) | ~vectors.is_valid().to_numpy(zero_copy_only=False))
@@ -162,7 +190,7 @@ class ExternalVectors:
             yield ids[keep], values.to_numpy(zero_copy_only=False).reshape(-1, self.dim)[keep]
 
     def blocks(self) -> Iterator[tuple[np.ndarray, np.ndarray, int]]:
-        """(text ids, unit float32 vectors, how many were renormalised), checked block by block."""
+        """(stored rows, unit float32 vectors, how many were renormalised), checked block by block."""
         if self.dim == 0:
             raise GistError(f"--embeddings {self.path}: the vectors are empty (dimension 0)")
         for ids, raw in self._raw_blocks():
@@ -183,8 +211,9 @@ class ExternalVectors:
             vectors[off] = scaled[off] / scaled_norms[off, None]
             yield ids, vectors, int(off.sum())
 
-    def _texts(self, ids: np.ndarray) -> list[str]:
-        return [self.texts[int(i)].as_py() for i in ids]
+    def _texts(self, rows: np.ndarray) -> list[str]:
+        """The texts of stored rows."""
+        return [self.texts[int(self.stored.text[r])].as_py() for r in rows]
 
     def check(self) -> None:
         """Every check, reading the whole file, writing nothing: a bad file fails here, before --out is touched."""
@@ -192,11 +221,12 @@ class ExternalVectors:
             pass
 
     def write(self, out_dir: Path, embedding_dtype: str, rows_per_group: int) -> dict:
-        """Store the unit vectors by text id as `embeddings.npy` and `embeddings.parquet` (as a model pass
+        """Store the unit vectors by stored row as `embeddings.npy` and `embeddings.parquet` (as a model pass
         does); returns the encoding counts for the manifest."""
         renormalized = 0
+        num_rows = self.stored.num_rows
         with atomic_path(out_dir / VECTORS) as raw:
-            array = np.lib.format.open_memmap(raw, mode="w+", dtype=embedding_dtype, shape=(self.num_texts, self.dim))
+            array = np.lib.format.open_memmap(raw, mode="w+", dtype=embedding_dtype, shape=(num_rows, self.dim))
             for ids, vectors, off in self.blocks():
                 array[ids] = vectors.astype(embedding_dtype)
                 renormalized += off
@@ -205,13 +235,9 @@ class ExternalVectors:
         stored = np.load(out_dir / VECTORS, mmap_mode="r")
         schema = embeddings_schema(self.dim, embedding_dtype)
         with atomic_path(out_dir / EMBEDDINGS) as tmp, pq.ParquetWriter(tmp, schema) as writer:
-            for start in range(0, self.num_texts, rows_per_group):
-                block = np.asarray(stored[start : start + rows_per_group])
-                writer.write_table(pa.table(
-                    {"text_id": np.arange(start, start + len(block), dtype=np.int64),
-                     "embedding": pa.FixedSizeListArray.from_arrays(block.reshape(-1), self.dim)}, schema=schema,
-                ))
-        return {"dim": self.dim, "encoded_texts": 0, "reused_texts": 0, "resumed_texts": 0, "vector_texts": self.num_texts,
+            for start in range(0, num_rows, rows_per_group):
+                writer.write_table(embeddings_table(self.stored, start, np.asarray(stored[start : start + rows_per_group]), schema))
+        return {"dim": self.dim, "encoded_texts": 0, "reused_texts": 0, "resumed_texts": 0, "vector_texts": num_rows,
                 "renormalized_texts": renormalized, "encode_seconds": 0.0}
 
     def identity(self) -> dict:

@@ -41,7 +41,7 @@ def brute_force(emb, data, margin_strategy="absolute", margin=0.0, contrast_anch
 
 def flagged_per_row(emb, data, margin) -> np.ndarray:
     """Texts the anchor search flags per example (exhaustive), to show rows past the old 256 cap."""
-    found = conflicts.searches(data, len(emb))
+    found = conflicts.searches(data)
     query_ids, own_ids, (indptr, _) = found[0]
     space = conflicts.search_space(emb, data, found, exact=True)
     thresholds = conflicts.pair_dots(emb, data.anchor_ids, data.positive_ids)

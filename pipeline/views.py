@@ -1,0 +1,196 @@
+"""The guide's views of a text: each role encoded as the guide itself is meant to encode it.
+
+A prompt-based guide (E5, BGE, GTE, Nomic, Qwen3-Embedding) embeds a query and a document
+differently: `encode_query` prepends its `query` prompt, `encode_document` its `document` (or
+`passage`, `corpus`) prompt, and a guide with a Router module even runs other modules. Stage 1
+encodes each role so: anchors as queries, positives and negatives as documents, with the guide's own
+prompts unless `--guide-prompts` / `--guide-prompt-names` say otherwise per role (`--guide-prompts ''`:
+no prompt at all). `GISTEmbedLoss` cannot do this: its guide sees the student's prompted tokens.
+Giving the guide the student's prompt strings (`--guide-prompts` as the student's `--prompts`)
+reproduces it exactly.
+
+A *view* is what a text becomes before the guide reads it: a prompt and, for a guide that routes by
+task (or an `--embeddings` file with a role column), a task. Roles with the same view share it, so a
+guide without prompts has one view and stores one vector per text, as before prompts existed.
+
+Storage (format 5): the pass stores one vector per (text, view) that some role of the text needs,
+in text-id order and, within a text, in view order (`VectorRows`). A text that is both an anchor and
+a positive under two views is two vectors; a text in one role, or any text under one view, is one.
+Every consumer reads a role's vector through the rows of `TrainingData.rows`: `ap`/`an` compare
+query-view anchors with document-view candidates, `aa` anchors with anchors, `pp` documents with
+documents. Duplicate masking, `texts.parquet` and the fingerprint keep comparing raw texts (text ids).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from pipeline import GistError
+from pipeline.prompts import parse_prompt_spec
+
+ROLES = ("anchor", "positive", "negative")  # every negative column takes the negative role's view
+ROLE_TASKS = {"anchor": "query", "positive": "document", "negative": "document"}
+DOCUMENT_PROMPT_NAMES = ("document", "passage", "corpus")  # encode_document's search order
+
+
+@dataclass(frozen=True)
+class View:
+    """How a text is given to the guide: prepended `prompt` ("" for none; None for vectors served
+    by another embedder), and `task` ("query" / "document") when the guide routes by task."""
+
+    prompt: str | None
+    task: str | None = None
+
+    def encode_kwargs(self) -> dict:
+        """`SentenceTransformer.encode` arguments of this view (an explicit prompt, "" for none, so
+        that the model's default prompt never applies unasked)."""
+        return {"prompt": self.prompt, **({"task": self.task} if self.task else {})}
+
+    def describe(self) -> str:
+        what = "no prompt" if not self.prompt else f"prompt {self.prompt!r}"
+        return what + (f", task {self.task}" if self.task else "")
+
+
+@dataclass(frozen=True)
+class GuideViews:
+    """The distinct views of a pass and the view each role (anchor, positive, negative) reads."""
+
+    views: tuple[View, ...]
+    roles: dict  # role -> index into views
+
+    def view_of(self, role: str) -> View:
+        return self.views[self.roles[role]]
+
+    def record(self) -> dict:
+        """As the manifest stores it: the views and each role's view."""
+        return {"views": [{"prompt": v.prompt, "task": v.task} for v in self.views], "roles": dict(self.roles)}
+
+    @classmethod
+    def from_record(cls, record: dict | None) -> "GuideViews":
+        if record is None:
+            return SINGLE_VIEW
+        return cls(tuple(View(v["prompt"], v["task"]) for v in record["views"]), dict(record["roles"]))
+
+    @classmethod
+    def of(cls, role_views: dict[str, View]) -> "GuideViews":
+        """Views in order of first use by anchor, positive, negative; roles with equal views share one."""
+        views = list(dict.fromkeys(role_views[role] for role in ROLES))
+        return cls(tuple(views), {role: views.index(role_views[role]) for role in ROLES})
+
+
+SINGLE_VIEW = GuideViews((View(None),), {role: 0 for role in ROLES})  # every role one vector per text
+
+
+def routes_by_task(model) -> bool:
+    """Whether the model holds a Router module (its query and document inputs run other modules)."""
+    from sentence_transformers.base.modules.router import Router
+
+    return any(isinstance(module, Router) for module in model.modules())
+
+
+def guide_views(model, prompts=None, prompt_names=None) -> GuideViews:
+    """The views a guide model encodes each role with.
+
+    Default: `encode_query` semantics for anchors (the guide's `query` prompt, else its default
+    prompt), `encode_document` semantics for positives and negatives (its `document`, `passage` or
+    `corpus` prompt, else the default). `prompts` / `prompt_names` (one string for every role, or
+    role=value pairs, as `--guide-prompts` / `--guide-prompt-names` take them) override per role.
+    """
+    if prompts is not None and prompt_names is not None:
+        raise GistError("--guide-prompts and --guide-prompt-names: give one of them")
+    own = dict(getattr(model, "prompts", None) or {})
+    default = own.get(model.default_prompt_name) if getattr(model, "default_prompt_name", None) else None
+    chosen = {"anchor": own.get("query", default)}
+    document = next((own[name] for name in DOCUMENT_PROMPT_NAMES if name in own), default)
+    chosen.update(positive=document, negative=document)
+    option = "--guide-prompts" if prompts is not None else "--guide-prompt-names"
+    spec = parse_prompt_spec(prompts if prompts is not None else prompt_names, option)
+    if spec is not None:
+        given = {role: spec for role in ROLES} if isinstance(spec, str) else spec
+        for role, value in given.items():
+            if role not in ROLES:
+                raise GistError(f"{option}: {role!r} is not a role of the guide pass; use anchor, positive, negative (every negative column is one role)")
+            if prompt_names is not None:
+                if value not in own:
+                    raise GistError(f"{option}: the guide defines no prompt named {value!r} (its prompts: {', '.join(sorted(own)) or 'none'})")
+                value = own[value]
+            chosen[role] = value
+    routed = routes_by_task(model)
+    return GuideViews.of({role: View(chosen[role] or "", ROLE_TASKS[role] if routed else None) for role in ROLES})
+
+
+def role_views() -> GuideViews:
+    """The views of an `--embeddings` file with a role column: anchors its `query` rows, positives and
+    negatives its `document` rows."""
+    return GuideViews.of({role: View(None, ROLE_TASKS[role]) for role in ROLES})
+
+
+@dataclass(frozen=True)
+class VectorRows:
+    """Where each example's texts sit among a pass's stored vectors (rows of `embeddings.npy`).
+
+    Attributes:
+        anchor: (N,) the row of each example's anchor in the anchor role's view.
+        positive: (N,) the row of each positive in the positive role's view.
+        negative: (N, k) the rows of the negatives in the negative role's view.
+        text: (rows,) the text id of each stored row.
+        view: (rows,) the view of each stored row.
+        by_view: (texts, views) the row of each text in each view, -1 where no role of it needs that view.
+        roles: role -> view index (GuideViews.roles).
+    """
+
+    anchor: np.ndarray
+    positive: np.ndarray
+    negative: np.ndarray
+    text: np.ndarray
+    view: np.ndarray
+    by_view: np.ndarray
+    roles: dict
+
+    @property
+    def num_rows(self) -> int:
+        return len(self.text)
+
+    def of(self, role: str, text_ids: np.ndarray) -> np.ndarray:
+        """Rows of `text_ids` in `role`'s view (-1 where a text has no row in it)."""
+        return self.by_view[np.asarray(text_ids), self.roles[role]]
+
+
+def vector_rows(data, views: GuideViews) -> VectorRows:
+    """The stored rows of `data`'s texts under `views`: a row per (text, view) some role needs, by
+    text id, then view. Under one view the rows are the text ids themselves (no copies)."""
+    num_texts = len(data.texts)
+    if len(views.views) == 1:
+        ids = np.arange(num_texts, dtype=np.int64)
+        return VectorRows(data.anchor_ids, data.positive_ids, data.negative_ids, ids, np.zeros(num_texts, np.int8), ids[:, None], dict(views.roles))
+    used = np.zeros((num_texts, len(views.views)), dtype=bool)
+    used[data.anchor_ids, views.roles["anchor"]] = True
+    used[data.positive_ids, views.roles["positive"]] = True
+    used[data.negative_ids.reshape(-1), views.roles["negative"]] = True
+    flat = used.reshape(-1)
+    by_view = np.full(flat.shape, -1, dtype=np.int64)
+    stored = np.flatnonzero(flat)
+    by_view[stored] = np.arange(len(stored))
+    by_view = by_view.reshape(used.shape)
+    return VectorRows(
+        anchor=by_view[data.anchor_ids, views.roles["anchor"]],
+        positive=by_view[data.positive_ids, views.roles["positive"]],
+        negative=by_view[data.negative_ids, views.roles["negative"]],
+        text=stored // len(views.views),
+        view=(stored % len(views.views)).astype(np.int8),
+        by_view=by_view,
+        roles=dict(views.roles),
+    )
+
+
+def served_prompt(views: GuideViews, role: str, requested: str | None, option: str) -> None:
+    """Refuse a `gist mine` query/corpus prompt that the pass's stored view of `role` was not encoded with."""
+    if requested is None:
+        return
+    view = views.view_of(role)
+    if view.prompt is None or view.prompt != requested:
+        stored = "vectors from --embeddings" if view.prompt is None else repr(view.prompt)
+        raise GistError(f"{option} {requested!r}: the pass stores its {role}s with {stored}; mining reads the stored views only "
+                        f"(re-run precompute-guide with --guide-prompts {role}={requested!r} for such vectors)")
