@@ -18,8 +18,8 @@ from pathlib import Path
 from bench.common import ROOT, Context, write_result
 
 # train_step before amortization (which cross-checks its online guide cost against it); stage1 before mine (which reads its guide pass).
-BENCHMARKS = ("train_step", "stage1", "mine", "amortization", "scale", "mask_kernel", "cached_loss", "static_step")
-USE_MODELS = {"train_step", "stage1", "mine", "amortization", "cached_loss", "static_step"}  # scale and mask_kernel need no model
+BENCHMARKS = ("train_step", "stage1", "mine", "amortization", "scale", "mask_kernel", "cached_loss", "static_step", "guide_prompts")
+USE_MODELS = {"train_step", "stage1", "mine", "amortization", "cached_loss", "static_step", "guide_prompts"}  # scale and mask_kernel need no model
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

@@ -10,7 +10,8 @@ the guide is never loaded while training. Compared with a GISTEmbedLoss script, 
     python examples/train_with_gist.py --data data/train.parquet --guide GUIDE --student STUDENT \
         --sts data/stsb_dev.parquet --out runs/example [--mini-batch-size 32] [--query-prompt "query: " --passage-prompt "passage: "]
 
-The guide of stage 1 encodes the raw texts here (it does not see the student's prompts).
+Stage 1 gives the guide the student's prompt strings (`guide_prompts`), what GISTEmbedLoss's guide
+sees; leave them out and the guide encodes anchors and documents with its own prompts (if any).
 """
 
 from __future__ import annotations
@@ -45,7 +46,9 @@ def main() -> None:
     args = parser.parse_args()
 
     # Stage 1, once per dataset and plan: the guide's verdicts for every planned batch.  # gist
-    guide_pass = precompute_guide(args.data, args.guide, args.out / "guide", PlanParams(batch_size=args.batch_size, epochs=args.epochs, margin=0.05))  # gist
+    role_prompts = {"anchor": args.query_prompt, "positive": args.passage_prompt, "negative": args.passage_prompt}  # gist
+    guide_pass = precompute_guide(args.data, args.guide, args.out / "guide", PlanParams(batch_size=args.batch_size, epochs=args.epochs, margin=0.05),  # gist
+                                  guide_prompts=role_prompts)  # gist: the guide reads the student's prompts, as GISTEmbedLoss's guide does
     masks = PlannedMasks(guide_pass.masks)  # gist
 
     model = SentenceTransformer(args.student)

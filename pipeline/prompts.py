@@ -14,6 +14,11 @@ On the command line (`--prompts`, `--prompt-names`) a value is one of:
   followed by `column=`);
 - a JSON object, any form sentence-transformers takes, e.g. per dataset:
   `--prompts '{"nli": {"anchor": "query: "}, "qa": "query: "}'`.
+
+Datasets are DATA's tasks: a mixture's dataset names (each dataset a task), or the task column's
+values. Per-dataset prompts reach sentence-transformers' collator as a `DatasetDict`'s do, through a
+`dataset_name` per row of which the collator reads each batch's first: every planned batch must then
+hold one dataset (`--strategy by-task`, as the GISTEmbed recipe batches).
 """
 
 from __future__ import annotations
@@ -21,6 +26,8 @@ from __future__ import annotations
 import json
 import re
 from dataclasses import dataclass
+
+import numpy as np
 
 from pipeline import GistError
 
@@ -130,6 +137,25 @@ def student_prompts(prompts, prompt_names, model, num_negatives: int, datasets: 
     if prompt_names is not None:
         return resolve_prompt_names(prompt_names, dict(getattr(model, "prompts", None) or {}), num_negatives, datasets)
     return training_prompts(prompts, num_negatives, datasets)
+
+
+def dataset_names(data) -> tuple[str, ...]:
+    """The datasets per-dataset prompts may name: DATA's tasks in order of first appearance (none without tasks)."""
+    return tuple(dict.fromkeys(data.task_labels().tolist())) if data.tasks is not None else ()
+
+
+def dataset_column(prompts, data, masks) -> list[str] | None:
+    """Each example's dataset name when `prompts` are per dataset (None otherwise), after checking that
+    every batch planned in `masks` (a PlannedMasks) holds one dataset."""
+    datasets = dataset_names(data)
+    if not isinstance(prompts, dict) or not any(key in datasets for key in prompts):
+        return None
+    labels, batches = data.task_labels(), masks.batches
+    mixed = np.flatnonzero((labels[batches] != labels[batches[:, :1]]).any(axis=1))
+    if len(mixed):
+        raise GistError(f"--prompts per dataset: planned batch {int(mixed[0])} (of {len(mixed)}) mixes datasets, and sentence-transformers "
+                        "applies one dataset's prompts to a whole batch; plan with --strategy by-task (one dataset per batch)")
+    return labels.tolist()
 
 
 @dataclass(frozen=True)

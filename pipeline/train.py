@@ -25,7 +25,7 @@ from pipeline.data import TrainingData, data_source, local_inputs
 from pipeline.distill import DISTILL_KINDS, remove_guide_projection
 from pipeline.masks import PlannedMasks
 from pipeline.outputs import Kind, Output
-from pipeline.prompts import student_prompts
+from pipeline.prompts import dataset_column, dataset_names, student_prompts
 
 TRAIN_LOG = "train_log.jsonl"
 
@@ -230,13 +230,18 @@ def planned_training_args(masks: PlannedMasks, **training_args):
 def build_trainer(model, data: TrainingData, masks: PlannedMasks, loss, out_dir: Path, *, evaluator=None, callbacks=(), **training_args):
     """A SentenceTransformerTrainer that replays the plan of `masks` with `loss`, checkpoints in
     OUT/checkpoints (and at every evaluation that improves `metric_for_best_model`: the best step's
-    own checkpoint); `training_args` override planned_training_args' defaults."""
+    own checkpoint); `training_args` override planned_training_args' defaults. Per-dataset `prompts`
+    (pipeline.prompts) are applied as for a DatasetDict: each row carries its dataset's name."""
     from sentence_transformers import SentenceTransformerTrainer
 
     args = planned_training_args(masks, **{"output_dir": str(Path(out_dir) / "checkpoints"), **training_args})
-    return SentenceTransformerTrainer(
+    names = dataset_column(training_args.get("prompts"), data, masks)
+    trainer = SentenceTransformerTrainer(
         model=model, args=args, train_dataset=training_dataset(data), loss=loss, evaluator=evaluator, callbacks=[masks.cursor, BestCheckpointCallback(), *callbacks]
     )
+    if names is not None:  # the column sentence-transformers adds to a DatasetDict's rows (its own check refuses it in user data)
+        trainer.train_dataset = trainer.train_dataset.add_column("dataset_name", names)
+    return trainer
 
 LOSSES = ("guided", "unguided", "mnrl", "none")
 PRECISIONS = ("fp32", "fp16", "bf16")
@@ -470,7 +475,8 @@ def train_student(
     model = guide_mod.load_model(str(student), device)
     settings.check(model.get_embedding_dimension())
     check_static_settings(model, settings)  # --max-seq-length, --gradient-checkpointing: no meaning for a static student
-    prompts = student_prompts(settings.prompts, settings.prompt_names, model, training.num_negatives)
+    prompts = student_prompts(settings.prompts, settings.prompt_names, model, training.num_negatives, dataset_names(training))
+    dataset_column(prompts, training, masks)  # per-dataset prompts need one dataset per batch: refused before OUT is touched
     settings.eval_prompts().check_model(model)
     if settings.max_seq_length:
         model.max_seq_length = settings.max_seq_length

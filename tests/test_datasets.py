@@ -112,3 +112,42 @@ def test_hub_dataset_through_load_dataset(tmp_path, halves, monkeypatch):
     proc = gist("precompute-guide", "no-such-org/no-such-dataset", "--guide", GUIDE_STATIC, "--out", tmp_path / "y", check=False)
     assert proc.returncode == 1 and "cannot load with datasets.load_dataset" in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
     assert not (tmp_path / "y").exists()
+
+
+def test_per_dataset_prompts_reach_each_dataset_batch(tmp_path, halves):
+    """Prompts keyed by dataset ({dataset: {column: prompt}}, as sentence-transformers takes them for a DatasetDict) prompt each
+    by-task batch with its own dataset's strings; a plan whose batches mix datasets is refused before OUT is touched."""
+    from pipeline.loss import GuidedMaskLoss
+    from pipeline.prompts import training_prompts
+    from pipeline.train import build_trainer, planned_training_data
+    from tests.conftest import load_student
+
+    root, _, _, single = halves
+    stage1(single, tmp_path / "pass")
+    masks = PlannedMasks(tmp_path / "pass" / MASKS)
+    data = planned_training_data(single, masks)
+    prompts = training_prompts('{"nli": {"anchor": "title: "}, "qa": "query: "}', data.num_negatives, ("nli", "qa"))
+    assert prompts == {"nli": {"anchor": "title: "}, "qa": "query: "}
+    student = load_student()
+    trainer = build_trainer(student, data, masks, GuidedMaskLoss(student, masks), tmp_path / "t", prompts=prompts, use_cpu=True, save_strategy="no")
+    tasks = data.task_labels()
+    seen = set()
+    for example_ids in masks.batches[:6]:
+        batch = trainer.data_collator([trainer.train_dataset[int(i)] for i in example_ids])
+        dataset = tasks[example_ids[0]]
+        anchor = student.tokenizer.convert_ids_to_tokens(batch["anchor_input_ids"][0].tolist())[1:3]
+        positive = student.tokenizer.convert_ids_to_tokens(batch["positive_input_ids"][0].tolist())[1:3]
+        assert anchor == [{"nli": "title", "qa": "query"}[dataset], ":"], (dataset, anchor)
+        assert (positive == ["query", ":"]) == (dataset == "qa"), (dataset, positive)
+        seen.add(dataset)
+    assert seen == {"nli", "qa"}
+
+    out = tmp_path / "run"
+    gist("train", single, "--masks", masks.path, "--student", STUDENT, "--out", out, "--max-steps", "2", "--device", "cpu",
+         "--prompts", '{"nli": {"anchor": "title: "}, "qa": "query: "}')
+    assert json.loads((out / "run.json").read_text())["training_prompts"] == {"nli": {"anchor": "title: "}, "qa": "query: "}
+    gist("precompute-guide", single, "--guide", GUIDE_STATIC, "--out", tmp_path / "random", "--batch-size", "16")
+    proc = gist("train", single, "--masks", tmp_path / "random" / MASKS, "--student", STUDENT, "--out", tmp_path / "refused", "--max-steps", "1",
+                "--device", "cpu", "--prompts", '{"nli": {"anchor": "title: "}}', check=False)
+    assert proc.returncode == 1 and "mixes datasets" in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+    assert not (tmp_path / "refused").exists()

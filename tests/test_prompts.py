@@ -6,8 +6,6 @@ from __future__ import annotations
 import json
 import shutil
 
-import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
 import torch
 from sentence_transformers.sentence_transformer.losses import GISTEmbedLoss
@@ -49,20 +47,13 @@ def test_prompt_forms():
 
 @pytest.fixture(scope="module")
 def prompted_pass(tmp_path_factory):
-    """(DATA, the same DATA with the prompts prepended to each column, a same-vocabulary guide pass over the prompted texts)."""
+    """(DATA, a same-vocabulary guide pass over DATA whose guide was given the student's prompt strings, --guide-prompts)."""
     root = tmp_path_factory.mktemp("prompted")
     plain = small_data(root / "plain.parquet", 96)
-    table = pq.read_table(plain)
-    prompted_table = table
-    for column, prompt in PROMPTS.items():
-        texts = [prompt + t for t in table.column(column).to_pylist()]
-        prompted_table = prompted_table.set_column(prompted_table.schema.get_field_index(column), column, pa.array(texts))
-    prompted = root / "prompted.parquet"
-    pq.write_table(prompted_table, prompted)
     out = root / "guide"
-    gist("precompute-guide", prompted, "--guide", GUIDE_SAMEVOCAB, "--out", out, "--batch-size", "16", "--epochs", "2", "--margin", "0.05",
-         "--no-mask-duplicates")
-    return plain, prompted, out
+    gist("precompute-guide", plain, "--guide", GUIDE_SAMEVOCAB, "--out", out, "--batch-size", "16", "--epochs", "2", "--margin", "0.05",
+         "--no-mask-duplicates", "--guide-prompts", ",".join(f"{role}={prompt}" for role, prompt in PROMPTS.items()))
+    return plain, out
 
 
 def trainer_loss_and_grads(trainer, dataset, example_ids):
@@ -78,8 +69,9 @@ def trainer_loss_and_grads(trainer, dataset, example_ids):
 def test_prompted_training_equals_gist_embed_loss_in_the_trainer(tmp_path, prompted_pass, guide):
     """sentence-transformers' trainer with prompts (anchor `query: `, positive and negative `passage: `) and online GISTEmbedLoss
     (the same-vocabulary guide sees the student's prompted tokens) equals the same trainer with the same prompts and GuidedMaskLoss
-    reading masks from a guide pass over the prompted texts: loss and gradients per batch, and the weights after 6 steps."""
-    plain, _, run = prompted_pass
+    reading masks from a guide pass made with the same prompt strings (--guide-prompts): loss and gradients per batch, and
+    the weights after 6 steps."""
+    plain, run = prompted_pass
     masks = PlannedMasks(run / MASKS)
     data = load_training_data(plain)  # the student trains on the plain texts; its collator adds the prompts
     prompts = training_prompts(PROMPTS, data.num_negatives)
@@ -118,7 +110,7 @@ def test_prompted_training_equals_gist_embed_loss_in_the_trainer(tmp_path, promp
 def test_gist_train_with_prompts_end_to_end(tmp_path, prompted_pass):
     """`gist train --prompts` (masks from a pass over DATA itself) trains, records the prompts in run.json and the model card;
     `--prompt-names` resolves the student's own prompts; evaluator prompts reach the evaluation."""
-    plain, _, _ = prompted_pass
+    plain, _ = prompted_pass
     plain_pass = tmp_path / "pass"
     gist("precompute-guide", plain, "--guide", GUIDE_SAMEVOCAB, "--out", plain_pass, "--batch-size", "16")
     out = tmp_path / "run"
