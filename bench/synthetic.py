@@ -97,6 +97,7 @@ def write_pass(out: Path, num_examples: int, dim: int, dtype: str = "float32", s
     import pyarrow.parquet as pq
 
     from pipeline import artifacts, data as data_mod, guide as guide_mod
+    from pipeline.views import SINGLE_VIEW
 
     out.mkdir(parents=True, exist_ok=True)
     n = num_examples
@@ -126,14 +127,15 @@ def write_pass(out: Path, num_examples: int, dim: int, dtype: str = "float32", s
     with pq.ParquetWriter(out / guide_mod.EMBEDDINGS, schema) as writer:
         for start in range(0, 2 * n, 4 * chunk):
             rows = np.asarray(vectors[start : start + 4 * chunk])
-            writer.write_table(pa.table({"text_id": np.arange(start, start + len(rows)), "embedding": pa.FixedSizeListArray.from_arrays(rows.reshape(-1), dim)}, schema=schema))
+            writer.write_table(guide_mod.embeddings_table(data.rows, start, rows, schema))
     del vectors
     files = [data_mod.TEXTS, data_mod.EXAMPLES, guide_mod.EMBEDDINGS, guide_mod.VECTORS]
-    guide = {"name": "synthetic", "path": "synthetic", "sha256": f"synthetic-{seed}", "dtype": "float32", "max_seq_length": None, "dim": dim}
+    guide = {"name": "synthetic", "path": "synthetic", "sha256": f"synthetic-{seed}", "dtype": "float32", "max_seq_length": None, "dim": dim,
+             "views": SINGLE_VIEW.record()}
     artifacts.write_manifest(
         out, files, kind="guide-pass", world_size=1, guide=guide,
         dataset={"path": str((out / "data.parquet").resolve()), "fingerprint": data.fingerprint, "columns": data.columns,
-                 "num_examples": n, "num_texts": 2 * n, "num_negatives": 1},
+                 "num_examples": n, "num_texts": 2 * n, "num_vectors": 2 * n, "num_negatives": 1},
         encoding={"embedding_dtype": dtype, "synthetic": True}, index=None, plan=None, timings={},
     )
     return {name: (out / name).stat().st_size for name in [*files, "data.parquet"]}

@@ -167,3 +167,33 @@ def test_evaluate_with_prompts(tmp_path):
     model.encode = lambda sentences, **kw: (seen.append(kw.get("prompt")), original(sentences, **kw))[1]
     sts_evaluator(sts, EvalPrompts(query="query: "))(model)
     assert seen and set(seen) == {"query: "}
+
+
+def test_a_student_whose_pooling_excludes_the_prompt(tmp_path, prompted_pass):
+    """With `include_prompt: false` in the student's pooling (as INSTRUCTOR-style models), the trainer's collator marks the
+    prompt's length and the student's embeddings in the guided loss leave the prompt tokens out, as `encode(prompt=...)` does."""
+    plain, run = prompted_pass
+    student_dir = tmp_path / "student"
+    shutil.copytree(STUDENT, student_dir)
+    pooling = student_dir / "1_Pooling" / "config.json"
+    pooling.write_text(json.dumps({**json.loads(pooling.read_text()), "include_prompt": False}))
+    from sentence_transformers import SentenceTransformer
+
+    student = SentenceTransformer(str(student_dir), device="cpu", config_kwargs={"hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0})
+    masks = PlannedMasks(run / MASKS)
+    data = load_training_data(plain)
+    trainer = build_trainer(student, data, masks, GuidedMaskLoss(student, masks), tmp_path / "t", prompts=training_prompts(PROMPTS, 1),
+                            use_cpu=True, save_strategy="no")
+    example_ids = masks.batches[0]
+    batch = trainer.data_collator([trainer.train_dataset[int(i)] for i in example_ids])
+    assert "anchor_prompt_length" in batch
+    features = {k.removeprefix("anchor_"): v for k, v in batch.items() if k.startswith("anchor_")}
+    with torch.no_grad():
+        ours = student(features)["sentence_embedding"]
+    texts = data.texts.take(data.anchor_ids[example_ids]).to_pylist()
+    expected = student.encode(texts, prompt="query: ", convert_to_tensor=True, batch_size=len(texts))
+    with_prompt = student.encode(["query: " + t for t in texts], convert_to_tensor=True, batch_size=len(texts))
+    torch.testing.assert_close(ours, expected, atol=1e-5, rtol=1e-4)
+    assert (ours - with_prompt).abs().max() > 1e-3, "the prompt tokens were pooled"
+    masks.cursor.step = 0
+    assert torch.isfinite(trainer.compute_loss(student, batch))

@@ -269,3 +269,36 @@ def test_guide_prompt_refusals(guides, two_roles, tmp_path):
     with pytest.raises(GistError, match="--guide-prompts: options of a guide model"):
         precompute_guide(two_roles, None, tmp_path / "refused", PLAN, embeddings=tmp_path / "v.npy", guide_prompts="q: ")
     assert not (tmp_path / "refused").exists()
+
+
+def test_filter_distill_and_report_read_each_roles_view(bert_pass, guides, tmp_path):
+    """gist filter ranks positives by query-view anchors against document-view candidates, --distill's teacher labels
+    are each column's view, and the report's mask check recomputes the stored masks from the views."""
+    from sentence_transformers import SentenceTransformer
+
+    from pipeline.distill import GuideTeacher
+    from pipeline.filter import positive_ranks
+    from pipeline.report import write_report
+
+    _, data, stored = load_guide_pass(bert_pass)
+    guide = SentenceTransformer(str(guides["bert"]), device="cpu")
+    texts = data.texts.to_pylist()
+    query = guide.encode_query(texts, normalize_embeddings=True, convert_to_numpy=True)
+    document = guide.encode_document(texts, normalize_embeddings=True, convert_to_numpy=True)
+
+    ranks = positive_ranks(stored, data, depth=200)
+    candidates = np.unique(data.positive_ids)
+    for i in range(data.num_examples):
+        a = data.anchor_ids[i]
+        others = candidates[(candidates != a) & ~np.isin(candidates, data.positive_ids[data.anchor_ids == a])]
+        score = query[a] @ document[data.positive_ids[i]]
+        expected = 1 + int((document[others] @ query[a] > score + 1e-5).sum())
+        assert abs(ranks.ranks[i] - expected) <= int((np.abs(document[others] @ query[a] - score) <= 1e-5).sum()), i
+
+    labels = GuideTeacher(bert_pass).labels(np.arange(data.num_examples), 3).numpy()
+    np.testing.assert_allclose(labels[:, 0], query[data.anchor_ids], atol=1e-5)
+    np.testing.assert_allclose(labels[:, 1], document[data.positive_ids], atol=1e-5)
+    np.testing.assert_allclose(labels[:, 2], document[data.negative_ids[:, 0]], atol=1e-5)
+
+    report = write_report(bert_pass, tmp_path / "report", examples=3)
+    assert report["mask_check"]["mismatched_entries"] == 0
