@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import signal
+import shlex
 import sys
 import traceback
 from pathlib import Path
@@ -181,8 +182,15 @@ def plan_command(
 
 def _vectors_option(guide: dict, guide_dir: Path) -> str:
     """How a next pass over mined or filtered data gets its vectors without encoding: a model pass is
-    reused (--reuse), a pass from --embeddings VECTORS takes them from VECTORS again."""
-    return f"--embeddings {guide['path']}" if guide.get("source") == "embeddings" else f"--reuse {guide_dir}"
+    reused (--reuse, with the prompts its views were encoded with), a pass from --embeddings VECTORS
+    takes them from VECTORS again."""
+    if guide.get("source") == "embeddings":
+        return f"--embeddings {guide['path']}"
+    from pipeline.views import ROLES, GuideViews
+
+    views = GuideViews.from_record(guide["views"])
+    prompts = ",".join(f"{role}={views.view_of(role).prompt}" for role in ROLES)
+    return f"--reuse {guide_dir}" + (f" --guide-prompts {shlex.quote(prompts)}" if any(v.prompt for v in views.views) else "")
 
 
 @app.command("mine", short_help="Mine hard negatives from the stored embeddings.")

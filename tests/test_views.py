@@ -4,6 +4,7 @@ its query prompt and the other roles with its document prompt; a text in two rol
 from __future__ import annotations
 
 import json
+import shlex
 import shutil
 
 import numpy as np
@@ -18,7 +19,7 @@ from pipeline.masks import MASKS, PlanParams, batch_masks
 from pipeline.mine import MiningParams, mine_from_pass, mine_negatives
 from pipeline.plan import plan_batches
 from pipeline.stage1 import precompute_guide
-from tests.conftest import GUIDE_SAMEVOCAB, GUIDE_STATIC, small_data
+from tests.conftest import GUIDE_SAMEVOCAB, GUIDE_STATIC, gist, small_data
 from tests.test_mine import assert_same_negatives
 from tests.test_outputs import killed_before_the_swap
 from pipeline.outputs import stage_dir
@@ -224,6 +225,12 @@ def test_mining_with_prompts_equals_mine_hard_negatives(guides, tmp_path):
     assert len(expected) > 100
     assert_same_negatives(ours, expected)
     assert {(a, p) for a, p in zip(got["anchor"], got["positive"])} == set(ours)
+    result = gist("mine", run, "--out", tmp_path / "cli.parquet", "--query-prompt-name", "query", "--num-negatives", "2")
+    hint = shlex.split(result.stderr.split("next: gist precompute-guide ")[1].split("...")[0])
+    assert hint[1:3] == ["--reuse", str(run)] and hint[3] == "--guide-prompts"
+    again = tmp_path / "again"
+    gist("precompute-guide", tmp_path / "cli.parquet", "--guide", guides["static"], "--out", again, "--batch-size", "16", *hint[1:])
+    assert read_manifest(again)["encoding"]["encoded_texts"] == 0, "the mined rows' views are all in the pass"
     with pytest.raises(GistError, match="stores its anchors with 'query: '"):
         mine_from_pass(run, tmp_path / "refused.parquet", MiningParams(), query_prompt=DOCUMENT)
     with pytest.raises(GistError, match="defines no such prompt"):
