@@ -67,7 +67,7 @@ def sampled_recall(data: TrainingData, embeddings: np.ndarray, samples: int, see
     rule = {"margin_strategy": margin_strategy, "margin": margin}
     start = time.perf_counter()
     rows = training_sample(data.num_examples, samples, seed)
-    thresholds = conflicts.pair_dots(embeddings, data.anchor_ids, data.positive_ids)
+    thresholds = conflicts.pair_dots(embeddings, data.rows.anchor, data.rows.positive)
     found = conflicts.searches(data)
     bounded = conflicts.search_space(embeddings, data, found)
     graph = edges(data, conflicts.conflict_graph(data, embeddings, **rule, space=bounded))
