@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-import signal
+import json
 import shlex
+import signal
 import sys
 import traceback
 from pathlib import Path
@@ -113,7 +114,7 @@ def precompute_guide(
     index: Annotated[str, typer.Option(help="FAISS index: auto (flat up to 200k texts, IVF above), flat (exact), ivf (IVF-SQ8 trained on a sample; on the GPU with faiss-gpu) or hnsw.")] = "auto",
     guide_max_seq_length: Annotated[Optional[int], typer.Option(min=1, help="Truncate the guide's inputs at N tokens (default: the guide's own max_seq_length). GISTEmbedLoss with a guide that shares the student's tokenizer feeds the guide the student's tokens, cut at the student's max_seq_length: set N to that length to reproduce its masks exactly.")] = None,
     embedding_dtype: Annotated[str, typer.Option(help="Storage of the guide's vectors: float32 (exact) or float16 (half the disk and page cache; similarities change by ~1e-3).")] = "float32",
-    rows_per_group: Annotated[int, typer.Option(min=1, help="Texts per embeddings row group: the unit a killed run resumes from.")] = 4096,
+    rows_per_group: Annotated[int, typer.Option(min=1, help="Stored vectors per embeddings row group (a text per view it is used in): the unit a killed run resumes from.")] = 4096,
     reuse: Annotated[Optional[list[Path]], typer.Option(metavar="DIR", help="An earlier precompute-guide directory of the same guide (repeatable): its texts are copied, not encoded again (e.g. after `gist mine`).")] = None,
     trust_remote_code: Annotated[bool, typer.Option(show_default=False, help="Allow the guide's own Python code to run.")] = False,
     guide_prompts: Annotated[Optional[str], typer.Option(help="The guide's prompt per role, instead of its own: one prompt for every role, or role=prompt pairs over anchor, positive, negative ('anchor=query: ,positive=passage: ,negative=passage: '); '' for no prompt at all. Default: anchors encoded as the guide's encode_query (its 'query' prompt), positives and negatives as encode_document (its 'document'/'passage'/'corpus' prompt). The student's --prompts strings here reproduce GISTEmbedLoss, whose guide sees the student's prompts.")] = None,
@@ -189,15 +190,16 @@ def _vectors_option(guide: dict, guide_dir: Path) -> str:
     from pipeline.views import ROLES, GuideViews
 
     views = GuideViews.from_record(guide["views"])
-    prompts = ",".join(f"{role}={views.view_of(role).prompt}" for role in ROLES)
-    return f"--reuse {guide_dir}" + (f" --guide-prompts {shlex.quote(prompts)}" if any(v.prompt for v in views.views) else "")
+    prompts = json.dumps({role: views.view_of(role).prompt for role in ROLES})
+    spelled = any(v.prompt for v in views.views) or any((guide.get("prompts") or {}).values())  # the guide's defaults may differ from what this pass used
+    return f"--reuse {guide_dir}" + (f" --guide-prompts {shlex.quote(prompts)}" if spelled else "")
 
 
 @app.command("mine", short_help="Mine hard negatives from the stored embeddings.")
 def mine_command(
     guide_dir: Annotated[Path, typer.Argument(metavar="GUIDE_DIR", help="A finished precompute-guide directory.")],
     out: Annotated[Path, typer.Option(help="Output .parquet: anchor, positive, negative_1..k[, task], ready for precompute-guide.")],
-    corpus: Annotated[str, typer.Option(help="Where negatives come from: positives (the data's positives, as mine_hard_negatives), all (every text the guide pass stores as a document), or a Parquet/JSONL/CSV file whose new texts are encoded once with the guide (its document view).")] = "positives",
+    corpus: Annotated[str, typer.Option(help="Where negatives come from: positives (the data's positives, as mine_hard_negatives), all (every text the guide pass stores in the positives' view: every text of a pass without prompts), or a Parquet/JSONL/CSV file whose new texts are encoded once with the guide (its document view).")] = "positives",
     corpus_column: Annotated[str, typer.Option(help="Text column of a --corpus file.")] = "text",
     num_negatives: Annotated[int, typer.Option(min=1, help="Negatives per example (negative_1..negative_k).")] = 3,
     range_min: Annotated[int, typer.Option(min=0, help="Skip this many of the closest candidates.")] = 0,
@@ -240,7 +242,7 @@ def filter_command(
     out: Annotated[Path, typer.Option(help="The kept examples, in DATA's format (.parquet, .jsonl, .csv, or a directory for save_to_disk) with its original columns.")],
     top_k: Annotated[Optional[int], typer.Option(min=1, help="Keep an example if the guide ranks its positive within the top K candidates for its anchor.")] = None,
     min_score: Annotated[Optional[float], typer.Option(help="Keep an example if the guide's similarity of its anchor and positive is at least S.")] = None,
-    among: Annotated[str, typer.Option(help="Candidates the positive is ranked among: positives (every distinct positive text) or all (every stored text).")] = "positives",
+    among: Annotated[str, typer.Option(help="Candidates the positive is ranked among: positives (every distinct positive text) or all (every text the pass stores in the positives' view: every text of a pass without prompts).")] = "positives",
     data_path: Annotated[Optional[Path], typer.Option("--data", help="The pass's training data, if it moved (default: the path in GUIDE_DIR's manifest).")] = None,
     overwrite: Overwrite = False,
 ) -> None:

@@ -11,7 +11,8 @@ the guide is never loaded while training. Compared with a GISTEmbedLoss script, 
         --sts data/stsb_dev.parquet --out runs/example [--mini-batch-size 32] [--query-prompt "query: " --passage-prompt "passage: "]
 
 Stage 1 gives the guide the student's prompt strings (`guide_prompts`), what GISTEmbedLoss's guide
-sees; leave them out and the guide encodes anchors and documents with its own prompts (if any).
+sees (`--query-prompt '' --passage-prompt ''`: no prompt for either); drop `guide_prompts=` from
+precompute_guide and the guide encodes anchors and documents with its own prompts instead.
 """
 
 from __future__ import annotations

@@ -47,7 +47,7 @@ GATHER_VALUES = 1 << 24  # floats gathered at a time when recomputing similariti
 
 
 def pair_dots(embeddings: np.ndarray, left: np.ndarray, right: np.ndarray) -> np.ndarray:
-    """float32 g(left[k], right[k]) for text ids, row by row (the same value wherever a pair sits)."""
+    """float32 g(left[k], right[k]) for stored rows (text ids under one view), pair by pair (the same value wherever a pair sits)."""
     out = np.empty(len(left), dtype=np.float32)
     step = max(1, GATHER_VALUES // embeddings.shape[1])
     for start in range(0, len(left), step):
@@ -161,7 +161,7 @@ def flagged_texts(
 ) -> tuple[np.ndarray, np.ndarray]:
     """(row, text) pairs where the mask rule flags candidate text for the row's query text.
 
-    Row r queries text `query_ids[r]` with threshold `thresholds[r]` against `candidates` (text ids);
+    Row r queries stored row `query_ids[r]` with threshold `thresholds[r]` against `candidates` (stored rows);
     `own_ids[r]` (the row's own texts) are proposed besides what `space` proposes. Every proposal
     is re-scored with `pair_dots` and kept iff `false_negative_mask` says so, or iff it is one of
     `duplicate_ids[r]` (duplicate masking: the row's anchor and positive texts). Every flagged text

@@ -33,7 +33,7 @@ from torch import Tensor, nn
 
 from pipeline import GistError
 from pipeline.guide import gather
-from pipeline.masks import PlannedMasks
+from pipeline.masks import PlannedMasks, check_planned_from
 
 DISTILL_KINDS = ("embed", "kl")
 
@@ -50,7 +50,7 @@ class GuideTeacher:
         from pipeline.guide import load_guide_pass
 
         self.guide_dir = Path(guide_dir)
-        manifest, data, embeddings = load_guide_pass(self.guide_dir)
+        self.manifest, data, embeddings = load_guide_pass(self.guide_dir)
         self.fingerprint = data.fingerprint
         self.embeddings = embeddings  # (stored rows, dim), read-only
         # Each column's stored row: the anchor's query view, the others' document view (pipeline.views).
@@ -70,6 +70,7 @@ class GuideTeacher:
         teacher = cls(where if manifest.get("kind") == "guide-pass" else manifest["guide_dir"])
         if teacher.fingerprint != masks.meta["dataset_fingerprint"]:
             raise GistError(f"{teacher.guide_dir}: its examples are not the data the masks were planned on (fingerprints differ)")
+        check_planned_from(masks, teacher.manifest, teacher.guide_dir)  # the teacher's vectors are those the masks came from
         return teacher
 
     def labels(self, example_ids: Tensor, columns: int) -> Tensor:

@@ -7,7 +7,8 @@ text, so the ranks come from the stored embeddings, no model loaded.
 
 The rank of example i's positive p_i for its anchor a_i is 1 + the number of candidates c with
 g(a_i, c) > g(a_i, p_i) (strict, as the mask rule), where the candidates are every distinct
-positive text (`among="positives"`) or every stored text (`among="all"`), leaving out the anchor's
+positive text (`among="positives"`) or every text stored in the positives' view (`among="all"`: every
+text of a pass without prompts; pipeline.views), leaving out the anchor's
 own text and every positive of an example with the same anchor text (another correct answer is no
 evidence against this one). Ranks are searched with an exact FAISS inner-product index over the
 candidates, `top_k` + (the most positives one anchor text has) neighbours deep: exact up to that

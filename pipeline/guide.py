@@ -358,7 +358,8 @@ def encode_to_parquet(
 
 
 def open_embeddings(path: Path) -> np.ndarray:
-    """Memory-map `embeddings.npy`: a read-only (num_texts, dim) float16/float32 array by text id."""
+    """Memory-map `embeddings.npy`: a read-only (stored rows, dim) float16/float32 array, a row per text
+    and view (`TrainingData.rows` says which; under one view, row = text id)."""
     try:
         array = np.load(path, mmap_mode="r")
     except (OSError, ValueError) as e:

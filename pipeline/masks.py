@@ -459,6 +459,15 @@ class PlannedMasks:
         return dense.reshape(stop - start, rows, cols)
 
 
+def check_planned_from(masks: "PlannedMasks", guide_manifest: dict, guide_dir: Path) -> None:
+    """Refuse masks planned from other guide vectors than `guide_dir` holds now: another guide's, or
+    the same guide's under other views (a pass replaced with --overwrite and other --guide-prompts)."""
+    guide = guide_manifest["guide"]
+    if masks.meta.get("guide_sha256") != guide["sha256"] or masks.meta.get("guide_views") != guide["views"]:
+        raise GistError(f"{masks.path} was planned from other guide vectors than {guide_dir} holds now (another guide, or other --guide-prompts); "
+                        f"re-plan with `gist plan {guide_dir}`")
+
+
 def write_plan_masks(out_dir: Path, embeddings: np.ndarray, data: TrainingData, plan: np.ndarray, params: PlanParams, guide: dict,
                      device: str = "cpu", rank: int = 0, world_size: int = 1) -> dict | None:
     """Write the masks of a plan (from pipeline.plan) to `out_dir`, computed on `device` (under
@@ -467,7 +476,7 @@ def write_plan_masks(out_dir: Path, embeddings: np.ndarray, data: TrainingData, 
     """
     meta = {
         "dataset_fingerprint": data.fingerprint, "num_examples": data.num_examples, "columns": data.columns,
-        "guide": guide["name"], "guide_sha256": guide["sha256"],
+        "guide": guide["name"], "guide_sha256": guide["sha256"], "guide_views": guide["views"],
     }
     counts = write_masks(out_dir / MASKS, embeddings, data, plan, params, meta, device, rank, world_size)
     if counts is None:

@@ -203,7 +203,7 @@ def mine_from_pass(
     """Mine hard negatives for every example of a stored guide pass and write them to `out` (.parquet).
 
     `corpus`: "positives" (the data's positives, as mine_hard_negatives), "all" (every text the
-    pass stores as a document), or a Parquet/JSONL/CSV file whose texts not in the pass are encoded
+    pass stores in the positives' view: every text of a pass without prompts), or a Parquet/JSONL/CSV file whose texts not in the pass are encoded
     once with the guide (`guide`, default the path in the pass's manifest) in the document view.
     `query_prompt` / `corpus_prompt` (or the guide's prompt names): as mine_hard_negatives takes
     them; they must be the prompts the pass encoded anchors / positives with. Returns the metadata
@@ -247,8 +247,9 @@ def mine_from_pass(
         new_texts = [corpus_texts[i] for i in unstored]
         if manifest["guide"].get("source") == "embeddings":  # a pass from --embeddings VECTORS: no model to encode with
             if new_texts:
-                raise GistError(f"--corpus {corpus}: {len(new_texts)} text(s) not in {guide_dir}, e.g. {new_texts[0][:60]!r}, and its vectors came from "
-                                f"--embeddings {manifest['guide']['name']} (no model to encode them): add their vectors there and run precompute-guide again")
+                where = "not stored as documents (positives' view)" if (corpus_ids[unstored] >= 0).all() else "not"
+                raise GistError(f"--corpus {corpus}: {len(new_texts)} text(s) {where} in {guide_dir}, e.g. {new_texts[0][:60]!r}, and its vectors came from "
+                                f"--embeddings {manifest['guide']['name']} (no model to encode them): add their (document) vectors there and run precompute-guide again")
             new_vectors = np.zeros((0, embeddings.shape[1]), dtype=np.float32)
         else:
             model = guide_mod.load_model(model_path, device)  # checks the directory before hashing its files

@@ -220,7 +220,7 @@ def plan_batches(
 ) -> np.ndarray:
     """Plan every batch of every epoch; returns int64 (epochs, steps_per_epoch, batch_size).
 
-    `embeddings` (guide embeddings by text id) are needed by the clustered and fn-aware strategies.
+    `embeddings` (the stored guide vectors, gathered by `data.rows`) are needed by the clustered and fn-aware strategies.
     The mask rule's parameters (those of the masks the plan is written with) are used by fn-aware only.
     """
     check_plan(data, batch_size, epochs, strategy)

@@ -65,6 +65,8 @@ def parse_prompt_spec(spec, option: str = "--prompts", datasets: tuple[str, ...]
         raise GistError(f"{option}: expected a prompt, column=prompt pairs or a JSON object of them, got {spec!r}")
     checked = {}
     for key, value in spec.items():
+        if key in datasets and COLUMN_KEY.match(key):
+            raise GistError(f"{option}: {key!r} names both a column and a dataset of DATA; rename the dataset (its task)")
         if isinstance(value, dict):
             if key not in datasets:
                 raise GistError(f"{option}: {key!r} is not a dataset of DATA (datasets: {', '.join(datasets) or 'none: DATA is one dataset'})")

@@ -37,7 +37,7 @@ from pipeline.data import NO_TASK, TrainingData
 from pipeline.guide import load_guide_pass
 from pipeline.mask_check import differences, rounding_band
 from pipeline.outputs import Kind, Output
-from pipeline.masks import BLOCKS, MASKS, PlannedMasks, chunk_batches, duplicate_masks, guide_similarities, negative_columns, plan_masks
+from pipeline.masks import BLOCKS, MASKS, PlannedMasks, check_planned_from, chunk_batches, duplicate_masks, guide_similarities, negative_columns, plan_masks
 from pipeline.report_plots import PLOTS, write_plots
 
 NBINS = 200  # similarity histogram bins over [-1, 1]
@@ -56,9 +56,10 @@ def load_planned(run_dir: Path) -> tuple[dict, Path, PlannedMasks, TrainingData,
     manifest = read_manifest(run_dir)
     guide_dir = guide_dir_of(run_dir, manifest)
     masks = PlannedMasks(verify_checksum(run_dir, MASKS, manifest))
-    _, data, embeddings = load_guide_pass(guide_dir)
+    guide_manifest, data, embeddings = load_guide_pass(guide_dir)
     if masks.meta["dataset_fingerprint"] != data.fingerprint:
         raise GistError(f"{run_dir}/{MASKS} was planned for other data than {guide_dir} holds (fingerprint mismatch)")
+    check_planned_from(masks, guide_manifest, guide_dir)
     return manifest, guide_dir, masks, data, embeddings
 
 

@@ -51,7 +51,7 @@ def precompute_guide(
     subset: str | None = None, split: str | None = None, revision: str | None = None,
     guide_prompts: str | dict | None = None, guide_prompt_names: str | dict | None = None,
 ) -> GuidePass | None:
-    """Encode every unique text of DATA with the guide once, index it, plan the batches, store their masks.
+    """Encode every unique text of DATA with the guide once (once per view its roles need), index it, plan the batches, store their masks.
 
     Args:
         data: Parquet, JSONL or CSV file, a `datasets.save_to_disk` directory (a DatasetDict: its splits

@@ -131,35 +131,38 @@ class ExternalVectors:
         stored = np.full(len(ids), -1, dtype=np.int64)  # stored row of each file row, -1: DATA does not need it
         stored[used] = self.stored.by_view[ids[used], view[used]]
         counts = np.bincount(stored[stored >= 0], minlength=self.stored.num_rows)
-        missing = np.flatnonzero(counts == 0)
-        as_role = (lambda rows: f" as {self._role_names(rows)}") if ROLE_COLUMN in schema.names else (lambda rows: "")
+        missing, repeated = np.flatnonzero(counts == 0), np.flatnonzero(counts > 1)
+        what = "(text, role)" if ROLE_COLUMN in schema.names else "text"
         if len(missing):
-            raise GistError(
-                f"--embeddings {self.path}: no vector for {len(missing)} of DATA's {self.stored.num_rows} texts{' and roles' if as_role(missing[:1]) else ''}, e.g. "
-                f"{_named(self._texts(missing[:SHOWN + 1]))}{as_role(missing[:SHOWN + 1])} (texts must match exactly)"
-            )
-        repeated = np.flatnonzero(counts > 1)
+            raise GistError(f"--embeddings {self.path}: no vector for {len(missing)} of DATA's {self.stored.num_rows} {what}s, e.g. "
+                            f"{self._named(missing)} (texts must match exactly)")
         if len(repeated):
-            raise GistError(f"--embeddings {self.path}: {len(repeated)} text(s) appear more than once{as_role(repeated[:SHOWN + 1])}, e.g. "
-                            f"{_named(self._texts(repeated[:SHOWN + 1]))}; keep one vector per text" + (" and role" if as_role(repeated[:1]) else ""))
+            raise GistError(f"--embeddings {self.path}: {len(repeated)} {what}(s) appear more than once, e.g. {self._named(repeated)}; keep one vector per {what}")
         self.file_rows = stored
         first = next(self.file.iter_batches(batch_size=BLOCK_ROWS, columns=[self.column])).column(0)
         dims = self._parquet_dims(first)[first.is_valid().to_numpy(zero_copy_only=False)]
         self.dim = int(dims[0]) if len(dims) else 0  # of the first vector; every other must have it
 
     def _role_views(self, ids: np.ndarray) -> np.ndarray:
-        """The view of each file row from its role (query: the anchors' view, document: the others')."""
+        """The view of each file row from its role (query: the anchors' view, document: the others'),
+        with Arrow kernels (no Python object per row)."""
         roles = decoded(self.file.read(columns=[ROLE_COLUMN]).column(ROLE_COLUMN))
         if not (pa.types.is_string(roles.type) or pa.types.is_large_string(roles.type)):
             raise GistError(f"--embeddings {self.path}: column {ROLE_COLUMN!r} must hold strings (query or document), not {roles.type}")
-        names = np.asarray(roles.fill_null("").to_pylist(), dtype=object)
-        bad = sorted(set(names.tolist()) - set(ROLE_VIEWS))
-        if bad:
-            raise GistError(f"--embeddings {self.path}: column {ROLE_COLUMN!r} holds {', '.join(map(repr, bad[:SHOWN]))}; use query or document")
-        return np.where(names == "query", self.views.roles["anchor"], self.views.roles["positive"]).astype(np.int64)
+        known = pc.is_in(roles, value_set=pa.array(ROLE_VIEWS, roles.type)).fill_null(False).to_numpy(zero_copy_only=False)
+        if not known.all():
+            bad = pc.unique(roles.filter(pa.array(~known))).to_pylist()[:SHOWN]
+            raise GistError(f"--embeddings {self.path}: column {ROLE_COLUMN!r} holds {', '.join(map(repr, bad))}; use query or document")
+        is_query = pc.equal(roles, "query").to_numpy(zero_copy_only=False)
+        return np.where(is_query, self.views.roles["anchor"], self.views.roles["positive"]).astype(np.int64)
 
-    def _role_names(self, rows: np.ndarray) -> str:
-        return ", ".join(ROLE_VIEWS[int(self.stored.view[r] != self.views.roles["anchor"])] for r in rows[:SHOWN]) + (", ..." if len(rows) > SHOWN else "")
+    def _named(self, rows: np.ndarray) -> str:
+        """Up to SHOWN stored rows named by their text (and, with a role column, their role)."""
+        if self.views.view_of("anchor").task is None:
+            return _named(self._texts(rows[:SHOWN + 1]))
+        shown = [f"{_quote(text)} as {'query' if self.stored.view[r] == self.views.roles['anchor'] else 'document'}"
+                 for r, text in zip(rows[:SHOWN], self._texts(rows[:SHOWN]))]
+        return ", ".join(shown) + (", ..." if len(rows) > SHOWN else "")
 
     @staticmethod
     def _parquet_dims(vectors: pa.Array) -> np.ndarray:

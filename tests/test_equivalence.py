@@ -14,10 +14,13 @@ from pipeline.train import build_trainer, training_dataset
 from cli import plan_command
 from tests.conftest import GUIDE_SAMEVOCAB, load_student
 
-# Loss and gradients agree to 1e-5 (a gradient tensor: relative to its largest entry when that exceeds 1). The similarities are
-# GISTEmbedLoss's to the bit (so are the losses, in practice); gradients come from BroadcastCosine's analytic backward instead of
-# autograd through the broadcast: float32 noise, measured up to 9.5e-6 on a gradient whose largest entry is 2.75.
+# Losses agree to 1e-5, gradients to 2e-5 (a gradient tensor: relative to its largest entry when that exceeds 1). The similarities
+# are GISTEmbedLoss's to the bit (so are the losses, in practice); gradients come from BroadcastCosine's analytic backward instead of
+# autograd through the broadcast: float32 noise, measured up to 9.5e-6 on a gradient whose largest entry is 2.75 (AMD EPYC) and
+# 1.05e-5 on token_type_embeddings (Intel Xeon), a sum over every token of the batch whose terms cancel (its largest entry 0.90,
+# the sum of its entries' magnitudes 22; the word embeddings' gradient, of the same upstream values, differs by 7e-7).
 TOL = 1e-5
+GRAD_TOL = 2e-5
 
 
 def grad_errors(ours: dict, reference: dict) -> dict[str, float]:
@@ -26,7 +29,7 @@ def grad_errors(ours: dict, reference: dict) -> dict[str, float]:
     return {name: (ours[name] - ref).abs().max().item() / max(1.0, ref.abs().max().item()) for name, ref in reference.items()}
 
 
-def assert_grads_close(ours: dict, reference: dict, tol: float = TOL) -> None:
+def assert_grads_close(ours: dict, reference: dict, tol: float = GRAD_TOL) -> None:
     errors = grad_errors(ours, reference)
     worst = max(errors, key=errors.get)
     assert errors[worst] <= tol, (worst, errors[worst])

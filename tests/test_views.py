@@ -15,7 +15,7 @@ import pytest
 from pipeline import GistError
 from pipeline.artifacts import read_manifest
 from pipeline.guide import load_guide_pass, read_embeddings
-from pipeline.masks import MASKS, PlanParams, batch_masks
+from pipeline.masks import MASKS, PlanParams, PlannedMasks, batch_masks
 from pipeline.mine import MiningParams, mine_from_pass, mine_negatives
 from pipeline.plan import plan_batches
 from pipeline.stage1 import precompute_guide
@@ -186,7 +186,7 @@ def test_external_vectors_with_a_role_column(bert_pass, guides, two_roles, tmp_p
     keep = [i for i in range(2 * len(texts)) if not (i < len(texts) and i == anchors_only[0])]
     table = pq.read_table(vectors).take(keep)
     pq.write_table(table, tmp_path / "missing.parquet")
-    with pytest.raises(GistError, match="no vector for 1 of DATA's .* as query"):
+    with pytest.raises(GistError, match=r"no vector for 1 of DATA's \d+ \(text, role\)s, e.g. '.*' as query"):
         precompute_guide(two_roles, None, tmp_path / "refused", PLAN, embeddings=tmp_path / "missing.parquet")
     bad = pq.read_table(vectors)
     pq.write_table(bad.set_column(1, "role", pa.array(["question"] * bad.num_rows)), tmp_path / "bad.parquet")
@@ -309,3 +309,21 @@ def test_filter_distill_and_report_read_each_roles_view(bert_pass, guides, tmp_p
 
     report = write_report(bert_pass, tmp_path / "report", examples=3)
     assert report["mask_check"]["mismatched_entries"] == 0
+
+
+def test_a_plan_of_a_replaced_pass_is_refused(two_roles, guides, tmp_path):
+    """A plan keeps pointing at its guide pass; once that pass is replaced (--overwrite) with other guide prompts, the plan's
+    masks no longer come from the vectors it holds: report and --distill refuse them, naming gist plan."""
+    from pipeline.distill import GuideTeacher
+    from pipeline.report import write_report
+    from pipeline.stage1 import replan
+
+    run = tmp_path / "pass"
+    precompute_guide(two_roles, guides["static"], run, PLAN, device="cpu")
+    replan(run, tmp_path / "plan", PLAN, device="cpu")
+    precompute_guide(two_roles, guides["static"], run, PLAN, device="cpu", guide_prompts="", overwrite=True)
+    for call in (lambda: write_report(tmp_path / "plan", tmp_path / "report"),
+                 lambda: GuideTeacher.for_masks(PlannedMasks(tmp_path / "plan" / MASKS))):
+        with pytest.raises(GistError, match="planned from other guide vectors .*gist plan"):
+            call()
+    assert write_report(run, tmp_path / "fresh")["mask_check"]["mismatched_entries"] == 0
