@@ -8,7 +8,7 @@ from sentence_transformers import SentenceTransformer
 from sentence_transformers.sentence_transformer.losses import GISTEmbedLoss
 
 from pipeline.data import load_training_data
-from pipeline.guide import model_identity
+from pipeline.artifacts import read_manifest
 from pipeline.loss import GuidedMaskLoss
 from pipeline.masks import MASKS, PlannedMasks, write_plan_masks
 from pipeline.train import training_dataset
@@ -31,7 +31,7 @@ def test_raw_text_vs_decoded_tokens(tmp_path, triplets, capsys):
     decoded_texts = decoded_as_gist_embed_loss_does(student, data.texts.to_pylist())
     decoded_emb = guide.encode(decoded_texts, batch_size=64, normalize_embeddings=True, convert_to_numpy=True)
     (tmp_path / "decoded").mkdir()
-    write_plan_masks(tmp_path / "decoded", decoded_emb, data, raw.plan, raw.params, model_identity(str(GUIDE_RETOKENIZE)))
+    write_plan_masks(tmp_path / "decoded", decoded_emb, data, raw.plan, raw.params, read_manifest(tmp_path / "raw")["guide"])
     decoded = PlannedMasks(tmp_path / "decoded" / MASKS)
 
     # With the decoded inputs, the stored-mask loss is GISTEmbedLoss's.
