@@ -64,17 +64,19 @@ def test_two_processes_train_like_one_process_with_the_global_batch(tmp_path):
 
 def test_stage1_sharded_over_two_processes_equals_one(tmp_path, triplets):
     """Each rank encodes every other chunk and computes every other row group of the masks (40 epochs:
-    1280 batches, 2 row groups of 1024); rank 0 joins both and indexes: the same files."""
+    1280 batches, 2 row groups of 1024); rank 0 joins both and indexes: the same files. With guide
+    prompts per role (two views), so a chunk holding both views' rows is encoded a view at a time."""
+    prompts = ("--guide-prompts", "anchor=query: ,positive=passage: ,negative=passage: ")
     torchrun(shutil.which("gist") or ROOT / ".venv" / "bin" / "gist", "precompute-guide", triplets, "--guide", ROOT.parent / "shared/models/tiny-guide-bert-samevocab",
-             "--out", tmp_path / "two", "--batch-size", "16", "--epochs", "40", "--margin", "0.05", "--rows-per-group", "256")
+             "--out", tmp_path / "two", "--batch-size", "16", "--epochs", "40", "--margin", "0.05", "--rows-per-group", "256", *prompts)
     gist("precompute-guide", triplets, "--guide", ROOT.parent / "shared/models/tiny-guide-bert-samevocab", "--out", tmp_path / "one",
-         "--batch-size", "16", "--epochs", "40", "--margin", "0.05", "--rows-per-group", "256")
+         "--batch-size", "16", "--epochs", "40", "--margin", "0.05", "--rows-per-group", "256", *prompts)
     assert pq.ParquetFile(tmp_path / "two" / "masks.parquet").num_row_groups == 2 and not (tmp_path / "two" / ".masks.parts").exists()
     for name in ("texts.parquet", "examples.parquet", "embeddings.parquet", "embeddings.npy", "masks.parquet"):
         assert (tmp_path / "two" / name).read_bytes() == (tmp_path / "one" / name).read_bytes(), name
     one, two = (json.loads((tmp_path / run / "manifest.json").read_text()) for run in ("one", "two"))
     assert two["world_size"] == 2 and two["encoding"]["encoded_texts"] == one["encoding"]["encoded_texts"] == 1504
-    assert two["plan"] == one["plan"] and two["dataset"] == one["dataset"]
+    assert two["plan"] == one["plan"] and two["dataset"] == one["dataset"] and len(two["guide"]["views"]["views"]) == 2
 
 
 def test_replan_sharded_over_two_processes_equals_one(tmp_path, guide_run):

@@ -327,3 +327,34 @@ def test_a_plan_of_a_replaced_pass_is_refused(two_roles, guides, tmp_path):
         with pytest.raises(GistError, match="planned from other guide vectors .*gist plan"):
             call()
     assert write_report(run, tmp_path / "fresh")["mask_check"]["mismatched_entries"] == 0
+
+
+def test_a_guide_that_routes_by_task_stores_query_and_document_views(two_roles, tmp_path):
+    """A guide with a Router module (other modules for queries and documents, no prompts): anchors are stored as its
+    encode_query runs them, the other roles as encode_document, bit for bit; the views differ by task alone."""
+    import copy
+
+    import torch
+    from sentence_transformers import SentenceTransformer
+    from sentence_transformers.base.modules.router import Router
+    from sentence_transformers.sentence_transformer.modules import Normalize
+
+    static = SentenceTransformer(str(GUIDE_STATIC), device="cpu")[0]
+    document = copy.deepcopy(static)
+    with torch.no_grad():  # the document side weighs the dimensions otherwise: its vectors differ from the query side's
+        document.embedding.weight.mul_(torch.linspace(0.5, 1.5, document.embedding.weight.shape[1]))
+    SentenceTransformer(modules=[Router.for_query_document(query_modules=[static], document_modules=[document]), Normalize()],
+                        device="cpu").save(str(tmp_path / "router-guide"))
+    guide = SentenceTransformer(str(tmp_path / "router-guide"), device="cpu")
+    run = tmp_path / "pass"
+    precompute_guide(two_roles, tmp_path / "router-guide", run, PLAN, device="cpu")
+    manifest, data, stored = load_guide_pass(run)
+    assert manifest["guide"]["views"] == {"views": [{"prompt": "", "task": "query"}, {"prompt": "", "task": "document"}],
+                                          "roles": {"anchor": 0, "positive": 1, "negative": 1}}
+    rows = data.rows
+    for view, encode in ((0, guide.encode_query), (1, guide.encode_document)):
+        here = np.flatnonzero(rows.view == view)
+        expected = encode(data.texts.take(rows.text[here]).to_pylist(), batch_size=64, normalize_embeddings=True, convert_to_numpy=True)
+        assert np.array_equal(stored[here], expected), encode.__name__
+    both = np.flatnonzero((rows.by_view >= 0).all(axis=1))
+    assert len(both) == 12 and not np.allclose(stored[rows.by_view[both, 0]], stored[rows.by_view[both, 1]])
