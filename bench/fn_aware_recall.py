@@ -85,18 +85,19 @@ def brute_force_edges(data: TrainingData, embeddings: np.ndarray, margin_strateg
     """(edges, near): sorted i * n + j (both directions) where the rule flags a candidate of j for
     row i or one of i for row j, every block of every pair in float64 (no search, no cap); `near`:
     the pairs with some block within NEAR of its bound (where float32 may decide either way)."""
-    n, emb = data.num_examples, np.asarray(embeddings, dtype=np.float64)
-    a, p = emb[data.anchor_ids], emb[data.positive_ids]
+    n, emb, stored = data.num_examples, np.asarray(embeddings, dtype=np.float64), data.rows  # vectors by stored row, duplicates by text id
+    a, p = emb[stored.anchor], emb[stored.positive]
     t = np.einsum("ij,ij->i", a, p)
     bound = t - margin if margin_strategy == "absolute" else t - np.abs(t) * margin
-    columns = [data.positive_ids] + [data.negative_ids[:, c] for c in range(data.num_negatives)] + ([data.anchor_ids] if contrast_anchors else [])
-    blocks = [(a, ids) for ids in columns] + ([(p, data.positive_ids)] if contrast_positives else [])
+    columns = ([(stored.positive, data.positive_ids)] + [(stored.negative[:, c], data.negative_ids[:, c]) for c in range(data.num_negatives)]
+               + ([(stored.anchor, data.anchor_ids)] if contrast_anchors else []))
+    blocks = [(a, *column) for column in columns] + ([(p, stored.positive, data.positive_ids)] if contrast_positives else [])
     found, near = [], []
     for start in range(0, n, BRUTE_ROWS):
         rows = slice(start, start + BRUTE_ROWS)
         hit, close = np.zeros((len(t[rows]), n), bool), np.zeros((len(t[rows]), n), bool)
-        for queries, ids in blocks:
-            sims = queries[rows] @ emb[ids].T
+        for queries, vector_rows, ids in blocks:
+            sims = queries[rows] @ emb[vector_rows].T
             hit |= false_negative_mask(sims, t[rows, None], margin_strategy, margin)
             close |= np.abs(sims - bound[rows, None]) < NEAR
             if mask_duplicates:

@@ -34,14 +34,14 @@ def numpy_masks(embeddings: np.ndarray, data, batches: np.ndarray, params) -> di
     from pipeline.masks import false_negative_mask
 
     nb, g = batches.shape
-    anchors, positives = gather(embeddings, data.anchor_ids[batches]), gather(embeddings, data.positive_ids[batches])
+    anchors, positives = gather(embeddings, data.rows.anchor[batches]), gather(embeddings, data.rows.positive[batches])
     ap = anchors @ positives.transpose(0, 2, 1)
     threshold = ap[:, np.arange(g), np.arange(g)][..., None]
     masks = {"ap": false_negative_mask(ap, threshold, params.margin_strategy, params.margin)}
     masks["ap"][:, np.arange(g), np.arange(g)] = False
     masks["aa"] = false_negative_mask(anchors @ anchors.transpose(0, 2, 1), threshold, params.margin_strategy, params.margin)
     masks["pp"] = false_negative_mask(positives @ positives.transpose(0, 2, 1), threshold, params.margin_strategy, params.margin)
-    negatives = gather(embeddings, data.negative_ids[batches].transpose(0, 2, 1).reshape(nb, -1))
+    negatives = gather(embeddings, data.rows.negative[batches].transpose(0, 2, 1).reshape(nb, -1))
     masks["an"] = false_negative_mask(anchors @ negatives.transpose(0, 2, 1), threshold, params.margin_strategy, params.margin)
     return masks
 
@@ -62,7 +62,7 @@ def kernel(pass_dir: Path, batches: int, reps: int = 3) -> dict:
     examples = plan.size
 
     def gathered(chunk):
-        return [torch.from_numpy(gather(embeddings, ids)) for ids in (data.anchor_ids[chunk], data.positive_ids[chunk], data.negative_ids[chunk, 0])]
+        return [torch.from_numpy(gather(embeddings, ids)) for ids in (data.rows.anchor[chunk], data.rows.positive[chunk], data.rows.negative[chunk, 0])]
 
     def floor(tensors):
         a, p, n = tensors
