@@ -39,6 +39,7 @@ from pipeline.mask_check import differences, rounding_band
 from pipeline.outputs import Kind, Output
 from pipeline.masks import BLOCKS, MASKS, PlannedMasks, check_planned_from, chunk_batches, duplicate_masks, guide_similarities, negative_columns, plan_masks
 from pipeline.report_plots import PLOTS, write_plots
+from pipeline.views import ROLES, GuideViews
 
 NBINS = 200  # similarity histogram bins over [-1, 1]
 MAX_TEXT = 200  # characters of a text shown in report.md
@@ -237,7 +238,7 @@ def _summarize(run_dir: Path, manifest: dict, guide_dir: Path, masks: PlannedMas
     edges = np.linspace(-1.0, 1.0, NBINS + 1)
     return {
         "run_dir": str(Path(run_dir).resolve()), "run_kind": manifest["kind"], "guide_dir": str(guide_dir.resolve()),
-        "guide": manifest.get("guide", {}).get("name"), "dataset_fingerprint": data.fingerprint, "plan": masks.meta["plan"],
+        "guide": manifest.get("guide", {}).get("name"), "guide_views": masks.meta["guide_views"], "dataset_fingerprint": data.fingerprint, "plan": masks.meta["plan"],
         "counts": {
             "batches": batches, "epochs": epochs, "steps_per_epoch": steps, "batch_size": g, "examples": data.num_examples,
             "examples_per_epoch": steps * g, "texts": len(data.texts), "negatives_per_example": data.num_negatives, "tasks": len(task_names),
@@ -280,13 +281,21 @@ def _pair_table(pairs: list[dict]) -> list[str]:
     return _table(header, rows) if rows else ["(no masked pairs)", ""]
 
 
+def _views_text(record: dict) -> str:
+    """How the guide read each role (pipeline.views), for report.md."""
+    views = GuideViews.from_record(record)
+    if len(views.views) == 1:
+        return f"every role read with {views.views[0].describe()}"
+    return ", ".join(f"{role}: {views.view_of(role).describe()}" for role in ROLES)
+
+
 def _markdown(report: dict) -> str:
     """report.md: overview, rate tables, plots (relative links) and the most similar masked pairs."""
     c, p, blocks = report["counts"], report["plan"], report["blocks"]
     shown = [b for b in BLOCKS if blocks[b]["enabled"]]
     lines = [
         f"# gist data-quality report: `{report['run_dir']}`", "",
-        f"Guide `{report['guide']}` (embeddings from `{report['guide_dir']}`), {report['run_kind']} directory. "
+        f"Guide `{report['guide']}` (embeddings from `{report['guide_dir']}`; {_views_text(report['guide_views'])}), {report['run_kind']} directory. "
         f"{c['examples']:,} examples, {c['texts']:,} unique texts, {c['negatives_per_example']} negative(s) per example, {c['tasks']} task(s). "
         f"{c['batches']:,} planned batches = {c['epochs']} epoch(s) × {c['steps_per_epoch']:,} steps of {c['batch_size']} "
         f"({c['examples_per_epoch']:,} examples per epoch). Plan: strategy `{p['strategy']}`, seed {p['seed']}, "

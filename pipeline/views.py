@@ -49,8 +49,10 @@ class View:
         return {"prompt": self.prompt, **({"task": self.task} if self.task else {})}
 
     def describe(self) -> str:
-        what = "no prompt" if not self.prompt else f"prompt {self.prompt!r}"
-        return what + (f", task {self.task}" if self.task else "")
+        """In words, for reports: its prompt and task, or the served vectors it stands for."""
+        if self.prompt is None:
+            return f"the {self.task} vectors of --embeddings" if self.task else "the vectors of --embeddings"
+        return ("no prompt" if not self.prompt else f"prompt {self.prompt!r}") + (f", task {self.task}" if self.task else "")
 
 
 @dataclass(frozen=True)

@@ -309,6 +309,7 @@ def test_filter_distill_and_report_read_each_roles_view(bert_pass, guides, tmp_p
 
     report = write_report(bert_pass, tmp_path / "report", examples=3)
     assert report["mask_check"]["mismatched_entries"] == 0
+    assert "anchor: prompt 'query: ', positive: prompt 'passage: ', negative: prompt 'passage: '" in (tmp_path / "report" / "report.md").read_text()
 
 
 def test_a_plan_of_a_replaced_pass_is_refused(two_roles, guides, tmp_path):
