@@ -39,7 +39,7 @@ from pipeline.mask_check import differences, rounding_band
 from pipeline.outputs import Kind, Output
 from pipeline.masks import BLOCKS, MASKS, PlannedMasks, check_planned_from, chunk_batches, duplicate_masks, guide_similarities, negative_columns, plan_masks
 from pipeline.report_plots import PLOTS, write_plots
-from pipeline.views import ROLES, GuideViews
+from pipeline.views import GuideViews
 
 NBINS = 200  # similarity histogram bins over [-1, 1]
 MAX_TEXT = 200  # characters of a text shown in report.md
@@ -281,21 +281,13 @@ def _pair_table(pairs: list[dict]) -> list[str]:
     return _table(header, rows) if rows else ["(no masked pairs)", ""]
 
 
-def _views_text(record: dict) -> str:
-    """How the guide read each role (pipeline.views), for report.md."""
-    views = GuideViews.from_record(record)
-    if len(views.views) == 1:
-        return f"every role read with {views.views[0].describe()}"
-    return ", ".join(f"{role}: {views.view_of(role).describe()}" for role in ROLES)
-
-
 def _markdown(report: dict) -> str:
     """report.md: overview, rate tables, plots (relative links) and the most similar masked pairs."""
     c, p, blocks = report["counts"], report["plan"], report["blocks"]
     shown = [b for b in BLOCKS if blocks[b]["enabled"]]
     lines = [
         f"# gist data-quality report: `{report['run_dir']}`", "",
-        f"Guide `{report['guide']}` (embeddings from `{report['guide_dir']}`; {_views_text(report['guide_views'])}), {report['run_kind']} directory. "
+        f"Guide `{report['guide']}` (embeddings from `{report['guide_dir']}`; {GuideViews.from_record(report['guide_views']).describe()}), {report['run_kind']} directory. "
         f"{c['examples']:,} examples, {c['texts']:,} unique texts, {c['negatives_per_example']} negative(s) per example, {c['tasks']} task(s). "
         f"{c['batches']:,} planned batches = {c['epochs']} epoch(s) × {c['steps_per_epoch']:,} steps of {c['batch_size']} "
         f"({c['examples_per_epoch']:,} examples per epoch). Plan: strategy `{p['strategy']}`, seed {p['seed']}, "

@@ -26,6 +26,7 @@ from pipeline.distill import DISTILL_KINDS, remove_guide_projection
 from pipeline.masks import PlannedMasks
 from pipeline.outputs import Kind, Output
 from pipeline.prompts import dataset_column, dataset_names, student_prompts
+from pipeline.views import GuideViews
 
 TRAIN_LOG = "train_log.jsonl"
 
@@ -386,7 +387,8 @@ def gist_model_card(masks: PlannedMasks, settings: TrainSettings, prompts=None) 
         "", "## Trained with gist", "",
         "Offline GISTEmbed guidance: the guide ran once over the training data (stage 1) and its false-negative masks were stored; "
         "this model was trained with them, without the guide in the loop.", "",
-        f"- Guide: `{masks.meta['guide']}` (sha256 `{masks.meta['guide_sha256'][:16]}…`), masks `{masks.path.resolve()}`",
+        f"- Guide: `{masks.meta['guide']}` (sha256 `{masks.meta['guide_sha256'][:16]}…`; {GuideViews.from_record(masks.meta['guide_views']).describe()}), "
+        f"masks `{masks.path.resolve()}`",
         f"- Plan: {plan.strategy} batches of {plan.batch_size}, {plan.epochs} epoch(s), seed {plan.seed}; {plan.margin_strategy} margin {plan.margin}, "
         f"contrast anchors {plan.contrast_anchors}, contrast positives {plan.contrast_positives}, mask duplicates {plan.mask_duplicates}",
         f"- Loss: {loss}; {', '.join(extras)}",

@@ -65,6 +65,12 @@ class GuideViews:
     def view_of(self, role: str) -> View:
         return self.views[self.roles[role]]
 
+    def describe(self) -> str:
+        """How the guide read each role, in words (reports, model cards)."""
+        if len(self.views) == 1:
+            return f"every role read with {self.views[0].describe()}"
+        return ", ".join(f"{role}: {self.view_of(role).describe()}" for role in ROLES)
+
     def record(self) -> dict:
         """As the manifest stores it: the views and each role's view."""
         return {"views": [{"prompt": v.prompt, "task": v.task} for v in self.views], "roles": dict(self.roles)}

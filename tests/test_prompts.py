@@ -122,6 +122,7 @@ def test_gist_train_with_prompts_end_to_end(tmp_path, prompted_pass):
     assert record["training_prompts"] == {"anchor": "query: ", "positive": "passage: ", "negative_1": "passage: "}
     card = (out / "final" / "README.md").read_text()
     assert "Training prompts: anchor: 'query: '" in card and "Evaluation prompts: query 'query: '" in card
+    assert "every role read with no prompt" in card  # the tiny guide's own prompts are empty: one view
     assert -1 <= json.loads((out / "eval.json").read_text())["sts_spearman"] <= 1
 
     # --prompt-names: a student whose config defines query and document prompts
