@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import hashlib
 import os
 import sys
 import time
@@ -29,6 +30,7 @@ QUESTIONS = {
     ("guided", "guided+distill"): "KL distillation on top of guidance",
     ("guided", "guided+dedup"): "exact duplicates masked by text id on top of guidance",
     ("mnrl", "guided+dedup"): "guided with duplicate masking vs MNRL",
+    ("guided", "guided+e5-guide"): "E5-style prompts given to a guide trained without prompts",
 }
 
 
@@ -58,22 +60,25 @@ def run(s: Settings, work: Path, strategy: str, variants: list[str], seeds: list
     done = phases.Phases(work, resume)
     data_path, data_info = build_training_set(s, work)
     pass_dir = phases.guide_pass(s, data_path, work / "guide")
-    # (filtered, dedup) -> (training data, plan directory)
-    plans = {(False, False): (data_path, phases.plan(s, pass_dir, strategy))}
+    # (filtered, dedup, guide prompts) -> (training data, plan directory)
+    plans = {(False, False, None): (data_path, phases.plan(s, pass_dir, strategy))}
     if any(VARIANTS[v].dedup for v in variants):
-        plans[(False, True)] = (data_path, phases.plan(s, pass_dir, strategy, dedup=True))
+        plans[(False, True, None)] = (data_path, phases.plan(s, pass_dir, strategy, dedup=True))
+    for prompts in {VARIANTS[v].guide_prompts for v in variants} - {None}:  # a pass of its own: other views, other vectors
+        prompted_pass = phases.guide_pass(s, data_path, work / "guide-prompted" / hashlib.sha256(prompts.encode()).hexdigest()[:12], guide_prompts=prompts)
+        plans[(False, False, prompts)] = (data_path, phases.plan(s, prompted_pass, strategy))
     filter_summary = None
     if any(VARIANTS[v].filtered for v in variants):
         clean, filter_summary = phases.filtered_data(s, pass_dir, work)
         filtered_pass = phases.guide_pass(s, clean, work / "filtered" / "guide", reuse=(pass_dir,))
-        plans[(True, False)] = (clean, phases.plan(s, filtered_pass, strategy))
+        plans[(True, False, None)] = (clean, phases.plan(s, filtered_pass, strategy))
     base, base_details = phases.base_run(s, done)
     runs: dict[str, list[dict]] = {v: [] for v in variants}
     details: dict[str, list[dict]] = {v: [] for v in variants}
     for seed in seeds:  # every variant of a seed before the next seed: a partial run is already a comparison
         for name in variants:
             variant = VARIANTS[name]
-            data, plan_dir = plans[(variant.filtered, variant.dedup)]
+            data, plan_dir = plans[(variant.filtered, variant.dedup, variant.guide_prompts)]
             result, detail = phases.train_run(s, variant, seed, data, plan_dir / "masks.parquet",
                                               work / "runs" / strategy / name / f"seed{seed}", done)
             runs[name].append(result)
@@ -96,7 +101,8 @@ def run(s: Settings, work: Path, strategy: str, variants: list[str], seeds: list
         "settings": {k: v for k, v in vars(s).items() if k != "notes"}, "variants": {v: vars(VARIANTS[v]) for v in variants}, "seeds": seeds,
         "data": {"train": data_info, "eval": {"sts": s.sts, "beir": s.beir, "beir_split": "qrels/test.tsv"}},
         "plans": {name: plan_summary(plans[key][1]) for key, name in
-                  (((False, False), "unfiltered"), ((False, True), "dedup"), ((True, False), "filtered")) if key in plans},
+                  (((False, False, None), "unfiltered"), ((False, True, None), "dedup"), ((True, False, None), "filtered"),
+                   *(((False, False, p), f"guide prompts {p!r}") for p in {VARIANTS[v].guide_prompts for v in variants} - {None})) if key in plans},
         "filter": filter_summary and {k: filter_summary[k] for k in ("params", "examples", "kept", "dropped", "per_task", "rank_quantiles")},
         "base": base, "runs": runs, "summary": summary, "best_scifact": best, "comparisons": comparisons,
         "statistics": stats.__doc__.strip(), "notes": s.notes,

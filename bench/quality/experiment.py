@@ -30,6 +30,7 @@ class Variant:
     distill: str | None = None
     distill_weight: float = 1.0
     dedup: bool = False  # masks planned with mask_duplicates (exact duplicates by text id); otherwise GISTEmbedLoss's exact rule
+    guide_prompts: str | None = None  # stage 1's --guide-prompts (its own pass); None: the guide's own prompts (mpnet: none)
 
 
 VARIANTS = {
@@ -41,6 +42,8 @@ VARIANTS = {
         Variant("guided+filter", "guided", filtered=True),
         Variant("guided+distill", "guided", distill="kl"),
         Variant("guided+dedup", "guided", dedup=True),
+        # E5-style strings given to a guide trained without prompts (all-mpnet-base-v2): what a prompt costs or buys
+        Variant("guided+e5-guide", "guided", guide_prompts="anchor=query: ,positive=passage: ,negative=passage: "),
     )
 }
 SEEDS = (0, 1, 2)

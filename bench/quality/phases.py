@@ -73,28 +73,34 @@ def plan_params(s: Settings, strategy: str, dedup: bool = False):
                       margin=s.margin, contrast_anchors=s.contrast_anchors, contrast_positives=s.contrast_positives, mask_duplicates=dedup)
 
 
-def _matches(out: Path, s: Settings, strategy: str, fingerprint: str, dedup: bool = False) -> bool:
-    """Whether OUT holds a finished pass or plan of this data with the wanted plan (and guide length)."""
+def _matches(out: Path, s: Settings, strategy: str, fingerprint: str, dedup: bool = False, guide_prompts: str | None = None) -> bool:
+    """Whether OUT holds a finished pass or plan of this data with the wanted plan (and guide length and prompts)."""
     from pipeline.artifacts import read_manifest
+    from pipeline.prompts import parse_prompt_spec
+    from pipeline.views import ROLES, GuideViews
 
     if not (out / "manifest.json").is_file():
         return False
     manifest = read_manifest(out)
     guide = manifest["guide"]
     guide_ok = Path(guide["path"]).resolve() == Path(s.guide).resolve() and (s.guide_max_seq_length in (None, guide.get("max_seq_length")))
-    return (manifest["dataset"]["fingerprint"] == fingerprint and guide_ok
+    views = GuideViews.from_record(guide["views"])
+    wanted = parse_prompt_spec(guide_prompts, "--guide-prompts") or {}
+    prompts_ok = guide_prompts is None or all(views.view_of(role).prompt == wanted.get(role, "") for role in ROLES)
+    return (manifest["dataset"]["fingerprint"] == fingerprint and guide_ok and prompts_ok
             and manifest["plan"]["params"] == asdict(plan_params(s, strategy, dedup)))
 
 
-def guide_pass(s: Settings, data_path: Path, out: Path, reuse: tuple = ()) -> Path:
-    """Stage 1 (`precompute_guide`) over DATA with the stage-1 strategy; reused if already there."""
+def guide_pass(s: Settings, data_path: Path, out: Path, reuse: tuple = (), guide_prompts: str | None = None) -> Path:
+    """Stage 1 (`precompute_guide`) over DATA with the stage-1 strategy (and `guide_prompts`); reused if already there."""
     from pipeline.data import load_training_data
     from pipeline.stage1 import precompute_guide
 
-    if not _matches(out, s, s.stage1_strategy, load_training_data(data_path).fingerprint):
-        log(f"stage 1: precompute-guide {data_path} with {s.guide}" + (f" (--reuse {', '.join(map(str, reuse))})" if reuse else ""))
+    if not _matches(out, s, s.stage1_strategy, load_training_data(data_path).fingerprint, guide_prompts=guide_prompts):
+        log(f"stage 1: precompute-guide {data_path} with {s.guide}" + (f" (--reuse {', '.join(map(str, reuse))})" if reuse else "")
+            + (f" --guide-prompts {guide_prompts!r}" if guide_prompts is not None else ""))
         precompute_guide(data_path, s.guide, out, plan_params(s, s.stage1_strategy), encode_batch_size=s.encode_batch_size,
-                         guide_max_seq_length=s.guide_max_seq_length, reuse=list(reuse), overwrite=True)
+                         guide_max_seq_length=s.guide_max_seq_length, reuse=list(reuse), overwrite=True, guide_prompts=guide_prompts)
     return out
 
 
