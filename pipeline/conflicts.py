@@ -33,6 +33,7 @@ import numpy as np
 from pipeline.data import TrainingData
 from pipeline.guide import ADD_ROWS, faiss_single_thread, gather, training_sample
 from pipeline.masks import false_negative_mask
+from pipeline.views import VectorRows
 
 RADIUS_SLACK = 1e-3  # search bound below the rule's lowest: float32 rounding (~1e-5) cannot lose a candidate
 ROWS_PER_BLOCK = 1 << 14  # rows (anchors, or positives for pp) searched at a time: bounds the proposals held
@@ -157,7 +158,7 @@ class SearchSpace:
 
 def flagged_texts(
     embeddings: np.ndarray, space: SearchSpace, query_ids: np.ndarray, own_ids: np.ndarray, thresholds: np.ndarray,
-    candidates: np.ndarray, margin_strategy: str, margin: float, duplicate_ids: np.ndarray | None = None, text_of: np.ndarray | None = None,
+    candidates: np.ndarray, margin_strategy: str, margin: float, duplicate_ids: np.ndarray | None = None, stored: VectorRows | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """(row, text) pairs where the mask rule flags candidate text for the row's query text.
 
@@ -166,7 +167,7 @@ def flagged_texts(
     is re-scored with `pair_dots` and kept iff `false_negative_mask` says so, or iff it is one of
     `duplicate_ids[r]` (duplicate masking: the row's anchor and positive texts). Every flagged text
     is returned: memory grows with the rows given (conflict_graph passes ROWS_PER_BLOCK at a time).
-    `text_of`: the text id of each stored row, for duplicate masking (None: rows are text ids).
+    `stored`: the pass's VectorRows, whose text ids duplicate masking compares (None: rows are text ids).
     """
     # The rule's bound is never below t - max(m, 0): t - m (absolute); t - |t| m (relative) is at
     # least t - m for m >= 0 (|t| <= 1) and at least t for m < 0. A negative margin only raises it.
@@ -180,7 +181,7 @@ def flagged_texts(
     sims = pair_dots(embeddings, query_ids[rows], texts)
     keep = false_negative_mask(sims, thresholds[rows], margin_strategy, margin)
     if duplicate_ids is not None:
-        keep |= (duplicate_ids[rows] == (texts if text_of is None else text_of[texts])[:, None]).any(axis=1)
+        keep |= (duplicate_ids[rows] == (texts if stored is None else stored.text(texts))[:, None]).any(axis=1)
     return rows[keep], texts[keep]
 
 
@@ -193,8 +194,8 @@ def searches(data: TrainingData, contrast_anchors: bool = True, contrast_positiv
     keys = [rows.positive] + ([rows.anchor] if contrast_anchors else []) + [rows.negative.reshape(-1)]
     values = [examples] + ([examples] if contrast_anchors else []) + [np.repeat(examples, data.num_negatives)]
     own = [rows.anchor[:, None], rows.positive[:, None], rows.negative]
-    if rows.by_view.shape[1] > 1:  # the anchor's and positive's texts in every view: a duplicate in another role is proposed
-        own += [rows.by_view[data.anchor_ids], rows.by_view[data.positive_ids]]
+    if rows.num_views > 1:  # the anchor's and positive's texts in every view: a duplicate in another role is proposed
+        own += [rows.all_views_of(data.anchor_ids), rows.all_views_of(data.positive_ids)]
     found = [(rows.anchor, np.hstack(own), _csr(np.concatenate(keys), np.concatenate(values), rows.num_rows))]
     if contrast_positives:
         found.append((rows.positive, rows.positive[:, None], _csr(rows.positive, examples, rows.num_rows)))
@@ -237,7 +238,7 @@ def conflict_graph(
         for start in range(0, n, ROWS_PER_BLOCK):
             block = slice(start, start + ROWS_PER_BLOCK)
             rows, texts = flagged_texts(embeddings, space, query_ids[block], own_ids[block], thresholds[block], candidates,
-                                        margin_strategy, margin, None if duplicate_ids is None else duplicate_ids[block], data.rows.text)
+                                        margin_strategy, margin, None if duplicate_ids is None else duplicate_ids[block], data.rows)
             left, right = _expand(rows + start, texts, indptr, holders)
             left, right = left[left != right], right[left != right]
             pending.append(np.unique(np.concatenate([left * n + right, right * n + left])))

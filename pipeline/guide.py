@@ -175,7 +175,7 @@ def embeddings_schema(dim: int, dtype: str = "float32") -> pa.Schema:
 def embeddings_table(rows: VectorRows, start: int, vectors: np.ndarray, schema: pa.Schema) -> pa.Table:
     """Stored rows start.. (their text ids and views) with their vectors, as `embeddings.parquet` holds them."""
     stop = start + len(vectors)
-    return pa.table({"text_id": rows.text[start:stop].astype(np.int64), "view": rows.view[start:stop],
+    return pa.table({"text_id": rows.text(slice(start, stop)), "view": rows.view(slice(start, stop)),
                      "embedding": pa.FixedSizeListArray.from_arrays(vectors.reshape(-1), vectors.shape[1])}, schema=schema)
 
 
@@ -321,9 +321,9 @@ def encode_to_parquet(
                 t0 = time.perf_counter()
                 vectors, from_stored = np.empty((stop - start, dim), dtype=np.float32), 0
                 for index, view in enumerate(views.views):  # the chunk's rows of each view, in row order
-                    here = np.flatnonzero(rows.view[start:stop] == index)
+                    here = np.flatnonzero(rows.view(slice(start, stop)) == index)
                     if len(here):
-                        vectors[here], copied = embed(model, data.texts.take(rows.text[start:stop][here]).to_pylist(), view, batch_size, stored)
+                        vectors[here], copied = embed(model, data.texts.take(rows.text(start + here)).to_pylist(), view, batch_size, stored)
                         from_stored += copied
                 encode_seconds += time.perf_counter() - t0
                 table = embeddings_table(rows, start, vectors.astype(embedding_dtype), schema)

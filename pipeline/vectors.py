@@ -129,7 +129,7 @@ class ExternalVectors:
             view = self._role_views(ids)
         used = ids >= 0
         stored = np.full(len(ids), -1, dtype=np.int64)  # stored row of each file row, -1: DATA does not need it
-        stored[used] = self.stored.by_view[ids[used], view[used]]
+        stored[used] = self.stored.rows_of(ids[used], view[used])
         counts = np.bincount(stored[stored >= 0], minlength=self.stored.num_rows)
         missing, repeated = np.flatnonzero(counts == 0), np.flatnonzero(counts > 1)
         what = "(text, role)" if ROLE_COLUMN in schema.names else "text"
@@ -160,8 +160,8 @@ class ExternalVectors:
         """Up to SHOWN stored rows named by their text (and, with a role column, their role)."""
         if self.views.view_of("anchor").task is None:
             return _named(self._texts(rows[:SHOWN + 1]))
-        shown = [f"{_quote(text)} as {'query' if self.stored.view[r] == self.views.roles['anchor'] else 'document'}"
-                 for r, text in zip(rows[:SHOWN], self._texts(rows[:SHOWN]))]
+        shown = [f"{_quote(text)} as {'query' if view == self.views.roles['anchor'] else 'document'}"
+                 for view, text in zip(self.stored.view(rows[:SHOWN]), self._texts(rows[:SHOWN]))]
         return ", ".join(shown) + (", ..." if len(rows) > SHOWN else "")
 
     @staticmethod
@@ -216,7 +216,7 @@ class ExternalVectors:
 
     def _texts(self, rows: np.ndarray) -> list[str]:
         """The texts of stored rows."""
-        return [self.texts[int(self.stored.text[r])].as_py() for r in rows]
+        return [self.texts[int(t)].as_py() for t in self.stored.text(rows)]
 
     def check(self) -> None:
         """Every check, reading the whole file, writing nothing: a bad file fails here, before --out is touched."""

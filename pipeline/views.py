@@ -139,57 +139,79 @@ def role_views() -> GuideViews:
 class VectorRows:
     """Where each example's texts sit among a pass's stored vectors (rows of `embeddings.npy`).
 
+    Under one view a row is a text id and nothing is materialised beyond the examples' own id
+    arrays (a 10M-example pass keeps its memory); under several, `stored` lists the (text, view)
+    pair of each row as `text * num_views + view`.
+
     Attributes:
         anchor: (N,) the row of each example's anchor in the anchor role's view.
         positive: (N,) the row of each positive in the positive role's view.
         negative: (N, k) the rows of the negatives in the negative role's view.
-        text: (rows,) the text id of each stored row.
-        view: (rows,) the view of each stored row.
-        by_view: (texts, views) the row of each text in each view, -1 where no role of it needs that view.
         roles: role -> view index (GuideViews.roles).
+        num_views: how many views the pass stores.
+        num_texts: how many unique texts.
+        stored: (rows,) `text * num_views + view` of each stored row; None under one view.
+        by_view: (texts, views) the row of each text in each view, -1 where no role of it needs that
+            view; None under one view.
     """
 
     anchor: np.ndarray
     positive: np.ndarray
     negative: np.ndarray
-    text: np.ndarray
-    view: np.ndarray
-    by_view: np.ndarray
     roles: dict
+    num_views: int
+    num_texts: int
+    stored: np.ndarray | None = None
+    by_view: np.ndarray | None = None
 
     @property
     def num_rows(self) -> int:
-        return len(self.text)
+        return self.num_texts if self.stored is None else len(self.stored)
+
+    def _index(self, rows) -> np.ndarray:
+        return np.arange(*rows.indices(self.num_rows)) if isinstance(rows, slice) else np.asarray(rows, dtype=np.int64)
+
+    def text(self, rows) -> np.ndarray:
+        """The text id of stored `rows` (an index array or a slice)."""
+        return self._index(rows) if self.stored is None else self.stored[rows] // self.num_views
+
+    def view(self, rows) -> np.ndarray:
+        """The view of stored `rows` (an index array or a slice)."""
+        return np.zeros(len(self._index(rows)), np.int8) if self.stored is None else (self.stored[rows] % self.num_views).astype(np.int8)
+
+    def rows_of(self, text_ids: np.ndarray, views) -> np.ndarray:
+        """The rows of `text_ids` in `views` (broadcast against them), -1 where a text has no row in that view."""
+        text_ids = np.asarray(text_ids, dtype=np.int64)
+        return text_ids + 0 * np.asarray(views) if self.by_view is None else self.by_view[text_ids, views]
 
     def of(self, role: str, text_ids: np.ndarray) -> np.ndarray:
         """Rows of `text_ids` in `role`'s view (-1 where a text has no row in it)."""
-        return self.by_view[np.asarray(text_ids), self.roles[role]]
+        return self.rows_of(text_ids, self.roles[role])
+
+    def all_views_of(self, text_ids: np.ndarray) -> np.ndarray:
+        """(len(text_ids), num_views): every row of each text, -1 where it has none in a view."""
+        return self.rows_of(np.asarray(text_ids)[:, None], np.arange(self.num_views)[None, :])
 
 
 def vector_rows(data, views: GuideViews) -> VectorRows:
     """The stored rows of `data`'s texts under `views`: a row per (text, view) some role needs, by
     text id, then view. Under one view the rows are the text ids themselves (no copies)."""
-    num_texts = len(data.texts)
-    if len(views.views) == 1:
-        ids = np.arange(num_texts, dtype=np.int64)
-        return VectorRows(data.anchor_ids, data.positive_ids, data.negative_ids, ids, np.zeros(num_texts, np.int8), ids[:, None], dict(views.roles))
-    used = np.zeros((num_texts, len(views.views)), dtype=bool)
+    num_texts, num_views = len(data.texts), len(views.views)
+    if num_views == 1:
+        return VectorRows(data.anchor_ids, data.positive_ids, data.negative_ids, dict(views.roles), 1, num_texts)
+    used = np.zeros((num_texts, num_views), dtype=bool)
     used[data.anchor_ids, views.roles["anchor"]] = True
     used[data.positive_ids, views.roles["positive"]] = True
     used[data.negative_ids.reshape(-1), views.roles["negative"]] = True
-    flat = used.reshape(-1)
-    by_view = np.full(flat.shape, -1, dtype=np.int64)
-    stored = np.flatnonzero(flat)
+    stored = np.flatnonzero(used.reshape(-1))
+    by_view = np.full(used.size, -1, dtype=np.int64)
     by_view[stored] = np.arange(len(stored))
     by_view = by_view.reshape(used.shape)
     return VectorRows(
         anchor=by_view[data.anchor_ids, views.roles["anchor"]],
         positive=by_view[data.positive_ids, views.roles["positive"]],
         negative=by_view[data.negative_ids, views.roles["negative"]],
-        text=stored // len(views.views),
-        view=(stored % len(views.views)).astype(np.int8),
-        by_view=by_view,
-        roles=dict(views.roles),
+        roles=dict(views.roles), num_views=num_views, num_texts=num_texts, stored=stored, by_view=by_view,
     )
 
 

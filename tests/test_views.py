@@ -81,12 +81,12 @@ def test_stored_views_equal_encode_query_and_encode_document(bert_pass, guides):
     guide = SentenceTransformer(str(guides["bert"]), device="cpu")
     rows = data.rows
     for view, encode in ((0, guide.encode_query), (1, guide.encode_document)):
-        here = np.flatnonzero(rows.view == view)
-        texts = data.texts.take(rows.text[here]).to_pylist()
+        here = np.flatnonzero(rows.view(slice(None)) == view)
+        texts = data.texts.take(rows.text(here)).to_pylist()
         expected = encode(texts, batch_size=64, normalize_embeddings=True, convert_to_numpy=True)
         assert np.array_equal(stored[here], expected), f"view {view} differs from {encode.__name__}"
-    assert np.array_equal(rows.text[rows.anchor], data.anchor_ids) and (rows.view[rows.anchor] == 0).all()
-    assert (rows.view[rows.positive] == 1).all() and (rows.view[rows.negative] == 1).all()
+    assert np.array_equal(rows.text(rows.anchor), data.anchor_ids) and (rows.view(rows.anchor) == 0).all()
+    assert (rows.view(rows.positive) == 1).all() and (rows.view(rows.negative.ravel()) == 1).all()
 
 
 def test_masks_compare_query_anchors_with_document_candidates(bert_pass, guides):
@@ -149,7 +149,7 @@ def test_reuse_and_resume_never_mix_views(bert_pass, guides, two_roles, tmp_path
     shared = tmp_path / "shared"
     precompute_guide(two_roles, guides["bert"], shared, PLAN, device="cpu", reuse=[bert_pass], guide_prompts="anchor=Q: ")
     _, data, _ = load_guide_pass(shared)
-    assert encoding(shared)["reused_texts"] == int((data.rows.view == 1).sum()) and encoding(shared)["encoded_texts"] == int((data.rows.view == 0).sum())
+    assert encoding(shared)["reused_texts"] == int((data.rows.view(slice(None)) == 1).sum()) and encoding(shared)["encoded_texts"] == int((data.rows.view(slice(None)) == 0).sum())
 
     out = tmp_path / "killed"
     killed_before_the_swap(monkeypatch, "precompute-guide", two_roles, "--guide", guides["bert"], "--out", out, "--batch-size", "16",
@@ -354,8 +354,9 @@ def test_a_guide_that_routes_by_task_stores_query_and_document_views(two_roles, 
                                           "roles": {"anchor": 0, "positive": 1, "negative": 1}}
     rows = data.rows
     for view, encode in ((0, guide.encode_query), (1, guide.encode_document)):
-        here = np.flatnonzero(rows.view == view)
-        expected = encode(data.texts.take(rows.text[here]).to_pylist(), batch_size=64, normalize_embeddings=True, convert_to_numpy=True)
+        here = np.flatnonzero(rows.view(slice(None)) == view)
+        expected = encode(data.texts.take(rows.text(here)).to_pylist(), batch_size=64, normalize_embeddings=True, convert_to_numpy=True)
         assert np.array_equal(stored[here], expected), encode.__name__
-    both = np.flatnonzero((rows.by_view >= 0).all(axis=1))
-    assert len(both) == 12 and not np.allclose(stored[rows.by_view[both, 0]], stored[rows.by_view[both, 1]])
+    every = rows.all_views_of(np.arange(len(data.texts)))
+    both = np.flatnonzero((every >= 0).all(axis=1))
+    assert len(both) == 12 and not np.allclose(stored[every[both, 0]], stored[every[both, 1]])
