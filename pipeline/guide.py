@@ -150,11 +150,6 @@ def model_identity(path: str) -> dict:
 ENCODING_KEYS = ("sha256", "dtype", "max_seq_length")
 
 
-def stored_views(manifest: dict) -> dict:
-    """The views record of a pass's manifest (pipeline.views.GuideViews.record)."""
-    return manifest["guide"]["views"]
-
-
 def encoding_identity(identity: dict, model, dtype: str) -> dict:
     """The model identity plus the encoding settings of ENCODING_KEYS, as stored in the manifest."""
     max_len = model.max_seq_length
@@ -216,7 +211,7 @@ class StoredEmbeddings:
             texts = pq.read_table(verify_checksum(run_dir, TEXTS, manifest)).column("text").cast(pa.large_string()).combine_chunks()
             stored = pq.read_table(verify_checksum(run_dir, EMBEDDINGS, manifest), columns=["text_id", "view"])
             text_of_row, view_of_row = stored.column("text_id").to_numpy(), stored.column("view").to_numpy()
-            for index, view in enumerate(GuideViews.from_record(stored_views(manifest)).views):
+            for index, view in enumerate(GuideViews.from_record(manifest["guide"]["views"]).views):
                 here = np.flatnonzero(view_of_row == index)
                 found = by_view.setdefault(view, ([], []))
                 found[0].append(texts.take(text_of_row[here]))
@@ -320,8 +315,9 @@ def encode_to_parquet(
                     continue
                 t0 = time.perf_counter()
                 vectors, from_stored = np.empty((stop - start, dim), dtype=np.float32), 0
+                chunk_views = rows.view(slice(start, stop))
                 for index, view in enumerate(views.views):  # the chunk's rows of each view, in row order
-                    here = np.flatnonzero(rows.view(slice(start, stop)) == index)
+                    here = np.flatnonzero(chunk_views == index)
                     if len(here):
                         vectors[here], copied = embed(model, data.texts.take(rows.text(start + here)).to_pylist(), view, batch_size, stored)
                         from_stored += copied

@@ -220,7 +220,7 @@ def mine_from_pass(
     corpus_file = None if corpus in ("positives", "all") else Path(corpus)
     t_start = time.perf_counter()
     manifest, training, embeddings = guide_mod.load_guide_pass(guide_dir)
-    views = GuideViews.from_record(guide_mod.stored_views(manifest))
+    views = GuideViews.from_record(manifest["guide"]["views"])
     own_prompts = manifest["guide"].get("prompts") or {}
     for option, prompt, name, role in (("--query-prompt", query_prompt, query_prompt_name, "anchor"), ("--corpus-prompt", corpus_prompt, corpus_prompt_name, "positive")):
         if prompt is not None and name is not None:

@@ -38,7 +38,7 @@ from pipeline import GistError
 from pipeline.artifacts import atomic_path, sha256_file
 from pipeline.data import TrainingData, decoded
 from pipeline.guide import EMBEDDINGS, VECTORS, embeddings_schema, embeddings_table
-from pipeline.views import ROLES, GuideViews, View, role_views
+from pipeline.views import SINGLE_VIEW, role_views
 
 FORMATS = {".parquet": "parquet", ".npy": "npy"}
 BLOCK_ROWS = 1 << 16  # vectors read, checked and normalised at a time
@@ -68,7 +68,7 @@ class ExternalVectors:
         self.path = Path(path)
         self.texts = training.texts
         self.num_texts = len(training.texts)
-        self.views = training.views = GuideViews.of({role: View(None) for role in ROLES})  # one view; a role column replaces it
+        self.views = training.views = SINGLE_VIEW  # one vector per text; a role column replaces it
         self.stored = training.rows
         self.format = FORMATS.get(self.path.suffix.lower())
         if self.format is None:
