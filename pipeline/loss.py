@@ -198,6 +198,7 @@ class GuidedMaskLoss(nn.Module):
         self.contrast_anchors = self.masks.params.contrast_anchors
         self.contrast_positives = self.masks.params.contrast_positives
         self.guided = guided
+        self._block_masks: dict[str, tuple] = {}  # block -> (row, G, cols, device), its mask: the step's, reused by its mini-batches
         self.directions = check_objective(directions, partition_mode, hardness_mode, hardness_strength)
         self.partition_mode, self.hardness_mode, self.hardness_strength = partition_mode, hardness_mode, hardness_strength
         if hardness_mode is not None and hardness_strength == 0:
@@ -275,12 +276,7 @@ class GuidedMaskLoss(nn.Module):
         rows = slice(offset + begin, offset + end)
 
         def masked(block: str, sims: Tensor, cols: int, keep_cols: slice = slice(None)) -> Tensor:
-            if self.guided:
-                mask = torch.from_numpy(self.masks.dense(block, row, row + 1, g, cols)[0])
-            else:  # unguided: only the self-pairs a_i-a_i and p_i-p_i leave the softmax
-                mask = torch.eye(g, dtype=torch.bool) if block in ("aa", "pp") else torch.zeros(g, cols, dtype=torch.bool)
-            mask = mask.to(sims.device)[rows, keep_cols]
-            return sims.masked_fill(mask, -torch.inf)
+            return sims.masked_fill(self.block_mask(block, row, g, cols, sims.device)[rows, keep_cols], -torch.inf)
 
         scores = [masked("ap", self.sim_matrix(anchor[begin:end], positive), g)]
         if self.contrast_anchors:
@@ -293,12 +289,20 @@ class GuidedMaskLoss(nn.Module):
 
     def block_mask(self, block: str, row: int, g: int, cols: int, device) -> Tensor:
         """(G, cols) boolean mask of `block` in plan row `row`: the stored one, or with guided=False only
-        the aa/pp self-pairs."""
+        the aa/pp self-pairs. Built once per step and block (the cached loss asks once per mini-batch);
+        callers must not write into it."""
+        key = (row, g, cols, str(device))
+        cached = self._block_masks.get(block)
+        if cached is not None and cached[0] == key:
+            return cached[1]
         if self.guided:
-            return torch.from_numpy(self.masks.dense(block, row, row + 1, g, cols)[0]).to(device)
-        if block in ("aa", "pp"):
-            return torch.eye(g, dtype=torch.bool, device=device)
-        return torch.zeros(g, cols, dtype=torch.bool, device=device)
+            mask = torch.from_numpy(self.masks.dense(block, row, row + 1, g, cols)[0]).to(device)
+        elif block in ("aa", "pp"):  # unguided: only the self-pairs a_i-a_i and p_i-p_i leave the softmax
+            mask = torch.eye(g, dtype=torch.bool, device=device)
+        else:
+            mask = torch.zeros(g, cols, dtype=torch.bool, device=device)
+        self._block_masks[block] = (key, mask)
+        return mask
 
     def row_losses(self, anchor: Tensor, anchors: Tensor, positive: Tensor, negatives: list[Tensor], row: int, offset: int,
                    begin: int, end: int) -> Tensor:
@@ -323,7 +327,7 @@ class GuidedMaskLoss(nn.Module):
             out = sims / self.temperature
             if penalty is not None:  # MNRL: scale * cos + alpha * stop_grad(cos), on the penalised entries
                 out = out + self.hardness_strength * sims.detach() * penalty
-            mask = self.block_mask(block, row, g, cols, device)[rows, keep]
+            mask = self.block_mask(block, row, g, cols, device)[rows, keep].clone()
             for columns in exclude:  # MNRL's own exclusions: a_i - a_i in query_to_query, p_i's own documents in doc_to_doc
                 mask[r, columns] = True
             return out.masked_fill(mask, -torch.inf)

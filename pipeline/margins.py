@@ -52,12 +52,12 @@ def margin_sweep(run_dir: Path, margins: list[float], margin_strategy: str | Non
     duplicate masking apply as planned.
     """
     manifest, _, masks, data, embeddings = load_planned(run_dir)
-    params = masks.params
+    params = masks.params.without_doc_blocks()
     strategy = margin_strategy or params.margin_strategy
     for margin in margins:  # the plan's own check: a margin the plan would refuse is not swept
         check_rule(dataclasses.replace(params, margin_strategy=strategy, margin=margin), option="--margins")
     g, k = params.batch_size, data.num_negatives
-    enabled = {"ap": True, "aa": params.contrast_anchors, "pp": params.contrast_positives, "an": k > 0}
+    enabled = {block: block in params.planned_blocks(k) for block in BLOCKS}
     per_batch = {"ap": g * (g - 1), "aa": g * g, "pp": g * g, "an": g * g * k}
     masked = np.zeros((len(margins), len(BLOCKS)), dtype=np.int64)
     hist = {"masked": np.zeros((len(margins), len(BLOCKS), NBINS), np.int64), "kept": np.zeros((len(margins), len(BLOCKS), NBINS), np.int64)}

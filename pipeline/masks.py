@@ -24,7 +24,7 @@ import functools
 import json
 import shutil
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -92,6 +92,11 @@ class PlanParams:
         enabled = {"ap": True, "aa": self.contrast_anchors, "pp": self.contrast_positives, "an": num_negatives > 0,
                    "pa": self.contrast_doc_query, "pn": self.contrast_doc_negatives and num_negatives > 0}
         return tuple(block for block in ALL_BLOCKS if enabled[block])
+
+    def without_doc_blocks(self) -> "PlanParams":
+        """These parameters with the document-side blocks off: what the report and the margin sweep
+        recompute (ap, aa, pp, an), so `pa`/`pn` are neither computed nor counted in their chunks."""
+        return replace(self, contrast_doc_query=False, contrast_doc_negatives=False)
 
     def stored_blocks(self) -> tuple[str, ...]:
         """The block columns of masks.parquet: the four GISTEmbedLoss blocks always, the document-side ones when planned."""

@@ -48,8 +48,8 @@ ROW_TEXT = {"ap": "anchor", "aa": "anchor", "pp": "positive", "an": "anchor"}
 
 def _enabled(masks: PlannedMasks, data: TrainingData) -> dict[str, bool]:
     """Blocks that have candidates in this plan."""
-    p = masks.params
-    return {"ap": True, "aa": p.contrast_anchors, "pp": p.contrast_positives, "an": data.num_negatives > 0}
+    planned = masks.params.planned_blocks(data.num_negatives)
+    return {block: block in planned for block in BLOCKS}
 
 
 def load_planned(run_dir: Path) -> tuple[dict, Path, PlannedMasks, TrainingData, np.ndarray]:
@@ -102,7 +102,7 @@ def _entries(select, sim, threshold, identical, row_ids, col_ids, start: int, co
 
 def _scan(masks: PlannedMasks, data: TrainingData, embeddings: np.ndarray, task_of: np.ndarray, ntasks: int, examples: int) -> dict:
     """One pass over every planned batch: counts per block/epoch/task, histograms, mask check, top pairs."""
-    params, epochs, steps, g = masks.params, masks.params.epochs, masks.steps_per_epoch, masks.params.batch_size
+    params, epochs, steps, g = masks.params.without_doc_blocks(), masks.params.epochs, masks.steps_per_epoch, masks.params.batch_size
     k = data.num_negatives
     cols = {"ap": g, "aa": g, "pp": g, "an": g * k}
     enabled = _enabled(masks, data)
