@@ -89,11 +89,11 @@ def evaluate_model(model, sts: Path | None = None, beir: Path | None = None, pro
     return results
 
 
-def training_evaluator(sts: Path | None = None, beir: Path | None = None, prompts: EvalPrompts = NO_PROMPTS):
-    """The evaluator the trainer runs every `eval_steps`: STS and/or BEIR (a SequentialEvaluator of both), with `prompts`."""
+def training_evaluator(built: dict):
+    """The evaluator the trainer runs every `eval_steps`: the `built` STS and/or BEIR evaluators (a SequentialEvaluator of both)."""
     from sentence_transformers.sentence_transformer.evaluation import SequentialEvaluator
 
-    chosen = list(evaluators(sts, beir, prompts).values())
+    chosen = list(built.values())
     return chosen[0] if len(chosen) == 1 else SequentialEvaluator(chosen)
 
 

@@ -454,7 +454,7 @@ def train_student(
     a mixture): the masks' fingerprint decides. Returns OUT/final (None on ranks other than 0 under torchrun).
     """
     from pipeline import artifacts, guide as guide_mod
-    from pipeline.evaluate import evaluate_model, training_evaluator
+    from pipeline.evaluate import evaluate_model, evaluators, training_evaluator
     from pipeline.static import check_static_settings
 
     out = Path(out)
@@ -471,7 +471,8 @@ def train_student(
     # Every input and setting is checked before OUT is touched: a typo leaves no trace.
     training = planned_training_data(data, masks, columns)
     check_max_steps(masks, settings.max_steps)
-    evaluator = training_evaluator(sts, beir, settings.eval_prompts()) if settings.eval_steps else None  # reads the files: fails before training
+    built = evaluators(sts, beir, settings.eval_prompts())  # reads the files once: a bad one fails before training
+    evaluator = training_evaluator(built) if settings.eval_steps else None
     if settings.hub_model_id:
         check_hub(settings.hub_model_id)
     model = guide_mod.load_model(str(student), device)
@@ -527,7 +528,7 @@ def train_student(
         with open(stage.dir / "final" / "README.md", "a") as card:
             card.write(gist_model_card(masks, settings, prompts))
         if sts or beir:
-            results = evaluate_model(model, sts, beir, settings.eval_prompts())
+            results = evaluate_model(model, built=built)
             if evaluator is not None:
                 best = trainer.state.best_model_checkpoint
                 results["best_checkpoint"] = str(out / Path(best).relative_to(stage.dir)) if best else None  # where it is once OUT is in place

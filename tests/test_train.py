@@ -260,7 +260,7 @@ def test_eval_json_names_the_best_steps_own_checkpoint(tmp_path, guide_run, trip
         def __call__(self, model, output_path=None, epoch=-1, steps=-1):
             return {"sts_spearman_cosine": next(self.scores)}
 
-    monkeypatch.setattr(pipeline.evaluate, "training_evaluator", lambda sts, beir, prompts=None: Falling())
+    monkeypatch.setattr(pipeline.evaluate, "training_evaluator", lambda built: Falling())
     settings = TrainSettings(eval_steps=1, save_steps=100, max_steps=3, logging_steps=1)
     out = tmp_path / "run"
     train_student(triplets, guide_run / "masks.parquet", STUDENT, out, settings, device="cpu", sts=ROOT / "data" / "stsb_dev.parquet")
