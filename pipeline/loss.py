@@ -47,6 +47,11 @@ DIRECTION_BLOCKS = {
 }
 
 
+def is_default_objective(directions, partition_mode: str, hardness_mode: str | None, hardness_strength: float) -> bool:
+    """Whether the objective is GISTEmbedLoss's own (query_to_doc, joint, no hardness weighting)."""
+    return tuple(directions) == ("query_to_doc",) and partition_mode == "joint" and not (hardness_mode and hardness_strength > 0)
+
+
 def check_objective(directions, partition_mode: str, hardness_mode: str | None, hardness_strength: float) -> tuple[str, ...]:
     """Refuse what MultipleNegativesRankingLoss refuses (the same rules); returns `directions` as a tuple."""
     directions = tuple(directions)
@@ -204,7 +209,7 @@ class GuidedMaskLoss(nn.Module):
         if hardness_mode is not None and hardness_strength == 0:
             logger.warning(f"hardness_mode={hardness_mode!r} with hardness_strength=0.0: no hardness weighting")
         # GISTEmbedLoss's objective: the original code path, unchanged to the bit.
-        self.default_objective = self.directions == ("query_to_doc",) and partition_mode == "joint" and not (hardness_mode and hardness_strength > 0)
+        self.default_objective = is_default_objective(self.directions, partition_mode, hardness_mode, hardness_strength)
         if guided:
             self._check_planned_blocks()
 

@@ -307,7 +307,9 @@ class TrainSettings:
 
     @property
     def default_objective(self) -> bool:
-        return tuple(self.directions) == ("query_to_doc",) and self.partition_mode == "joint" and not (self.hardness_mode and self.hardness_strength > 0)
+        from pipeline.loss import is_default_objective
+
+        return is_default_objective(**self.objective())
 
     def eval_prompts(self):
         from pipeline.prompts import EvalPrompts
