@@ -35,7 +35,7 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 
-from bench.common import FULL_TRAIN, SAMPLE, WORK, Context, median, print_table, run_isolated
+from bench.common import FULL_TRAIN, SAMPLE, WORK, Context, _proc_status_mib, median, print_table, run_isolated
 from bench.train_step import StepClock
 
 NAME = "static_step"
@@ -49,13 +49,6 @@ TARGETS = {"guided_over_mnrl_time": ("<=", 1.05), "guided_over_mnrl_memory": ("<
            "guided_ap_over_mnrl_memory": ("<=", 1.05), "online_over_guided_time": (">=", 100.0)}
 
 
-def rss_anon_mb() -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("RssAnon:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
-
-
 class AnonPeak:
     """Peak RssAnon during a block, sampled every `interval` seconds by a thread, minus RssAnon on entry."""
 
@@ -63,7 +56,7 @@ class AnonPeak:
         self.interval = interval
 
     def __enter__(self):
-        self.before = self.peak = rss_anon_mb()
+        self.before = self.peak = _proc_status_mib("RssAnon")
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._poll, daemon=True)
         self._thread.start()
@@ -71,13 +64,13 @@ class AnonPeak:
 
     def _poll(self):
         while not self._stop.is_set():
-            self.peak = max(self.peak, rss_anon_mb())
+            self.peak = max(self.peak, _proc_status_mib("RssAnon"))
             time.sleep(self.interval)
 
     def __exit__(self, *exc):
         self._stop.set()
         self._thread.join()
-        self.peak = max(self.peak, rss_anon_mb())
+        self.peak = max(self.peak, _proc_status_mib("RssAnon"))
 
     def report(self) -> dict:
         return {"kind": "RssAnon peak (1 ms sampling)", "before_mb": round(self.before, 1), "peak_mb": round(self.peak, 1),
