@@ -150,7 +150,13 @@ def filter_pass(guide_dir: str | Path, out: str | Path, params: FilterParams, *,
     guide_dir, out = Path(guide_dir), Path(out)
     params.check()
     manifest, training, embeddings = guide_mod.load_guide_pass(guide_dir)
-    source = Path(data) if data is not None else Path(manifest["dataset"]["path"])
+    recorded = manifest["dataset"].get("path") if not manifest["dataset"].get("hub_id") else None
+    source = data if data is not None else recorded
+    # The kept rows are written as DATA's own rows in its format: one local file or save_to_disk directory.
+    if source is None or not isinstance(data_mod.data_source(source), Path):
+        raise GistError(f"{data if data is not None else guide_dir}: gist filter writes DATA's own rows in its format, so it needs DATA as one local file "
+                        "(a Hub dataset or a mixture is not; pass one file of the same rows, a mixture's with its task column, with --data)")
+    source = Path(source)
     output = Output(out, FILTER, inputs={"GUIDE_DIR": guide_dir, "DATA": source}, overwrite=overwrite)
     output.check()
     columns = manifest["dataset"]["columns"]

@@ -38,10 +38,9 @@ _PAIR_SPLIT = re.compile(r",(?=\s*[A-Za-z_][\w.-]*\s*=)")
 Prompts = str | dict  # str, {column: str}, {dataset: str | {column: str}}
 
 
-def parse_prompt_spec(spec, option: str = "--prompts", datasets: tuple[str, ...] = ()):
-    """`spec` (a CLI string, or already a str/dict from the Python API) as sentence-transformers'
-    prompts form: None, one string, {column: str}, or {dataset: str | {column: str}}. Keys are checked:
-    columns are anchor, positive, negative, negative_k; dataset keys must name one of `datasets`."""
+def split_prompt_spec(spec, option: str):
+    """A CLI prompt value (or a str/dict from the Python API) as None, one string, or a non-empty dict:
+    `name=value` pairs (keys not checked here) or a JSON object."""
     if spec is None:
         return None
     if isinstance(spec, str):
@@ -59,10 +58,18 @@ def parse_prompt_spec(spec, option: str = "--prompts", datasets: tuple[str, ...]
                 spec = pairs
             else:
                 return spec
-    if isinstance(spec, str):
+    if not isinstance(spec, (str, dict)) or not spec and isinstance(spec, dict):
+        raise GistError(f"{option}: expected a prompt, name=prompt pairs or a JSON object of them, got {spec!r}")
+    return spec
+
+
+def parse_prompt_spec(spec, option: str = "--prompts", datasets: tuple[str, ...] = ()):
+    """`spec` (a CLI string, or already a str/dict from the Python API) as sentence-transformers'
+    prompts form: None, one string, {column: str}, or {dataset: str | {column: str}}. Keys are checked:
+    columns are anchor, positive, negative, negative_k; dataset keys must name one of `datasets`."""
+    spec = split_prompt_spec(spec, option)
+    if spec is None or isinstance(spec, str):
         return spec
-    if not isinstance(spec, dict) or not spec:
-        raise GistError(f"{option}: expected a prompt, column=prompt pairs or a JSON object of them, got {spec!r}")
     checked = {}
     for key, value in spec.items():
         if key in datasets and COLUMN_KEY.match(key):

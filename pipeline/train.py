@@ -468,7 +468,7 @@ def train_student(
     pass_dir = masks.path.parent  # the pass (or plan) the masks belong to, and the guide pass distillation reads
     guide_pass = artifacts.guide_dir_of(pass_dir) if (pass_dir / artifacts.MANIFEST).is_file() else None
     output = Output(out, TRAINING, overwrite=None, inputs={
-        **local_inputs(data), "--masks": pass_dir, "its guide pass": guide_pass, "--student": student, "--sts": sts, "--beir": beir})
+        **local_inputs(data), "the pass of --masks": pass_dir, "its guide pass": guide_pass, "--student": student, "--sts": sts, "--beir": beir})
     output.check()
     # Every input and setting is checked before OUT is touched: a typo leaves no trace.
     training = planned_training_data(data, masks, columns)

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from pipeline import GistError
-from pipeline.prompts import parse_prompt_spec
+from pipeline.prompts import split_prompt_spec
 
 ROLES = ("anchor", "positive", "negative")  # every negative column takes the negative role's view
 ROLE_TASKS = {"anchor": "query", "positive": "document", "negative": "document"}
@@ -114,12 +114,15 @@ def guide_views(model, prompts=None, prompt_names=None) -> GuideViews:
     document = next((own[name] for name in DOCUMENT_PROMPT_NAMES if name in own), default)
     chosen.update(positive=document, negative=document)
     option = "--guide-prompts" if prompts is not None else "--guide-prompt-names"
-    spec = parse_prompt_spec(prompts if prompts is not None else prompt_names, option)
+    spec = split_prompt_spec(prompts if prompts is not None else prompt_names, option)
     if spec is not None:
         given = {role: spec for role in ROLES} if isinstance(spec, str) else spec
         for role, value in given.items():
             if role not in ROLES:
-                raise GistError(f"{option}: {role!r} is not a role of the guide pass; use anchor, positive, negative (every negative column is one role)")
+                raise GistError(f"{option}: unknown key {role!r}: {role!r} is not a role of the guide pass; use anchor, positive, negative "
+                                "(every negative column is one role; guide prompts are not per dataset)")
+            if not isinstance(value, str):
+                raise GistError(f"{option}: the prompt for {role!r} must be a string, not {type(value).__name__}")
             if prompt_names is not None:
                 if value not in own:
                     raise GistError(f"{option}: the guide defines no prompt named {value!r} (its prompts: {', '.join(sorted(own)) or 'none'})")
@@ -220,7 +223,9 @@ def served_prompt(views: GuideViews, role: str, requested: str | None, option: s
     if requested is None:
         return
     view = views.view_of(role)
-    if view.prompt is None or view.prompt != requested:
-        stored = "vectors from --embeddings" if view.prompt is None else repr(view.prompt)
-        raise GistError(f"{option} {requested!r}: the pass stores its {role}s with {stored}; mining reads the stored views only "
+    if view.prompt is None:
+        raise GistError(f"{option} {requested!r}: the pass's {role} vectors came from --embeddings, as served (no prompt applies); "
+                        "mining reads them as stored: leave the option out, or embed with that prompt and pass those vectors")
+    if view.prompt != requested:
+        raise GistError(f"{option} {requested!r}: the pass stores its {role}s with {view.prompt!r}; mining reads the stored views only "
                         f"(re-run precompute-guide with --guide-prompts {role}={requested!r} for such vectors)")

@@ -151,3 +151,21 @@ def test_per_dataset_prompts_reach_each_dataset_batch(tmp_path, halves):
                 "--device", "cpu", "--prompts", '{"nli": {"anchor": "title: "}}', check=False)
     assert proc.returncode == 1 and "mixes datasets" in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
     assert not (tmp_path / "refused").exists()
+
+
+def test_filter_of_a_mixture_pass_asks_for_one_file(tmp_path, halves):
+    """gist filter writes DATA's own rows in its format: a pass over a mixture is refused in one line, naming --data, and
+    filtered when given the single file of the same rows."""
+    import datasets
+
+    root, nli, qa, single = halves
+    dd = root / "dd-filter"
+    datasets.DatasetDict({"nli": datasets.Dataset(nli), "qa": datasets.Dataset(qa)}).save_to_disk(str(dd))
+    stage1(dd, tmp_path / "pass")
+    pq.write_table(nli, tmp_path / "nli.parquet")
+    pq.write_table(qa, tmp_path / "qa.parquet")
+    for extra in ((), ("--data", dd), ("--data", f"nli={tmp_path / 'nli.parquet'},qa={tmp_path / 'qa.parquet'}")):
+        proc = gist("filter", tmp_path / "pass", "--out", tmp_path / "kept.parquet", "--top-k", "5", *extra, check=False)
+        assert proc.returncode == 1 and "needs DATA as one local file" in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+    gist("filter", tmp_path / "pass", "--out", tmp_path / "kept.parquet", "--top-k", "5", "--data", single)
+    assert pq.read_table(tmp_path / "kept.parquet").num_rows > 0

@@ -182,6 +182,9 @@ def test_external_vectors_with_a_role_column(bert_pass, guides, two_roles, tmp_p
     differing = sum(a != b for block in ours.column_names for a, b in zip(ours.column(block).to_pylist(), theirs.column(block).to_pylist()))
     assert differing <= 2, "masks of the served views and of the model's views"
 
+    with pytest.raises(GistError, match="came from --embeddings, as served"):
+        mine_from_pass(out, tmp_path / "refused.parquet", MiningParams(), query_prompt=QUERY)
+
     anchors_only = sorted(set(data.anchor_ids.tolist()) - set(data.positive_ids.tolist()) - set(data.negative_ids.ravel().tolist()))
     keep = [i for i in range(2 * len(texts)) if not (i < len(texts) and i == anchors_only[0])]
     table = pq.read_table(vectors).take(keep)
@@ -272,6 +275,8 @@ def test_guide_prompt_refusals(guides, two_roles, tmp_path):
     ]:
         with pytest.raises(GistError, match=message):
             precompute_guide(two_roles, guides["bert"], tmp_path / "refused", PLAN, device="cpu", **kwargs)
+    with pytest.raises(GistError, match="guide prompts are not per dataset"):
+        precompute_guide(two_roles, guides["bert"], tmp_path / "refused", PLAN, device="cpu", guide_prompts='{"snli": {"anchor": "q: "}}')
     np.save(tmp_path / "v.npy", np.ones((3, 4), np.float32))
     with pytest.raises(GistError, match="--guide-prompts: options of a guide model"):
         precompute_guide(two_roles, None, tmp_path / "refused", PLAN, embeddings=tmp_path / "v.npy", guide_prompts="q: ")

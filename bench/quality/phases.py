@@ -76,7 +76,7 @@ def plan_params(s: Settings, strategy: str, dedup: bool = False):
 def _matches(out: Path, s: Settings, strategy: str, fingerprint: str, dedup: bool = False, guide_prompts: str | None = None) -> bool:
     """Whether OUT holds a finished pass or plan of this data with the wanted plan (and guide length and prompts)."""
     from pipeline.artifacts import read_manifest
-    from pipeline.prompts import parse_prompt_spec
+    from pipeline.prompts import split_prompt_spec
     from pipeline.views import ROLES, GuideViews
 
     if not (out / "manifest.json").is_file():
@@ -85,7 +85,8 @@ def _matches(out: Path, s: Settings, strategy: str, fingerprint: str, dedup: boo
     guide = manifest["guide"]
     guide_ok = Path(guide["path"]).resolve() == Path(s.guide).resolve() and (s.guide_max_seq_length in (None, guide.get("max_seq_length")))
     views = GuideViews.from_record(guide["views"])
-    wanted = parse_prompt_spec(guide_prompts, "--guide-prompts") or {}
+    wanted = split_prompt_spec(guide_prompts, "--guide-prompts")
+    wanted = {role: wanted for role in ROLES} if isinstance(wanted, str) else wanted or {}
     prompts_ok = guide_prompts is None or all(views.view_of(role).prompt == wanted.get(role, "") for role in ROLES)
     return (manifest["dataset"]["fingerprint"] == fingerprint and guide_ok and prompts_ok
             and manifest["plan"]["params"] == asdict(plan_params(s, strategy, dedup)))
