@@ -64,6 +64,17 @@ def barrier(world_size: int) -> None:
         dist.barrier()
 
 
+def share(value, world_size: int):
+    """Rank 0's `value` on every rank (a collective: every rank calls it; the others pass None)."""
+    if world_size == 1:
+        return value
+    import torch.distributed as dist
+
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
 def leave_distributed(world_size: int) -> None:
     """Under torchrun, every rank leaves together: wait for the others (rank 0 writing the manifest),
     then close the process group. A rank that exits while another still holds its gloo connections

@@ -172,14 +172,13 @@ class Output:
         `key`: what a killed run must share to be resumed (None: never resumed). `discard=False`
         refuses, rather than discards, a non-empty stage of another key (a training run's
         checkpoints). Under torchrun rank 0 checks, locks, prepares and commits; every rank gets the
-        same paths, after a barrier.
+        same paths and the same `resumed`, once rank 0 has prepared the stage.
         """
-        from pipeline.guide import barrier
+        from pipeline.guide import share
 
         root = self.root
         if rank != 0:
-            barrier(world_size)  # rank 0 has prepared the stage
-            yield Stage(root, resumed=(root / "new").is_dir())
+            yield Stage(root, resumed=share(None, world_size))  # once rank 0 has prepared the stage, its verdict
             return
         self.check()
         ancestors, ours = _missing_ancestors(root), not root.exists()
@@ -200,7 +199,7 @@ class Output:
                 _remove_empty(([root] if ours else []) + ancestors, whole=ours)
                 raise
             try:
-                barrier(world_size)
+                share(stage.resumed, world_size)
                 yield stage
                 self._commit(stage)
             except BaseException:

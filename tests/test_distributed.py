@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 
@@ -14,13 +16,33 @@ from safetensors.torch import load_file
 from tests.conftest import ROOT, STUDENT, gist
 
 
-def torchrun(*args, check=True):
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", *map(str, args)],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+def torchrun(*args, check=True, timeout=300):
+    """`torchrun --standalone --nproc-per-node 2 ARGS`. A run that hangs is stopped after `timeout`
+    seconds by SIGABRT to the agent and its workers (each in a session of its own): with
+    PYTHONFAULTHANDLER set, each prints every thread's Python stack first, so the failure shows where
+    each process waited, and no worker outlives the test."""
+    import psutil  # accelerate's dependency
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), "PYTHONFAULTHANDLER": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", *map(str, args)],
+                            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        stdout, stderr = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        agent = psutil.Process(proc.pid)
+        processes = [agent, *agent.children(recursive=True)]
+        for process in processes:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                process.send_signal(signal.SIGABRT)
+        for process in psutil.wait_procs(processes, timeout=30)[1]:  # still alive
+            with contextlib.suppress(psutil.NoSuchProcess):
+                process.kill()
+        stdout, stderr = proc.communicate()
+        stacks = [line for line in stderr.splitlines() if line.lstrip().startswith(("Fatal Python error", "Thread 0x", "Current thread", 'File "'))]
+        raise AssertionError(f"torchrun hung for {timeout} s; the stacks of its processes:\n" + "\n".join(stacks)) from None
     if check and proc.returncode != 0:
-        raise AssertionError(proc.stderr[-4000:])
-    return proc
+        raise AssertionError(stderr[-4000:])
+    return subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
 
 
 def test_two_ranks_equal_gist_embed_loss_gathered(tmp_path, guide_run, triplets):
