@@ -25,6 +25,7 @@ import pyarrow.json
 import pyarrow.parquet as pq
 
 from pipeline import GistError
+from pipeline.pairs import name_value_pairs
 
 NEGATIVE_COLUMN = re.compile(r"^negative(_\d+)?$")
 MAX_REPORTED_ROWS = 5
@@ -116,7 +117,6 @@ def parse_column_mapping(spec: str | None) -> dict[str, str]:
 
 DATA_SUFFIXES = (".parquet", ".jsonl", ".json", ".csv", ".gz")
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
-MIXTURE_ITEM = re.compile(r"^\s*([A-Za-z0-9_][\w.-]*)\s*=(.+)$")
 
 
 @dataclass(frozen=True)
@@ -238,11 +238,11 @@ def data_source(data, subset: str | None = None, split: str | None = None, revis
             return HubSource(str(path), subset, split or "train", revision)  # a dataset repository folder: load_dataset's own path
         _no_hub_options(hub, text)
         return path
-    items = _PAIR_SPLIT.split(text) if "=" in text else []
-    if items and all(MIXTURE_ITEM.match(item) for item in items):
+    pairs = name_value_pairs(text)
+    if pairs and all(source.strip() for _, source in pairs):
         sources = []
-        for item in items:
-            name, source = (part.strip() for part in MIXTURE_ITEM.match(item).groups())
+        for name, source in pairs:
+            source = source.strip()
             if name in dict(sources):
                 raise GistError(f"DATA: dataset name {name!r} given twice")
             resolved = data_source(source, subset, split, revision)
@@ -253,9 +253,6 @@ def data_source(data, subset: str | None = None, split: str | None = None, revis
     if HUB_ID.match(text) and not text.endswith(DATA_SUFFIXES):
         return HubSource(text, subset, split or "train", revision)
     raise GistError(f"{path}: no such file or directory")
-
-
-_PAIR_SPLIT = re.compile(r",(?=\s*[A-Za-z0-9_][\w.-]*\s*=)")
 
 
 def _no_hub_options(hub: dict, data: str) -> None:

@@ -166,12 +166,14 @@ class Output:
             raise GistError(f"{self.path} already holds a finished {self.kind.name} output; pass --overwrite to replace it or choose another {self.option}")
 
     @contextlib.contextmanager
-    def stage(self, key: dict | None = None, *, rank: int = 0, world_size: int = 1, discard: bool = True) -> Iterator[Stage]:
+    def stage(self, key: dict | None = None, *, rank: int = 0, world_size: int = 1, discard: bool = True,
+              resumable: Callable[[Path], bool] = lambda new: True) -> Iterator[Stage]:
         """Build the output in its stage and swap it in when the block succeeds (see the module docstring).
 
-        `key`: what a killed run must share to be resumed (None: never resumed). `discard=False`
-        refuses, rather than discards, a non-empty stage of another key (a training run's
-        checkpoints). Under torchrun rank 0 checks, locks, prepares and commits; every rank gets the
+        `key`: what a killed run must share to be resumed (None: never resumed). `resumable(new)`:
+        whether a killed run's staged directory holds work to resume (a training run: a complete
+        checkpoint); one that holds none is started afresh. `discard=False` refuses, rather than
+        discards, a resumable stage of another key (a training run's checkpoints). Under torchrun rank 0 checks, locks, prepares and commits; every rank gets the
         same paths and the same `resumed`, once rank 0 has prepared the stage.
         """
         from pipeline.guide import share
@@ -194,7 +196,7 @@ class Output:
                 _remove_empty(ancestors)
                 raise
             try:
-                stage = Stage(root, resumed=self._reopen(root, key, discard))  # a refused interrupted run is left as it was
+                stage = Stage(root, resumed=self._reopen(root, key, discard, resumable))  # a refused interrupted run is left as it was
             except BaseException:
                 _remove_empty(([root] if ours else []) + ancestors, whole=ours)
                 raise
@@ -209,9 +211,9 @@ class Output:
         finally:
             handle.close()  # releases the lock
 
-    def _reopen(self, root: Path, key: dict | None, discard: bool) -> bool:
-        """Resume the stage of a killed run with the same kind and key (its temporary files removed),
-        else start it empty. Returns whether it was resumed."""
+    def _reopen(self, root: Path, key: dict | None, discard: bool, resumable: Callable[[Path], bool]) -> bool:
+        """Resume the resumable stage of a killed run with the same kind and key (its temporary files
+        removed), else start it empty. Returns whether it was resumed."""
         record = root / STAGE_RECORD
         mine = {"kind": self.kind.name, "key": key}
         try:
@@ -219,12 +221,13 @@ class Output:
         except (OSError, ValueError):
             found = None
         new = root / "new"
-        if key is not None and found == mine and new.is_dir():
+        worth_keeping = new.is_dir() and resumable(new)
+        if key is not None and found == mine and worth_keeping:
             # A killed run's temporary files: atomic writes anywhere in the stage, parts being joined.
             for leftover in [*new.glob(".*"), *root.rglob("*.tmp-*")]:
                 _remove(leftover)
             return True
-        if not discard and new.is_dir() and any(new.iterdir()):
+        if not discard and worth_keeping and found != mine:
             stored = (found or {}).get("key") or {}
             differ = sorted(k for k in {**stored, **(key or {})} if stored.get(k) != (key or {}).get(k))
             shown = "; ".join(f"{k}: {stored.get(k)} -> {(key or {}).get(k)}" for k in differ[:6])

@@ -30,10 +30,9 @@ from dataclasses import dataclass
 import numpy as np
 
 from pipeline import GistError
+from pipeline.pairs import name_value_pairs
 
 COLUMN_KEY = re.compile(r"^(anchor|positive|negative(_\d+)?)$")
-_PAIR_START = re.compile(r"^\s*([A-Za-z_][\w.-]*)\s*=")
-_PAIR_SPLIT = re.compile(r",(?=\s*[A-Za-z_][\w.-]*\s*=)")
 
 Prompts = str | dict  # str, {column: str}, {dataset: str | {column: str}}
 
@@ -50,14 +49,10 @@ def split_prompt_spec(spec, option: str):
             except ValueError as e:
                 raise GistError(f"{option}: not a valid JSON object ({e})") from None
         else:
-            if _PAIR_START.match(spec):  # `name=...`: pairs, whose keys are checked below (a typo is refused, not taken as one prompt)
-                pairs = {}
-                for item in _PAIR_SPLIT.split(spec):
-                    key, _, value = item.partition("=")
-                    pairs[key.strip()] = value
-                spec = pairs
-            else:
+            pairs = name_value_pairs(spec)
+            if pairs is None:
                 return spec
+            spec = dict(pairs)  # `name=...`: pairs, whose keys are checked below (a typo is refused, not taken as one prompt)
     if not isinstance(spec, (str, dict)) or not spec and isinstance(spec, dict):
         raise GistError(f"{option}: expected a prompt, name=prompt pairs or a JSON object of them, got {spec!r}")
     return spec

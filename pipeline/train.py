@@ -11,7 +11,6 @@ from __future__ import annotations
 import functools
 import json
 import os
-import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -126,6 +125,11 @@ def _readable_json(path: Path) -> bool:
 def complete_checkpoints(checkpoints_dir: Path) -> list[Path]:
     """The checkpoints that were completely written (the trainer writes trainer_state.json last)."""
     return [p for p in Path(checkpoints_dir).glob("checkpoint-*") if _readable_json(p / "trainer_state.json")]
+
+
+def has_complete_checkpoint(run_dir: Path) -> bool:
+    """Whether a (killed) training run in `run_dir` has a complete checkpoint to resume from."""
+    return complete_checkpoints(run_dir / "checkpoints") != []
 
 
 def last_complete_checkpoint(checkpoints_dir: Path) -> Path:
@@ -492,18 +496,16 @@ def train_student(
     }))
     rank, world_size = guide_mod.init_distributed()  # the trainer (accelerate) takes the process group over
     # The run is built in OUT's stage and moved to OUT when final/ is saved; a killed run's stage keeps
-    # its checkpoints, for --resume with the same settings (the stage's key is the run record).
-    with output.stage(record, rank=rank, world_size=world_size, discard=False) as stage:
+    # its checkpoints, for --resume with the same settings (the stage's key is the run record). A killed
+    # run without a complete checkpoint has nothing to resume and starts afresh; one of other settings
+    # with checkpoints is refused, never discarded.
+    with output.stage(record, rank=rank, world_size=world_size, discard=False, resumable=has_complete_checkpoint) as stage:
         checkpoints = stage.dir / "checkpoints"
-        stage.keep_when(lambda: complete_checkpoints(checkpoints) != [])
-        interrupted = stage.resumed and complete_checkpoints(checkpoints) != []
-        if resume and not interrupted:
+        stage.keep_when(lambda: has_complete_checkpoint(stage.dir))
+        if resume and not stage.resumed:
             raise GistError(f"--resume: no interrupted run of {out} with these settings and a complete checkpoint to resume (in {stage.root}); run without --resume")
-        if interrupted and not resume:
+        if stage.resumed and not resume:
             raise GistError(f"an interrupted run of {out} with these settings has checkpoints in {stage.root}; continue it with --resume, or remove that directory to start afresh")
-        if stage.resumed and not resume and rank == 0:  # a killed run with nothing to resume from: start afresh
-            for entry in stage.dir.iterdir():
-                shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
         if rank == 0:
             artifacts.write_json(stage.dir / RUN_RECORD, record)
         checkpoint = last_complete_checkpoint(checkpoints) if resume else None

@@ -4,6 +4,7 @@ Each test reproduces a defect of the review; the tiny static guide keeps them fa
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 
@@ -220,15 +221,20 @@ def test_an_empty_directory_or_a_link_is_written_through(model_pass, tmp_path, m
 
 
 def test_a_run_killed_in_its_first_checkpoint_starts_afresh(model_pass, data, tmp_path):
+    """A killed run without a complete checkpoint has nothing to resume: --resume is refused, and the
+    same or other settings start afresh in its place."""
     from tests.conftest import interrupted_training
 
     args = ("train", data, "--masks", model_pass / "masks.parquet", "--student", STUDENT, "--max-steps", "2", "--save-steps", "1")
     gist(*args, "--out", tmp_path / "a")
-    stage = interrupted_training(tmp_path / "a", tmp_path / "run", "checkpoints/checkpoint-2")
-    (stage / "new" / "checkpoints" / "checkpoint-1" / "trainer_state.json").unlink()  # killed while saving its first checkpoint
+    for out in ("run", "other"):
+        stage = interrupted_training(tmp_path / "a", tmp_path / out, "checkpoints/checkpoint-2")
+        (stage / "new" / "checkpoints" / "checkpoint-1" / "trainer_state.json").unlink()  # killed while saving its first checkpoint
     assert_fails(gist(*args, "--out", tmp_path / "run", "--resume", check=False), 1, "no interrupted run")
     gist(*args, "--out", tmp_path / "run")
     assert (tmp_path / "run" / "final").is_dir()
+    gist(*args, "--out", tmp_path / "other", "--lr", "1e-3")  # other settings, but nothing to resume: not refused
+    assert json.loads((tmp_path / "other" / "run.json").read_text())["lr"] == 1e-3
 
 
 def test_training_never_writes_into_the_guide_pass_it_distils_from(model_pass, data, tmp_path):

@@ -30,6 +30,8 @@ def test_prompt_forms():
     assert parse_prompt_spec(f"anchor={qwen},positive=") == {"anchor": qwen, "positive": ""}
     assert parse_prompt_spec(qwen) == qwen
     assert parse_prompt_spec('{"nli": {"anchor": "q: "}}', datasets=("nli",)) == {"nli": {"anchor": "q: "}}
+    # per-dataset pairs: a dataset name may start with a digit, as in a DATA mixture (one name=value grammar)
+    assert parse_prompt_spec("2wiki=query: ,nli=q: ", datasets=("2wiki", "nli")) == {"2wiki": "query: ", "nli": "q: "}
     assert training_prompts("anchor=q: ,negative=p: ", num_negatives=2) == {"anchor": "q: ", "negative_1": "p: ", "negative_2": "p: "}
     assert training_prompts({"negative": "p: ", "negative_2": "n2: "}, 2) == {"negative_1": "p: ", "negative_2": "n2: "}
     assert resolve_prompt_names("anchor=query,positive=document", {"query": "q: ", "document": "d: "}, 0) == {"anchor": "q: ", "positive": "d: "}
