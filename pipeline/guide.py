@@ -138,6 +138,20 @@ def set_guide_dtype(model, dtype: str) -> None:
     model.to(GUIDE_DTYPES[dtype])
 
 
+def load_guide(path, device: str, dtype: str, max_seq_length: int | None = None, trust_remote_code: bool = False):
+    """The guide model set up to encode as a guide pass does: loaded on `device`, its weights in
+    `dtype` (set_guide_dtype), truncating at `max_seq_length` (None: the model's own). Stage 1 sets it
+    up from its options, `gist mine` from the pass's manifest, so both encode alike."""
+    model = load_model(str(path), device, trust_remote_code)
+    set_guide_dtype(model, dtype)
+    if max_seq_length:
+        try:
+            model.max_seq_length = max_seq_length
+        except AttributeError:
+            raise GistError(f"--guide-max-seq-length: {path} takes no sequence length (a static embedding model?)") from None
+    return model
+
+
 def model_identity(path: str) -> dict:
     """Name and content hash of a model directory, for the manifest: sha256 over every file that can
     change its vectors (weights, configuration, tokenizer, pooling and normalization modules). Only

@@ -175,13 +175,7 @@ class _GuideEncoder:
     vectors from: every input of the model's half of a guide pass, opened before OUT is touched."""
 
     def __init__(self, guide, device, guide_dtype, guide_max_seq_length, trust_remote_code, reuse, embedding_dtype, guide_prompts, guide_prompt_names):
-        self.model = guide_mod.load_model(str(guide), device, trust_remote_code)
-        guide_mod.set_guide_dtype(self.model, guide_dtype)
-        if guide_max_seq_length:
-            try:
-                self.model.max_seq_length = guide_max_seq_length
-            except AttributeError:
-                raise GistError(f"--guide-max-seq-length: {guide} takes no sequence length (a static embedding model?)") from None
+        self.model = guide_mod.load_guide(guide, device, guide_dtype, guide_max_seq_length, trust_remote_code)
         self.views = guide_views(self.model, guide_prompts, guide_prompt_names)
         self.identity = {**guide_mod.encoding_identity(guide_mod.model_identity(str(guide)), self.model, guide_dtype),
                          "views": self.views.record(), "prompts": dict(self.model.prompts or {})}
