@@ -78,7 +78,12 @@ def share(value, world_size: int):
 def leave_distributed(world_size: int) -> None:
     """Under torchrun, every rank leaves together: wait for the others (rank 0 writing the manifest),
     then close the process group. A rank that exits while another still holds its gloo connections
-    can be aborted (SIGABRT), failing the whole torchrun job."""
+    can be aborted (SIGABRT), failing the whole torchrun job.
+
+    Every DistributedDataParallel wrapper must be gone before (gist train drops its trainer and loss):
+    torch's DDP Reducer releases its process group holding the GIL, and when it holds the last
+    reference, the group's destructor joins gloo's threads while one of them waits for the GIL to
+    free a finished all_gather's tensor: a deadlock (a rank of `gist train` hung at exit in ~1 of 70 runs)."""
     if world_size > 1:
         import torch.distributed as dist
 

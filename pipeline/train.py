@@ -9,6 +9,7 @@ evaluators and torchrun are the trainer's own. A training script needs `planned_
 from __future__ import annotations
 
 import functools
+import gc
 import json
 import os
 from dataclasses import asdict, dataclass
@@ -524,7 +525,10 @@ def train_student(
             **({"eval_strategy": "steps", "eval_steps": settings.eval_steps, "metric_for_best_model": metric, "greater_is_better": True} if evaluator else {}),
         )
         trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
-        if not trainer.is_world_process_zero():
+        state = trainer.state
+        del trainer, loss  # with the DDP wrapper the trainer put into the loss, before the process group goes (guide.leave_distributed)
+        gc.collect()
+        if rank != 0:
             guide_mod.leave_distributed(world_size)  # wait until rank 0 has saved (and evaluated) the model
             return None
         remove_guide_projection(model)  # --distill embed's projection was trained with the student, not part of it
@@ -534,10 +538,10 @@ def train_student(
         if sts or beir:
             results = evaluate_model(model, built=built)
             if evaluator is not None:
-                best = trainer.state.best_model_checkpoint
+                best = state.best_model_checkpoint
                 results["best_checkpoint"] = str(out / Path(best).relative_to(stage.dir)) if best else None  # where it is once OUT is in place
-                results["best_step"] = trainer.state.best_global_step
-                results["best_metric"] = trainer.state.best_metric
+                results["best_step"] = state.best_global_step
+                results["best_metric"] = state.best_metric
             artifacts.write_json(stage.dir / "eval.json", results)
     guide_mod.leave_distributed(world_size)
     if settings.hub_model_id:
