@@ -30,13 +30,12 @@ def torchrun(*args, check=True, timeout=300):
         stdout, stderr = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
         agent = psutil.Process(proc.pid)
-        processes = [agent, *agent.children(recursive=True)]
-        for process in processes:
+        # The agent first (aborted, it no longer stops the workers), then each worker: one at a time, so stacks do not interleave.
+        for process in [agent, *agent.children(recursive=True)]:
             with contextlib.suppress(psutil.NoSuchProcess):
                 process.send_signal(signal.SIGABRT)
-        for process in psutil.wait_procs(processes, timeout=30)[1]:  # still alive
-            with contextlib.suppress(psutil.NoSuchProcess):
-                process.kill()
+                if psutil.wait_procs([process], timeout=10)[1]:  # still alive
+                    process.kill()
         stdout, stderr = proc.communicate()
         stacks = [line for line in stderr.splitlines() if line.lstrip().startswith(("Fatal Python error", "Thread 0x", "Current thread", 'File "'))]
         raise AssertionError(f"torchrun hung for {timeout} s; the stacks of its processes:\n" + "\n".join(stacks)) from None
