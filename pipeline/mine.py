@@ -210,6 +210,7 @@ def mine_from_pass(
     written with the rows.
     """
     from pipeline import data as data_mod, guide as guide_mod
+    from pipeline.prompts import EvalPrompts
     from pipeline.views import GuideViews, served_prompt
 
     guide_dir, out = Path(guide_dir), Path(out)
@@ -221,13 +222,10 @@ def mine_from_pass(
     t_start = time.perf_counter()
     manifest, training, embeddings = guide_mod.load_guide_pass(guide_dir)
     views = GuideViews.from_record(manifest["guide"]["views"])
-    own_prompts = manifest["guide"].get("prompts") or {}
-    for option, prompt, name, role in (("--query-prompt", query_prompt, query_prompt_name, "anchor"), ("--corpus-prompt", corpus_prompt, corpus_prompt_name, "positive")):
-        if prompt is not None and name is not None:
-            raise GistError(f"{option} and {option}-name: give one of them")
-        if name is not None and name not in own_prompts:
-            raise GistError(f"{option}-name {name!r}: the guide of {guide_dir} defines no such prompt (its prompts: {', '.join(sorted(own_prompts)) or 'none'})")
-        served_prompt(views, role, own_prompts[name] if name is not None else prompt, option)
+    asked = EvalPrompts(query_prompt, corpus_prompt, query_prompt_name, corpus_prompt_name).resolve(
+        manifest["guide"].get("prompts") or {}, f"the guide of {guide_dir}")
+    for option, prompt, role in zip(("--query-prompt", "--corpus-prompt"), asked, ("anchor", "positive")):
+        served_prompt(views, role, prompt, option)
     model_path = guide or manifest["guide"]["path"]  # what encodes a --corpus file's new texts
     output = Output(out, MINED, overwrite=overwrite, inputs={
         "GUIDE_DIR": guide_dir, "--corpus": corpus_file, "the guide model": model_path if corpus_file else None})

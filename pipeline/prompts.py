@@ -166,7 +166,8 @@ def dataset_column(prompts, data, masks) -> list[str] | None:
 class EvalPrompts:
     """The evaluators' prompts: InformationRetrievalEvaluator's query_prompt/corpus_prompt (or their
     names, resolved by the model); STS sentences get the query prompt, both of them (a symmetric task
-    is encoded as queries, as E5 and BGE do)."""
+    is encoded as queries, as E5 and BGE do). `gist mine` takes its query/corpus prompts in this form
+    too (mine_hard_negatives' query_prompt/corpus_prompt), names resolved by the guide's prompts."""
 
     query: str | None = None
     corpus: str | None = None
@@ -181,10 +182,17 @@ class EvalPrompts:
 
     def check_model(self, model) -> None:
         """Refuse a prompt name the model does not define (the evaluator would fail only when it runs)."""
-        defined = dict(getattr(model, "prompts", None) or {})
+        self.resolve(dict(getattr(model, "prompts", None) or {}), "the model")
+
+    def resolve(self, defined: dict, owner: str) -> tuple[str | None, str | None]:
+        """The query and corpus prompt strings, names looked up in `defined` (the prompts `owner` defines);
+        both a prompt and its name, or a name `owner` does not define, are refused."""
+        self.check()
         for option, name in (("--query-prompt-name", self.query_name), ("--corpus-prompt-name", self.corpus_name)):
             if name is not None and name not in defined:
-                raise GistError(f"{option}: the model defines no prompt named {name!r} (its prompts: {', '.join(sorted(defined)) or 'none'})")
+                raise GistError(f"{option}: {owner} defines no prompt named {name!r} (its prompts: {', '.join(sorted(defined)) or 'none'})")
+        return (defined[self.query_name] if self.query_name is not None else self.query,
+                defined[self.corpus_name] if self.corpus_name is not None else self.corpus)
 
     def ir_kwargs(self) -> dict:
         return dict(query_prompt=self.query, corpus_prompt=self.corpus, query_prompt_name=self.query_name, corpus_prompt_name=self.corpus_name)

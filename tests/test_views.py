@@ -236,8 +236,10 @@ def test_mining_with_prompts_equals_mine_hard_negatives(guides, tmp_path):
     assert read_manifest(again)["encoding"]["encoded_texts"] == 0, "the mined rows' views are all in the pass"
     with pytest.raises(GistError, match="stores its anchors with 'query: '"):
         mine_from_pass(run, tmp_path / "refused.parquet", MiningParams(), query_prompt=DOCUMENT)
-    with pytest.raises(GistError, match="defines no such prompt"):
+    with pytest.raises(GistError, match="the guide of .* defines no prompt named"):
         mine_from_pass(run, tmp_path / "refused.parquet", MiningParams(), corpus_prompt_name="passage")
+    with pytest.raises(GistError, match="give one of them"):
+        mine_from_pass(run, tmp_path / "refused.parquet", MiningParams(), query_prompt="query: ", query_prompt_name="query")
 
 
 def test_fn_aware_graph_under_two_views_is_the_rule_on_every_pair(guides, two_roles, tmp_path):
