@@ -250,10 +250,9 @@ def mine_from_pass(
                                 f"--embeddings {manifest['guide']['name']} (no model to encode them): add their (document) vectors there and run precompute-guide again")
             new_vectors = np.zeros((0, embeddings.shape[1]), dtype=np.float32)
         else:
-            # encode as the guide pass did (loading checks the directory before its files are hashed)
-            model = guide_mod.load_guide(model_path, device, manifest["guide"]["dtype"], manifest["guide"]["max_seq_length"])
-            if guide_mod.model_identity(model_path)["sha256"] != manifest["guide"]["sha256"]:
+            if Path(model_path).is_dir() and guide_mod.model_identity(model_path)["sha256"] != manifest["guide"]["sha256"]:
                 raise GistError(f"--guide {model_path}: not the guide of {guide_dir} (model files differ); mining needs one guide's embeddings")
+            model = guide_mod.load_guide(model_path, device, manifest["guide"]["dtype"], manifest["guide"]["max_seq_length"])  # encoding as the pass did
             new_vectors, _ = guide_mod.embed(model, new_texts, views.view_of("positive"), encode_batch_size)
         new_rows = len(embeddings) + np.arange(len(new_texts))
         new = corpus_ids[unstored] < 0  # texts not in the pass get text ids after its own

@@ -10,8 +10,9 @@ Every command that writes (`precompute-guide`, `plan`, `mine`, `filter`, `report
    `.<name>.gist-stage/` (same filesystem, so the final renames are atomic), held with an flock so a
    second gist writing OUT is refused. The stage records its `key` (for a guide pass: the guide's
    identity and encoding settings, the data's fingerprint): a stage left by a killed run with the
-   same key is resumed (its temporary files removed), any other is discarded — a run never resumes
-   what another guide, dataset or setting made.
+   same kind and key that holds resumable work is resumed (its temporary files removed), any other
+   is discarded — a run never resumes what another guide, dataset or setting made. A training run
+   refuses instead to discard checkpoints of other settings, or another command's stage.
 3. On success the result is swapped in: an old OUT (overwrite) is moved aside only now, and removed
    with the stage. On failure the stage is removed, unless it holds resumable work (`keep_when`).
 
@@ -90,7 +91,7 @@ def _overlaps(out: Path, path: Path) -> bool:
 class Stage:
     """A result being built: `dir` is the new directory (directory kinds) or the folder holding the
     new files (file kinds, at `path(final)`); `work` holds resumable scratch that is never part of
-    the result; `resumed` says the stage was left by a killed run with the same key."""
+    the result; `resumed` says the stage holds resumable work left by a killed run with the same key."""
 
     def __init__(self, root: Path, resumed: bool):
         self.root, self.resumed = root, resumed
@@ -173,8 +174,9 @@ class Output:
         `key`: what a killed run must share to be resumed (None: never resumed). `resumable(new)`:
         whether a killed run's staged directory holds work to resume (a training run: a complete
         checkpoint); one that holds none is started afresh. `discard=False` refuses, rather than
-        discards, a resumable stage of another key (a training run's checkpoints). Under torchrun rank 0 checks, locks, prepares and commits; every rank gets the
-        same paths and the same `resumed`, once rank 0 has prepared the stage.
+        discards, a resumable stage of another key (a training run's checkpoints) and a non-empty
+        stage of another command. Under torchrun rank 0 checks, locks, prepares and commits; every
+        rank gets the same paths and the same `resumed`, once rank 0 has prepared the stage.
         """
         from pipeline.guide import share
 
@@ -221,13 +223,18 @@ class Output:
         except (OSError, ValueError):
             found = None
         new = root / "new"
-        worth_keeping = new.is_dir() and resumable(new)
-        if key is not None and found == mine and worth_keeping:
+        same_kind = (found or {}).get("kind") == self.kind.name
+        # What a killed run left that is worth keeping: resumable work of this kind; anything of another kind or none.
+        holds_work = new.is_dir() and (resumable(new) if same_kind else any(new.iterdir()))
+        if key is not None and found == mine and holds_work:
             # A killed run's temporary files: atomic writes anywhere in the stage, parts being joined.
             for leftover in [*new.glob(".*"), *root.rglob("*.tmp-*")]:
                 _remove(leftover)
             return True
-        if not discard and worth_keeping and found != mine:
+        if not discard and holds_work and not same_kind:
+            raise GistError(f"{root} holds an interrupted gist {(found or {}).get('kind', 'unknown')} run; "
+                            f"choose another {self.option}, or remove {root} to start afresh")
+        if not discard and holds_work and found != mine:
             stored = (found or {}).get("key") or {}
             differ = sorted(k for k in {**stored, **(key or {})} if stored.get(k) != (key or {}).get(k))
             shown = "; ".join(f"{k}: {stored.get(k)} -> {(key or {}).get(k)}" for k in differ[:6])

@@ -52,10 +52,12 @@ def test_two_ranks_equal_gist_embed_loss_gathered(tmp_path, guide_run, triplets)
     assert reports[0]["losses"] != reports[1]["losses"]  # each rank scored its own anchors
 
 
-def test_two_processes_train_like_one_process_with_the_global_batch(tmp_path):
+def test_two_processes_train_like_one_process_with_the_global_batch(tmp_path, monkeypatch):
     """2 ranks x 8 per device with --no-contrast-anchors = 1 process x 16: the same weights, with
     --distill embed from a guide of another dimension (48, the student 64), whose learned projection
     is a module of the student, so DDP all-reduces its gradients (on the loss it was not: 6e-3 apart).
+    Each rank leaves the process group with no DDP wrapper alive (one that outlived the group
+    deadlocked gist train at exit now and then: tests/gist_counting_ddp.py).
     Sized for a busy machine: 64 examples, 3 steps."""
     from tests.conftest import GUIDE_RETOKENIZE, small_data
 
@@ -68,7 +70,9 @@ def test_two_processes_train_like_one_process_with_the_global_batch(tmp_path):
     args = ["train", data, "--masks", tmp_path / "guide" / "masks.parquet", "--student", student, "--max-steps", "3", "--lr", "1e-3",
             "--distill", "embed", "--device", "cpu"]
     gist(*args, "--out", tmp_path / "one")
-    torchrun(shutil.which("gist") or ROOT / ".venv" / "bin" / "gist", *args, "--out", tmp_path / "two")
+    monkeypatch.setenv("GIST_DDP_COUNTS", str(tmp_path))
+    torchrun(ROOT / "tests" / "gist_counting_ddp.py", *args, "--out", tmp_path / "two")
+    assert [(tmp_path / f"rank{r}").read_text() for r in range(2)] == ["0", "0"], "DDP wrappers alive when the process group goes"
     one, two = load_file(tmp_path / "one" / "final" / "model.safetensors"), load_file(tmp_path / "two" / "final" / "model.safetensors")
     moved = max((one[name] - load_file(student / "model.safetensors")[name]).abs().max().item() for name in one)
     assert moved > 1e-3

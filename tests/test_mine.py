@@ -125,6 +125,9 @@ def test_gist_mine_with_a_corpus_file_encodes_only_new_texts(static_run, stored,
     assert meta["encoded_texts"] == len(new)
     allowed = set(data.texts[:300].to_pylist()) | set(new) | set(data.texts.take(data.positive_ids).to_pylist())
     assert set(pq.read_table(mined_path).column("negative_1").to_pylist()) <= allowed
+    for guide, message in ((GUIDE_SAMEVOCAB, "not the guide of"), (tmp_path / "nowhere", "no such model directory")):
+        proc = gist("mine", static_run, "--out", tmp_path / "m.parquet", "--corpus", corpus, "--guide", guide, check=False)
+        assert proc.returncode == 1 and message in proc.stderr, proc.stderr
 
 
 def test_mine_refuses_bad_options(static_run, tmp_path):

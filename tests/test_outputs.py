@@ -222,7 +222,7 @@ def test_an_empty_directory_or_a_link_is_written_through(model_pass, tmp_path, m
 
 def test_a_run_killed_in_its_first_checkpoint_starts_afresh(model_pass, data, tmp_path):
     """A killed run without a complete checkpoint has nothing to resume: --resume is refused, and the
-    same or other settings start afresh in its place."""
+    same or other settings start afresh in its place; another command's killed run is left alone."""
     from tests.conftest import interrupted_training
 
     args = ("train", data, "--masks", model_pass / "masks.parquet", "--student", STUDENT, "--max-steps", "2", "--save-steps", "1")
@@ -235,6 +235,13 @@ def test_a_run_killed_in_its_first_checkpoint_starts_afresh(model_pass, data, tm
     assert (tmp_path / "run" / "final").is_dir()
     gist(*args, "--out", tmp_path / "other", "--lr", "1e-3")  # other settings, but nothing to resume: not refused
     assert json.loads((tmp_path / "other" / "run.json").read_text())["lr"] == 1e-3
+    # Another command's killed run (a guide pass) is no training checkpoint, but not training's to discard.
+    pass_stage = stage_dir(tmp_path / "pass")
+    (pass_stage / "new").mkdir(parents=True)
+    (pass_stage / "new" / "texts.parquet").write_bytes(b"encoded work")
+    (pass_stage / outputs.STAGE_RECORD).write_text(json.dumps({"kind": "guide-pass", "key": {"fingerprint": "f"}}))
+    assert_fails(gist(*args, "--out", tmp_path / "pass", check=False), 1, "holds an interrupted gist guide-pass run")
+    assert (pass_stage / "new" / "texts.parquet").read_bytes() == b"encoded work"
 
 
 def test_training_never_writes_into_the_guide_pass_it_distils_from(model_pass, data, tmp_path):
