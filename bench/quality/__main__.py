@@ -31,6 +31,8 @@ QUESTIONS = {
     ("guided", "guided+dedup"): "exact duplicates masked by text id on top of guidance",
     ("mnrl", "guided+dedup"): "guided with duplicate masking vs MNRL",
     ("guided", "guided+e5-guide"): "E5-style prompts given to a guide trained without prompts",
+    ("mnrl+hardness", "guided+hardness"): "guidance vs MNRL, both with hardness weighting of in-batch negatives (alpha 9)",
+    ("guided", "guided+hardness"): "hardness weighting of in-batch negatives (alpha 9) on top of guidance",
 }
 
 

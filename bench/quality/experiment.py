@@ -31,6 +31,8 @@ class Variant:
     distill_weight: float = 1.0
     dedup: bool = False  # masks planned with mask_duplicates (exact duplicates by text id); otherwise GISTEmbedLoss's exact rule
     guide_prompts: str | None = None  # stage 1's --guide-prompts (its own pass); None: the guide's own prompts (mpnet: none)
+    hardness_mode: str | None = None  # MNRL's hardness weighting (TrainSettings), the same for the guided loss and MNRL
+    hardness_strength: float = 0.0
 
 
 VARIANTS = {
@@ -44,6 +46,10 @@ VARIANTS = {
         Variant("guided+dedup", "guided", dedup=True),
         # E5-style strings given to a guide trained without prompts (all-mpnet-base-v2): what a prompt costs or buys
         Variant("guided+e5-guide", "guided", guide_prompts="anchor=query: ,positive=passage: ,negative=passage: "),
+        # Hardness weighting of in-batch negatives at Lan et al. 2025's alpha (9; MNRL's docstring), set before any result:
+        # does guidance still help when hard in-batch negatives weigh more (and false negatives with them)?
+        Variant("mnrl+hardness", "mnrl", hardness_mode="in_batch_negatives", hardness_strength=9.0),
+        Variant("guided+hardness", "guided", hardness_mode="in_batch_negatives", hardness_strength=9.0),
     )
 }
 SEEDS = (0, 1, 2)

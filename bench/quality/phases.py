@@ -184,7 +184,8 @@ def train_run(s: Settings, variant: Variant, seed: int, data_path: Path, masks_p
     train.check_masks_match(masks, training)
     model = load_student(s)
     settings = train.TrainSettings(loss=variant.loss, lr=s.learning_rate, warmup_ratio=s.warmup_ratio, lr_scheduler=s.lr_scheduler,
-                                   temperature=s.temperature, seed=seed, distill=variant.distill, distill_weight=variant.distill_weight)
+                                   temperature=s.temperature, seed=seed, distill=variant.distill, distill_weight=variant.distill_weight,
+                                   hardness_mode=variant.hardness_mode, hardness_strength=variant.hardness_strength)
     settings.check(model.get_embedding_dimension())
     transformers.set_seed(seed)  # a distillation projection is initialised when the loss is built
     loss = train.build_loss(model, masks, settings)
