@@ -453,7 +453,7 @@ def main() -> None:
         say("error:", "red", str(e))
         sys.exit(1)
     except (Interrupted, KeyboardInterrupt) as e:
-        say("interrupted", "red", f"({e or 'SIGINT'}): nothing was replaced; a guide pass resumes when the same command runs again, a training run with --resume once it has a complete checkpoint (else it starts afresh)")
+        say("interrupted", "red", f"({e or 'SIGINT'}): an output is only ever replaced whole, once complete; a guide pass resumes when the same command runs again, a training run with --resume once it has a complete checkpoint (else it starts afresh)")
         sys.exit(130)
     except Exception as e:  # noqa: BLE001 - the interface is one line, the traceback is behind --debug
         if state["debug"]:

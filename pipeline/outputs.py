@@ -263,6 +263,7 @@ class Output:
             os.replace(source, target)
             moves.append((source, target))
 
+        swapped = False
         blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
         try:
             if not self.kind.directory:
@@ -282,13 +283,17 @@ class Output:
                             move(entry, stage.dir / entry.name)
                     move(self.path, old / self.path.name)
                 move(stage.dir, self.path)
+            swapped = True
         except BaseException:
             for source, target in reversed(moves):
                 os.replace(target, source)
             raise
         finally:
-            signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
-        _remove(stage.root)
+            try:
+                signal.pthread_sigmask(signal.SIG_SETMASK, blocked)  # a Ctrl-C held back during the swap arrives here
+            finally:
+                if swapped:
+                    _remove(stage.root)  # OUT is complete: its stage (with any old output moved aside) goes, interrupted or not
 
 
 def _empty_dir(path: Path) -> bool:

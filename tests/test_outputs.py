@@ -200,6 +200,28 @@ def test_a_failed_swap_puts_everything_back(model_pass, tmp_path, monkeypatch):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["plan"]
 
 
+def test_a_ctrl_c_during_the_swap_leaves_the_complete_output_and_no_stage(model_pass, tmp_path, monkeypatch):
+    """Ctrl-C is held back while the swap renames; let through after it, it left the stage (with the old
+    output moved aside) behind the complete new one."""
+    import signal
+
+    out = tmp_path / "plan"
+    gist("plan", model_pass, "--out", out, *PLAN)
+    real = outputs.os.replace
+
+    def interrupted(source, target):
+        if signal.SIGINT in signal.pthread_sigmask(signal.SIG_BLOCK, []):  # within the swap: pending until it is done
+            signal.raise_signal(signal.SIGINT)
+        real(source, target)
+
+    monkeypatch.setattr(outputs.os, "replace", interrupted)
+    proc = gist("plan", model_pass, "--out", out, *PLAN, "--seed", "1", "--overwrite", check=False)
+    assert proc.returncode == 130 and "replaced whole" in proc.stderr, proc.stderr
+    verify_run(out)
+    assert json.loads((out / "manifest.json").read_text())["plan"]["params"]["seed"] == 1, "the new plan is in place"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["plan"], "no stage left behind"
+
+
 def test_an_empty_directory_or_a_link_is_written_through(model_pass, tmp_path, monkeypatch):
     """An empty directory given as OUT (a mount point) was replaced, not filled; a symlink was replaced by
     a directory; `--out .` failed after all the work."""
